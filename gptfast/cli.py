@@ -1,0 +1,90 @@
+"""Command line: ``python -m gptfast generate "prompt" ...`` and ``python -m gptfast info``."""
+
+import argparse
+import codecs
+import sys
+import time
+
+import torch
+
+from gptfast.config import CONFIGS, get_config
+from gptfast.generation import generate_tokens
+from gptfast.model import KERNEL_CHOICES, GPTModel
+from gptfast.tokenizer import END_OF_TEXT_ID, tokenizer
+from gptfast.weights import load_gpt2
+
+
+def parameter_counts(model: GPTModel) -> dict:
+    """Total parameters, the chapter's count 'considering weight tying', and fp32 size in MB."""
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "total": total,
+        "tied": total - model.out_head.weight.numel(),
+        "fp32_mb": total * 4 / 1024**2,
+    }
+
+
+def cmd_info(args) -> None:
+    print(f"{'config':<22}{'parameters':>16}{'with weight tying':>20}{'fp32 size (MB)':>17}")
+    for name, cfg in CONFIGS.items():
+        with torch.device("meta"):  # shapes only, no memory
+            counts = parameter_counts(GPTModel(cfg, kernels="torch"))
+        print(f"{name:<22}{counts['total']:>16,}{counts['tied']:>20,}{counts['fp32_mb']:>17,.2f}")
+
+
+def cmd_generate(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    if args.weights:
+        model = load_gpt2(args.weights, kernels=args.kernels)
+    else:
+        cfg = {**get_config(args.config), "drop_rate": 0.0}
+        model = GPTModel(cfg, kernels=args.kernels)
+        print(f"note: no --weights given, generating from random {args.config} weights",
+              file=sys.stderr)
+    model.to(device).eval()
+    enc = tokenizer()
+    idx = torch.tensor([enc.encode(args.prompt, allowed_special="all")], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(args.prompt, end="", flush=True)
+    start, n = time.perf_counter(), 0
+    for token in generate_tokens(model, idx, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator):
+        n += 1
+        print(utf8.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
+    seconds = time.perf_counter() - start
+    print(utf8.decode(b"", final=True))
+    print(f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s) on {device}",
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gptfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+    gen.add_argument("prompt")
+    gen.add_argument("--weights", help="model.safetensors (Hugging Face GPT-2) or a chapter .pth")
+    gen.add_argument("--config", default="124M", help="config for random weights (124M, 355M, ...)")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=123)
+    gen.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    gen.set_defaults(run=cmd_generate)
+
+    info = sub.add_parser("info", help="parameter counts and sizes of the GPT-2 configs")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,58 @@
+"""The GPT-2 BPE tokenizer, built offline from the rank file shipped inside the package."""
+
+import base64
+import functools
+import hashlib
+from importlib import resources
+
+import tiktoken
+
+RANKS_FILE = "gpt2.tiktoken"
+# The same file tiktoken verifies for "r50k_base" (GPT-2's 50,000 merges plus 256 byte tokens).
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenisation pattern (tiktoken's r50k pattern).
+PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT_ID = 50256
+
+
+def load_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse a .tiktoken rank file after checking its sha256."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != RANKS_SHA256:
+        raise ValueError(f"{RANKS_FILE}: sha256 {digest} does not match the expected {RANKS_SHA256}")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def tokenizer() -> tiktoken.Encoding:
+    """A tiktoken ``Encoding`` equal to ``tiktoken.get_encoding("gpt2")``, with no network access."""
+    data = (resources.files("gptfast") / "data" / RANKS_FILE).read_bytes()
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=PAT_STR,
+        mergeable_ranks=load_ranks(data),
+        special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
+        explicit_n_vocab=50257,
+    )
+
+
+def text_to_token_ids(text: str, enc: tiktoken.Encoding | None = None):
+    """Encode text to a (1, n) int64 tensor, as the book's helper does."""
+    import torch
+
+    enc = enc or tokenizer()
+    return torch.tensor(enc.encode(text, allowed_special={END_OF_TEXT})).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids, enc: tiktoken.Encoding | None = None) -> str:
+    """Decode a (1, n) or (n,) tensor of ids back to text."""
+    enc = enc or tokenizer()
+    return enc.decode(token_ids.squeeze(0).tolist())

@@ -1,0 +1,782 @@
+"""Flash attention (FlashAttention-2 style) in Triton: forward, backward, dropout, any length.
+
+``attention(q, k, v, causal, scale, dropout_p, generator)`` computes
+``dropout(softmax(q @ k^T * scale + mask)) @ v`` for q of shape (B, H, Tq, D) and k, v of shape
+(B, H, Tk, D), like ``torch.nn.functional.scaled_dot_product_attention``, without ever
+materialising the Tq x Tk score matrix. One difference from SDPA: the causal mask is aligned
+to the bottom-right corner (as for a KV cache), i.e. query i attends keys j <= i + (Tk - Tq).
+For Tq == Tk this is the usual lower-triangular mask; SDPA's ``is_causal`` aligns it top-left.
+
+Numerics: scores, the online softmax and all accumulators are fp32; ``tl.dot`` operands stay in
+the input dtype (fp16/bf16 tensor cores; fp32 inputs use exact "ieee" fp32 products, no TF32).
+The forward keeps the per-row log-sum-exp (fp32) so that the backward recomputes the attention
+weights tile by tile instead of storing them.
+
+Dropout drops attention weights after the softmax (as in eager PyTorch), with a counter-based
+RNG (Philox, ``tl.rand``) keyed by (seed, batch*head) and counted by (query row, key column):
+the backward regenerates exactly the forward's keep mask. Kept weights are scaled by 1/(1-p).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRETING, check_device, check_float
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+# Dropout counts RNG draws per (batch, head) with an int32 counter row * Tk + col.
+MAX_DROPOUT_SCORES = 2**31
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc):
+    """acc + a @ b; fp32 operands get exact fp32 products (no TF32), like eager PyTorch."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _philox_key(seed, off_bh):
+    """64-bit Philox key of one (batch, head): its own stream, independent of the others."""
+    return seed.to(tl.int64) + (off_bh.to(tl.int64) << 32)
+
+
+@triton.jit
+def _dropout_keep(key, rows, cols, Tk, dropout_p):
+    """Keep mask (True = kept) of the weights at [rows, cols] of one (batch, head).
+
+    ``rows`` and ``cols`` are broadcastable index blocks; each weight draws the uniform number
+    at counter row * Tk + col, so any tiling (forward, backward, debug helper) agrees.
+    """
+    return tl.rand(key, rows * Tk + cols) >= dropout_p
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, split in two ranges.
+
+    Keys [0, n_full) need no mask (fully visible, inside Tk); keys [n_full, n_end) are the
+    diagonal / boundary tiles that need the causal and length mask. Causal tiles above the
+    diagonal (keys no row of the tile may see) are skipped altogether.
+    """
+    if CAUSAL:
+        shift = Tk - Tq  # bottom-right alignment: row i sees keys j <= i + shift
+        n_end = tl.minimum(Tk, start_m + BLOCK_M + shift)
+        n_full = (start_m + shift + 1) // BLOCK_N * BLOCK_N
+    else:
+        n_end = Tk
+        n_full = Tk // BLOCK_N * BLOCK_N
+    return n_full, n_end
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
+    Tq, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update of one query tile with the key tiles [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = cols[:, None] < Tk
+            if not EVEN_D:
+                kv_mask = kv_mask & (offs_d[None, :] < D)
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
+        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
+        if DROPOUT:
+            p = tl.where(_dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p), p, 0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Blocking: one program per (BLOCK_M queries, batch*head). The query tile stays in registers
+# while K/V stream through in BLOCK_N-key tiles, so Q is read once and K/V once per query tile
+# (Tq/BLOCK_M times); the Tq x Tk scores never leave the chip. Writes O once plus one fp32
+# log-sum-exp per row. Causal programs skip key tiles above the diagonal and mask only the
+# diagonal tiles; the heaviest (last) query tiles are scheduled first.
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq, Tk, D, qk_scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh
+    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    q_mask = offs_m[:, None] < Tq
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < D)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+    key = _philox_key(seed, off_bh)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full, n_end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, 0, n_full,
+        Tq, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
+        Tq, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+    )
+
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) / _LOG2E  # natural-log log-sum-exp of the scaled scores
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+# Blocking: one program per (BLOCK_M rows, batch*head); reads O and dO once, writes one fp32
+# delta = rowsum(dO * O) per row, the softmax-backward correction term.
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Tq, D,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_m[:, None] < Tq
+    if not EVEN_D:
+        mask = mask & (offs_d[None, :] < D)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh
+    o = tl.load(o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
+    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
+    offs_n, offs_d, lo, hi, Tq, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
+
+    With P^T the (keys x queries) weights: dV += (P^T * Z/(1-p)) dO, dP^T = V dO^T * Z/(1-p),
+    dS^T = P^T * (dP^T - delta), dK += dS^T Q (times the scale, applied once at the end).
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            row_ok = rows < Tq
+            qo_mask = row_ok[:, None]
+            if not EVEN_D:
+                qo_mask = qo_mask & (offs_d[None, :] < D)
+            q = tl.load(q_ptrs + start_m * stride_qm, mask=qo_mask, other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=qo_mask, other=0.0)
+            lse = tl.load(lse_ptrs + start_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs + start_m * stride_qm)
+                do = tl.load(do_ptrs + start_m * stride_dom)
+            else:
+                q = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[None, :] < D, other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < D, other=0.0)
+            lse = tl.load(lse_ptrs + start_m)
+            delta = tl.load(delta_ptrs + start_m)
+        s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :] * _LOG2E)
+        if MASKED:
+            visible = rows[None, :] < Tq
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + (Tk - Tq))
+            p_t = tl.where(visible, p_t, 0.0)
+        dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
+        if DROPOUT:
+            keep = _dropout_keep(key, rows[None, :], offs_n[:, None], Tk, dropout_p)
+            rescale = 1.0 / (1.0 - dropout_p)
+            dv = _mma(tl.where(keep, p_t * rescale, 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep, dp_t * rescale, 0.0)
+        else:
+            dv = _mma(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+# Blocking: one program per (BLOCK_N keys, batch*head). K and V of the tile and the fp32 dK/dV
+# accumulators stay in registers while Q, dO (BLOCK_M rows), LSE and delta stream through; each
+# program writes its dK/dV tile once, with no atomics (deterministic). Causal programs start at
+# the first query tile that sees the key tile and mask only the diagonal and the last partial
+# query tile. Reads Q and dO Tk/BLOCK_N times in total.
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    kv_mask = offs_n[:, None] < Tk
+    if not EVEN_D:
+        kv_mask = kv_mask & (offs_d[None, :] < D)
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh
+    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh
+    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
+    do_ptrs += offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    lse_ptrs = LSE + off_bh.to(tl.int64) * Tq + offs_m
+    delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
+
+    # Query tiles: [m_lo, m_full) diagonal (masked), [m_full, Tq_even) full, [.., Tq) boundary.
+    if CAUSAL:
+        shift = Tk - Tq  # row i sees keys j <= i + shift, so key j is seen from row j - shift
+        m_lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_full = 0
+    tq_even = Tq // BLOCK_M * BLOCK_M
+    key = _philox_key(seed, off_bh)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
+        offs_n, offs_d, m_lo, tl.minimum(m_full, Tq), Tq, Tk, D, qk_scale, key, dropout_p,
+        True, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
+    )
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
+        offs_n, offs_d, m_full, tq_even, Tq, Tk, D, qk_scale, key, dropout_p,
+        False, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
+    )
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
+        offs_n, offs_d, tl.maximum(m_full, tq_even), Tq, Tq, Tk, D, qk_scale, key, dropout_p,
+        True, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
+    )
+
+    out_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
+    Tq, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K (scale later)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = cols[:, None] < Tk
+            if not EVEN_D:
+                kv_mask = kv_mask & (offs_d[None, :] < D)
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+            p = tl.where(visible, p, 0.0)
+        dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
+        if DROPOUT:
+            keep = _dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq)
+    return dq
+
+
+# Blocking: one program per (BLOCK_M queries, batch*head). Q, dO, LSE, delta and the fp32 dQ
+# accumulator stay in registers while K/V stream through in BLOCK_N-key tiles (same key ranges
+# as the forward); dQ is written once, with no atomics. Reads K and V Tq/BLOCK_M times in total.
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    qo_mask = offs_m[:, None] < Tq
+    if not EVEN_D:
+        qo_mask = qo_mask & (offs_d[None, :] < D)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
+    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
+    row_ok = offs_m < Tq
+    lse2 = tl.load(LSE + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh
+    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    key = _philox_key(seed, off_bh)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full, n_end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, 0, n_full,
+        Tq, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
+        Tq, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+    )
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh
+    tl.store(dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+# Blocking: one program per (BLOCK_M x BLOCK_N weights, batch*head); evaluates the same RNG as
+# the attention kernels and writes the keep mask as int8. For tests and debugging only.
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    Mask, Tq, Tk, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    off_bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(_philox_key(seed, off_bh), rows[:, None], cols[None, :], Tk, dropout_p)
+    ptrs = Mask + off_bh.to(tl.int64) * Tq * Tk + rows[:, None] * Tk + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch heuristics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Launch:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_launch(block_d: int, dtype: torch.dtype, q_len: int) -> _Launch:
+    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (64 queries for short Tq)."""
+    if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
+        return _Launch(32, 16, 4, 1)
+    if dtype == torch.float32:
+        return _Launch(64, 32, 4, 2)
+    block_m = 128 if q_len > 64 else 64
+    return _Launch(block_m, 64, 8 if block_d == 128 and block_m == 128 else 4, 3)
+
+
+def _dkdv_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+    """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed."""
+    if INTERPRETING:
+        return _Launch(16, 32, 4, 1)
+    if dtype == torch.float32:
+        return _Launch(32, 64, 4, 2)
+    return _Launch(32, 128, 8 if block_d == 128 else 4, 3)
+
+
+def _dq_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed."""
+    if INTERPRETING:
+        return _Launch(32, 16, 4, 1)
+    if dtype == torch.float32:
+        return _Launch(64, 32, 4, 2)
+    return _Launch(128, 32, 8 if block_d == 128 else 4, 3)
+
+
+def _preprocess_launch() -> _Launch:
+    return _Launch(32 if INTERPRETING else 64, 0, 4, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's own GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NoGuard()
+
+
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _forward(q, k, v, causal, scale, dropout_p, seed):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    block_d = _block_d(D)
+    cfg = _fwd_launch(block_d, q.dtype, Tq)
+    grid = (triton.cdiv(Tq, cfg.block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, scale, dropout_p, seed, need_dq, need_dkdv):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_dq else None
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
+    if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
+        return dq, dk, dv
+    block_d = _block_d(D)
+    even_d = D == block_d
+    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d)
+
+    pre = _preprocess_launch()
+    delta = torch.empty_like(lse)
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre.block_m), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
+        EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
+    )
+    if need_dkdv:
+        cfg = _dkdv_launch(block_d, q.dtype)
+        _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
+            q, k, v, do, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if need_dq:
+        cfg = _dq_launch(block_d, q.dtype)
+        _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+            q, k, v, do, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Autograd op over the Triton kernels; inputs must already be validated (see attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, dropout_p, seed):
+        with _on_device(q):
+            o, lse = _forward(q, k, v, causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        need_dq = ctx.needs_input_grad[0]
+        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        with _on_device(q):
+            dq, dk, dv = _backward(
+                do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
+                need_dq, need_dkdv,
+            )
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+    check_device(op, q=q, k=k, v=v)
+    check_float(op, q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, Tq, D), Tk = q.shape, k.shape[2]
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise ValueError(
+            f"{op}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, heads and "
+            "head_dim (layout (batch, heads, seq_len, head_dim); grouped-query heads are not supported)"
+        )
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
+    if causal and Tq > Tk:
+        raise ValueError(
+            f"{op}: causal attention with more queries ({Tq}) than keys ({Tk}): the causal mask is "
+            "aligned to the end (query i sees keys j <= i + Tk - Tq), so the first queries would see no key"
+        )
+    if Tk == 0 and Tq > 0 and B * H > 0:
+        raise ValueError(f"{op}: {Tq} queries but no keys (k/v have seq_len 0)")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and Tq * Tk > MAX_DROPOUT_SCORES:
+        raise ValueError(
+            f"{op}: dropout supports at most 2**31 weights per head (Tq * Tk), got {Tq} x {Tk}"
+        )
+
+
+def dropout_seed(generator: torch.Generator | None = None) -> int:
+    """The kernel seed that ``attention`` draws from ``generator`` (default: torch's CPU one)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Flash attention: ``dropout(softmax(q @ k^T * scale + mask)) @ v``, differentiable.
+
+    q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim); any strides; fp32,
+    fp16 or bf16 (one dtype); 16 <= head_dim <= 128. Returns a contiguous (batch, heads, Tq,
+    head_dim) tensor. ``scale`` defaults to 1/sqrt(head_dim).
+
+    ``causal``: query i attends keys j <= i + (Tk - Tq), the mask aligned to the bottom-right
+    corner as for queries that continue a KV cache (Tq == Tk: the usual lower triangle; unlike
+    SDPA's top-left ``is_causal`` when Tq < Tk). Causal needs Tq <= Tk.
+
+    ``dropout_p``: probability of dropping each attention weight (kept ones scaled by
+    1/(1-p)); the kernel seed is drawn from ``generator`` (default: torch's CPU generator), so
+    seeded runs repeat. No RNG state is consumed when dropout_p == 0.
+    """
+    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    _check_inputs(q, k, v, causal, scale, dropout_p)
+    seed = dropout_seed(generator) if dropout_p > 0 else 0
+    return FlashAttention.apply(q, k, v, bool(causal), float(scale), float(dropout_p), seed)
+
+
+def attention_dropout_mask(
+    seed: int, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, device="cpu"
+) -> torch.Tensor:
+    """The keep mask (bool, (batch, heads, q_len, k_len)) that the kernels use for ``seed``.
+
+    For tests and debugging: with ``seed = dropout_seed(g)`` drawn from a generator in the state
+    that ``attention(..., generator=g)`` sees, this is the mask that call applies.
+    """
+    device = torch.device(device)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention_dropout_mask: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if q_len * k_len > MAX_DROPOUT_SCORES:
+        raise ValueError("attention_dropout_mask: at most 2**31 weights per head")
+    probe = torch.empty(0, device=device)
+    check_device("attention_dropout_mask", mask=probe)
+    mask = torch.empty((batch, heads, q_len, k_len), device=device, dtype=torch.int8)
+    if mask.numel() == 0:
+        return mask.bool()
+    block = 32
+    grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
+    with _on_device(probe):
+        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return mask.bool()
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation check (tests/aot.py)
+# --------------------------------------------------------------------------------------------
+
+_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _POINTERS:
+            sig[name] = "*" + _TRITON_DTYPE[dtype]
+        elif name in ("LSE", "Delta"):
+            sig[name] = "*fp32"
+        elif name == "Mask":
+            sig[name] = "*i8"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def aot_configs():
+    """Every tile/warp/stage config the GPU heuristics can pick, for a compile check.
+
+    Per kernel and dtype, every head-dim bucket (BLOCK_D 16, 32, 64, 128) and every tile shape
+    is compiled twice: with all flags on (CAUSAL, DROPOUT, masked head dim: every masked code
+    path, the most registers) and all off (the fast path). The flags only add register-level
+    masking and RNG code; shared memory depends on the tile shapes, dtype and stages, which are
+    all covered. The preprocess kernel is compiled per (BLOCK_D, dtype) with the masked head dim.
+    """
+    if INTERPRETING:
+        raise RuntimeError("aot_configs() describes GPU launches; call it with TRITON_INTERPRET unset")
+    configs = []
+
+    def add(name, fn, dtype, launch, constexprs):
+        configs.append({
+            "name": name, "fn": fn, "signature": _signature(fn, dtype, constexprs),
+            "constexprs": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+        })
+
+    flag_sets = {"all": (True, True, False), "none": (False, False, True)}
+    for dtype, tname in _TRITON_DTYPE.items():
+        for block_d in (16, 32, 64, 128):
+            kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, q_len)) for q_len in (64, 65)]
+            kernels += [("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
+                        ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype))]
+            seen = set()
+            for kname, fn, launch in kernels:
+                if (kname, launch) in seen:
+                    continue
+                seen.add((kname, launch))
+                for flags, (causal, dropout, even_d) in flag_sets.items():
+                    constexprs = dict(
+                        CAUSAL=causal, DROPOUT=dropout, EVEN_D=even_d or block_d == 16,
+                        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d,
+                    )
+                    add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
+                        f"-w{launch.num_warps}s{launch.num_stages}-flags_{flags}",
+                        fn, dtype, launch, constexprs)
+            pre = _preprocess_launch()
+            add(f"preprocess-{tname}-d{block_d}", _bwd_preprocess_kernel, dtype, pre,
+                dict(EVEN_D=block_d == 16, BLOCK_M=pre.block_m, BLOCK_D=block_d))
+    add("dropout_mask", _dropout_mask_kernel, torch.float16, _Launch(32, 32, 4, 1),
+        dict(BLOCK_M=32, BLOCK_N=32))
+    return configs

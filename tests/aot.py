@@ -1,0 +1,72 @@
+"""Ahead-of-time compilation of Triton kernels for real GPUs, on a machine without one.
+
+Triton's interpreter runs kernels on CPU but forgives what the GPU compiler does not (tl.dot
+shapes below 16, layouts, shared-memory overflow). This helper compiles a kernel to cubin for
+sm_80 (A100) and sm_90 (H100) with the ptxas shipped in the triton wheel and reports the shared
+memory each config needs.
+
+A kernel module opts in by defining ``aot_configs()``: an iterable of dicts with keys
+``name``, ``fn`` (the @triton.jit kernel), ``signature`` ({arg: "*fp16" | "i32" | "fp32" |
+"constexpr" ...}), ``constexprs`` ({arg: value}) and optionally ``num_warps``/``num_stages``,
+covering every launch configuration its heuristics can pick.
+
+Kernels decorated under TRITON_INTERPRET=1 cannot be compiled, so ``compile_module`` runs the
+compiler in a subprocess with the interpreter switched off: ``python -m tests.aot MODULE``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Shared memory a block may use (bytes): A100 163 KiB, H100 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compile_kernel(fn, signature, constexprs, cc, num_warps=4, num_stages=3):
+    """Compile one kernel config to cubin for compute capability ``cc``; returns its metadata."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).metadata
+
+
+def compile_module(module: str, ccs=(80, 90), timeout=900) -> list[dict]:
+    """Compile every config of ``module.aot_configs()`` for each cc, in a compiler subprocess.
+
+    Returns one record per (config, cc): name, cc, ok, shared (bytes), limit, error.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "tests.aot", module, *map(str, ccs)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compiler process failed for {module}:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _main(module: str, ccs: list[int]) -> None:
+    import importlib
+
+    configs = importlib.import_module(module).aot_configs()
+    for cfg in configs:
+        for cc in ccs:
+            record = {"name": cfg["name"], "cc": cc, "limit": SHARED_LIMIT[cc]}
+            try:
+                meta = compile_kernel(
+                    cfg["fn"], cfg["signature"], cfg["constexprs"], cc,
+                    cfg.get("num_warps", 4), cfg.get("num_stages", 3),
+                )
+                record.update(ok=True, shared=meta.shared, error=None)
+            except Exception as exc:  # reported to the test, which fails with the message
+                record.update(ok=False, shared=None, error=f"{type(exc).__name__}: {exc}"[:2000])
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], [int(c) for c in sys.argv[2:]] or [80, 90])
