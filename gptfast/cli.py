@@ -10,6 +10,7 @@ import torch
 from gptfast.config import CONFIGS, get_config
 from gptfast.generation import generate_tokens
 from gptfast.model import KERNEL_CHOICES, GPTModel
+from gptfast.profile import add_profile_parser
 from gptfast.tokenizer import END_OF_TEXT_ID, tokenizer
 from gptfast.weights import load_gpt2
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts and sizes of the GPT-2 configs")
     info.set_defaults(run=cmd_info)
+
+    add_profile_parser(sub)
     return parser
 
 

@@ -1,0 +1,65 @@
+"""Training with the Triton kernels learns what training with eager PyTorch learns.
+
+A small GPT is trained for a fixed number of AdamW steps on fixed data from the same initial
+weights, once per kernel set; per-step losses and final parameters must agree (tight in fp32,
+looser under bf16 autocast, where both runs round differently at every step).
+"""
+
+import pytest
+import torch
+
+from gptfast import GPTModel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = {"vocab_size": 64, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+        "drop_rate": 0.0, "qkv_bias": False}
+GPU_SMALL = {"vocab_size": 50257, "context_length": 256, "emb_dim": 384, "n_heads": 6,
+             "n_layers": 4, "drop_rate": 0.0, "qkv_bias": False}
+
+
+def train(cfg, kernels, steps, dtype, batch, seq_len, seed=0):
+    """Per-step losses and final parameters of ``steps`` AdamW steps fitting one fixed batch."""
+    torch.manual_seed(seed)
+    model = GPTModel(cfg, kernels=kernels).to(DEVICE)
+    data = torch.randint(0, cfg["vocab_size"], (batch, seq_len + 1), device=DEVICE)
+    inputs, targets = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses), {n: p.detach() for n, p in model.named_parameters()}
+
+
+def check_convergence(cfg, steps, dtype, batch, seq_len, loss_tol, param_tol):
+    torch_losses, torch_params = train(cfg, "torch", steps, dtype, batch, seq_len)
+    triton_losses, triton_params = train(cfg, "triton", steps, dtype, batch, seq_len)
+    assert torch_losses[-1] < torch_losses[0]  # the run learns something: the check means something
+    torch.testing.assert_close(triton_losses, torch_losses, rtol=loss_tol, atol=loss_tol)
+    for name, p in torch_params.items():
+        torch.testing.assert_close(triton_params[name], p, rtol=param_tol, atol=param_tol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_tiny_fp32_training_matches_eager():
+    check_convergence(TINY, steps=6, dtype=torch.float32, batch=2, seq_len=15,
+                      loss_tol=1e-4, param_tol=1e-4)
+
+
+def test_tiny_bf16_training_matches_eager_loosely():
+    check_convergence(TINY, steps=4, dtype=torch.bfloat16, batch=2, seq_len=15,
+                      loss_tol=3e-2, param_tol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="larger model and more steps: CUDA only")
+@pytest.mark.parametrize("dtype, loss_tol, param_tol", [(torch.float32, 1e-3, 1e-3),
+                                                        (torch.bfloat16, 3e-2, 5e-2)])
+def test_small_gpt_training_matches_eager_on_gpu(dtype, loss_tol, param_tol):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_convergence(GPU_SMALL, steps=30, dtype=dtype, batch=8, seq_len=256,
+                      loss_tol=loss_tol, param_tol=param_tol)
