@@ -1,0 +1,1 @@
+"""Benchmark suite: ``pytest bench --benchmark-only [--quick] [--results-dir DIR]``."""

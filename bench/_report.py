@@ -1,0 +1,166 @@
+"""The end-of-run summary: a Markdown table per op, the same data as JSON, and PNG plots.
+
+A record is a dict written by bench/_runner.py for each case (see ``COLUMNS`` for the fields
+the table shows). Times are milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``.
+"""
+
+import json
+from pathlib import Path
+
+OP_TITLES = {
+    "layer_norm": "LayerNorm",
+    "add_layer_norm": "Fused residual add + LayerNorm",
+    "attention": "Attention",
+    "model": "GPT model",
+}
+METRICS = {
+    "layer_norm": "GB/s", "add_layer_norm": "GB/s", "attention": "TFLOP/s", "model": "TFLOP/s"
+}
+NO_GPU_NOTE = (
+    "**No GPU timings were taken**: no CUDA device was available. Only the agreement cases "
+    "ran, at small shapes under the Triton interpreter; their times are interpreter wall times "
+    "and say nothing about speed."
+)
+
+
+def _fmt(x, spec=".4g", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def _err(r):
+    if r.get("err") is None:
+        return "-"
+    return f"{r['err']:.1e} ({r['worst']})" if r.get("worst") else f"{r['err']:.1e}"
+
+
+def _ok(r):
+    if r.get("agrees") is None:
+        return "-"
+    return "yes" if r["agrees"] else "**NO**"
+
+
+def groups(records):
+    """Records grouped by (op, shape, dtype, mode), in order of first appearance."""
+    out: dict[tuple, list] = {}
+    for r in records:
+        out.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    return out
+
+
+def markdown(records, meta) -> str:
+    lines = [f"# Benchmark results: {meta.get('device', '?')}", ""]
+    for key in ("torch", "triton", "date", "run", "commit"):
+        if meta.get(key):
+            lines.append(f"- {key}: {meta[key]}")
+    limits = meta.get("limits") or {}
+    if limits:
+        copy = _fmt(limits.get("copy_gbps"), ".0f")
+        matmul = _fmt(limits.get("matmul_tflops"), ".0f")
+        lines.append(
+            f"- device limits measured in this run: copy {copy} GB/s (bytes read + written), "
+            f"bf16 matmul {matmul} TFLOP/s"
+        )
+    lines.append("")
+    if not meta.get("gpu"):
+        lines += [NO_GPU_NOTE, ""]
+    if not records:
+        lines += ["No benchmark case ran.", ""]
+    by_op: dict[str, list] = {op: [] for op in OP_TITLES}
+    for r in records:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, recs in by_op.items():
+        if not recs:
+            continue
+        metric = METRICS.get(op) or recs[0].get("metric") or "-"
+        limit = "% of copy BW" if metric == "GB/s" else "% of matmul"
+        lines += [
+            f"## {OP_TITLES.get(op, op)}",
+            "",
+            f"| shape | dtype | mode | provider | ms (events) | ms (loop) | speedup | {metric} "
+            f"| {limit} | max err | eager err | agrees |",
+            "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        ]
+        for (_, shape, dtype, mode), grp in groups(recs).items():
+            for r in grp:
+                lines.append(
+                    f"| {shape} | {dtype} | {mode} | {r['provider']} | {_fmt(r.get('ms'))} "
+                    f"| {_fmt(r.get('ms_wall'))} | {_fmt(r.get('speedup'), '.2f')} "
+                    f"| {_fmt(r.get('value'), '.1f')} | {_fmt(r.get('pct_limit'), '.1f')} "
+                    f"| {_err(r)} | {_fmt(r.get('eager_err'), '.1e')} | {_ok(r)} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(records, meta, outdir, stem="summary", plots=True) -> list[Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` (and, with ``plots``, PNGs) under ``outdir``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    md, js = outdir / f"{stem}.md", outdir / f"{stem}.json"
+    md.write_text(markdown(records, meta) + "\n")
+    js.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str) + "\n")
+    return [md, js, *(write_plots(records, meta, outdir, stem) if plots else [])]
+
+
+def _pick(records, key, preferred):
+    """Keep the records whose ``params[key]`` is the preferred value (else the most common)."""
+    values = [r["params"][key] for r in records]
+    if not values:
+        return records
+    best = preferred if preferred in values else max(set(values), key=values.count)
+    return [r for r in records if r["params"][key] == best]
+
+
+def _sweep_plot(ax_row, records, x_key, ylabel, limit):
+    for ax, mode in zip(ax_row, ("fwd", "bwd", "fwd+bwd")):
+        recs = [r for r in records if r["mode"] == mode and r.get("value") is not None]
+        for provider in dict.fromkeys(r["provider"] for r in recs):
+            pts = sorted((r["params"][x_key], r["value"]) for r in recs
+                         if r["provider"] == provider)
+            ax.plot(*zip(*pts), marker="o", label=provider)
+        if limit:
+            ax.axhline(limit, color="grey", linestyle="--", label="device limit")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.set_title(mode)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+
+
+def write_plots(records, meta, outdir, stem) -> list[Path]:
+    """LayerNorm GB/s vs width and attention TFLOP/s vs length, one PNG each (GPU runs only)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    timed = [r for r in records if r.get("value") is not None and r.get("ms") is not None]
+    limits = meta.get("limits") or {}
+    written = []
+    for op, x_key, ylabel, limit, prefs in (
+        ("layer_norm", "N", "GB/s", limits.get("copy_gbps"), {"dtype": "bf16"}),
+        ("add_layer_norm", "N", "GB/s", limits.get("copy_gbps"), {"dtype": "bf16"}),
+        ("attention", "T", "TFLOP/s", limits.get("matmul_tflops"),
+         {"dtype": "bf16", "D": 64, "causal": True, "H": 12}),
+    ):
+        recs = [dict(r, params={**r["params"], "dtype": r["dtype"]})
+                for r in timed if r["op"] == op]
+        for key, value in prefs.items():
+            recs = _pick(recs, key, value)
+        if not recs:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
+        _sweep_plot(axes[0], recs, x_key, ylabel, limit)
+        fixed = ", ".join(f"{k}={recs[0]['params'][k]}" for k in prefs)
+        fig.suptitle(f"{OP_TITLES[op]} on {meta.get('device', '?')} ({fixed})")
+        fig.tight_layout()
+        path = Path(outdir) / f"{stem}-{op}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The one-call GPU check: test suite, quick benchmark and a short profile on a CUDA machine.
+#
+#   bench/gpu_check.sh OUTDIR
+#
+# Runs from the repo root with PYTHONPATH=<repo> and the machine's own python (no venv):
+#   env      OUTDIR/env.txt      nvidia-smi, python/torch/triton versions, device, git commit
+#   wheels   (only if .gpu_wheels/*.whl exist) pip install --no-deps into a temp dir on PYTHONPATH,
+#            e.g. Liger-Kernel: `pip download --no-deps liger-kernel -d .gpu_wheels` beforehand
+#   tests    OUTDIR/tests.log, OUTDIR/tests.xml (junit)              pytest $GPU_CHECK_TESTS
+#   bench    OUTDIR/bench.log, OUTDIR/bench.json (pytest-benchmark), OUTDIR/results/ (summary)
+#   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
+# Each step has its own timeout (about 7.5 minutes in all); a failing or timed-out step does
+# not stop the others. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
+# step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
+# the steps still run, on CPU; GPU_CHECK_ALLOW_CPU=1 makes such a run exit 0 when they pass).
+#
+# Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
+# GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
+# GPU_CHECK_TIMEOUT_TESTS / _BENCH / _PROFILE (seconds; default 170 / 240 / 45).
+set -u -o pipefail
+
+OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: >"$OUTDIR/steps.txt"
+FAILED=()
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, output to OUTDIR/NAME.log
+    local name=$1 limit=$2 start=$SECONDS rc note=""
+    shift 2
+    echo "== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then note=" (timed out after ${limit}s)"; fi
+    echo "$name: exit $rc$note, $((SECONDS - start))s" | tee -a "$OUTDIR/steps.txt"
+    tail -n 15 "$OUTDIR/$name.log"
+    if [ "$rc" -ne 0 ]; then FAILED+=("$name"); fi
+}
+
+# --- environment ------------------------------------------------------------------------------
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    CUDA=1
+else
+    CUDA=0
+    echo "!! no CUDA device: this is a DRY RUN on CPU (interpreter agreement cases only, no GPU timings)"
+fi
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(hostname)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "uncommitted changes: $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') paths"
+    echo "cuda device: $([ "$CUDA" = 1 ] && echo yes || echo 'NONE (dry run)')"
+    "$PY" - <<'PYEOF' 2>&1
+import platform, torch, triton
+print("python:", platform.python_version(), platform.machine())
+print("torch:", torch.__version__, "cuda", torch.version.cuda)
+print("triton:", triton.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          f"{p.total_memory / 2**30:.0f} GiB")
+for name in ("pytest", "pytest_benchmark", "liger_kernel", "matplotlib", "tiktoken", "transformers"):
+    try:
+        mod = __import__(name)
+        print(f"{name}:", getattr(mod, "__version__", "present"))
+    except Exception as exc:
+        print(f"{name}: not importable ({type(exc).__name__})")
+PYEOF
+    echo "--- nvidia-smi"
+    timeout 30 nvidia-smi 2>&1 || echo "nvidia-smi not available"
+} >"$OUTDIR/env.txt"
+sed -n 1,12p "$OUTDIR/env.txt"
+
+# --- wheels carried to an offline machine (e.g. Liger-Kernel) ----------------------------------
+shopt -s nullglob
+WHEELS=(.gpu_wheels/*.whl)
+if [ ${#WHEELS[@]} -gt 0 ]; then
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
+    step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${WHEELS[@]}"
+    export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+
+# --- (a) the test suite -----------------------------------------------------------------------
+# shellcheck disable=SC2086  # GPU_CHECK_TESTS may name several paths
+step tests "${GPU_CHECK_TIMEOUT_TESTS:-170}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -rfEs \
+    -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
+
+# --- (b) the quick benchmark ------------------------------------------------------------------
+step bench "${GPU_CHECK_TIMEOUT_BENCH:-240}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
+    -p no:cacheprovider --results-dir "$OUTDIR/results" --benchmark-json "$OUTDIR/bench.json"
+
+# --- (c) a short profile ----------------------------------------------------------------------
+if "$PY" -m gptfast profile --help >/dev/null 2>&1; then
+    if [ "$CUDA" = 1 ]; then
+        DEFAULT_PROFILE="--config 124M --batch 8 --mode train --kernels triton --dtype bf16 --active 2"
+    else
+        DEFAULT_PROFILE="--config tiny --batch 1 --seq-len 32 --mode forward --kernels torch --device cpu"
+    fi
+    # shellcheck disable=SC2086
+    step profile "${GPU_CHECK_TIMEOUT_PROFILE:-45}" "$PY" -m gptfast profile \
+        ${GPU_CHECK_PROFILE_ARGS:-$DEFAULT_PROFILE} --out "$OUTDIR/profile"
+else
+    echo "profile: skipped, 'python -m gptfast profile' is not available" | tee -a "$OUTDIR/steps.txt"
+fi
+
+# --- verdict ----------------------------------------------------------------------------------
+echo "--- results in $OUTDIR"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "FAILED steps: ${FAILED[*]}" | tee -a "$OUTDIR/steps.txt"
+    exit 1
+fi
+if [ "$CUDA" = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+    echo "all steps passed, but there was NO CUDA DEVICE: no GPU check was done" | tee -a "$OUTDIR/steps.txt"
+    exit 3
+fi
+echo "all steps passed" | tee -a "$OUTDIR/steps.txt"
