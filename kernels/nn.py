@@ -1,0 +1,45 @@
+"""Drop-in nn.Module for the fused LayerNorm kernel, and a swap for existing models.
+
+``LayerNorm`` subclasses ``torch.nn.LayerNorm``: same constructor, parameters (weight, bias),
+state_dict and repr; only ``forward`` runs the Triton kernel. A multi-dimensional
+``normalized_shape`` is handled by flattening the normalized trailing dims into one (the same
+statistics over the same elements, so mathematically identical).
+"""
+
+import math
+
+from torch import Tensor, nn
+
+from kernels.layer_norm import layer_norm
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm computed by ``kernels.layer_norm.layer_norm`` (CUDA, or the interpreter)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - dims:]) != tuple(self.normalized_shape):
+            raise ValueError(
+                f"LayerNorm: expected input with trailing dims {tuple(self.normalized_shape)}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if dims == 1:
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        n = math.prod(self.normalized_shape)
+        weight = None if self.weight is None else self.weight.reshape(n)
+        bias = None if self.bias is None else self.bias.reshape(n)
+        y = layer_norm(x.reshape(*x.shape[: x.dim() - dims], n), weight, bias, self.eps)
+        return y.view(x.shape)
+
+
+def swap_layer_norms(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.LayerNorm`` in ``module`` (itself included) a kernel ``LayerNorm``.
+
+    In place: each module object stays the same, with the very same Parameter objects, buffers,
+    hooks and training flag; only its class changes (``LayerNorm`` adds no state). Subclasses
+    of nn.LayerNorm are left alone, as their forward may differ. Returns ``module``.
+    """
+    for sub in module.modules():
+        if type(sub) is nn.LayerNorm:
+            sub.__class__ = LayerNorm
+    return module
