@@ -4,6 +4,8 @@ from collections.abc import Iterator
 
 import torch
 
+from gptfast.decoding import KVCacheDecoder, uncached
+
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):
     """The chapter's greedy decoding: append the most likely next token, ``max_new_tokens`` times.
@@ -24,7 +26,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size):
 
 def generate_tokens(
     model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
-    generator=None,
+    generator=None, use_cache=True, cuda_graph=None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of each row, a (batch, 1) tensor per step (see ``generate``).
 
@@ -32,14 +34,27 @@ def generate_tokens(
     """
     context_size = _check_args(model, idx, max_new_tokens, context_size, temperature, top_k)
     return _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
-                         generator)
+                         generator, use_cache and hasattr(model, "setup_cache"), cuda_graph)
 
 
-def _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator):
+def _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                  use_cache, cuda_graph):
+    if use_cache and max_new_tokens:
+        next_logits = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph)
+    else:
+        next_logits = uncached(model, context_size)
+    try:
+        yield from _sample(next_logits, idx, max_new_tokens, temperature, top_k, eos_id, generator)
+    finally:
+        if use_cache and max_new_tokens:
+            next_logits.close()
+
+
+def _sample(next_logits, idx, max_new_tokens, temperature, top_k, eos_id, generator):
     done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :].float()
+            logits = next_logits(idx).float()
         if top_k is not None:
             kth_largest = torch.topk(logits, top_k).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, -torch.inf)
@@ -59,7 +74,7 @@ def _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, 
 
 def generate(
     model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
-    generator=None,
+    generator=None, use_cache=True, cuda_graph=None,
 ):
     """Generate up to ``max_new_tokens`` tokens after each row of ``idx``; returns (batch, n + new).
 
@@ -69,9 +84,14 @@ def generate(
     finished (it is padded with ``eos_id`` while other rows go on) and generation stops when
     every row is. ``context_size`` defaults to the model's context length; longer inputs are
     cropped to their last ``context_size`` tokens, as in the chapter.
+
+    ``use_cache`` (default) keeps keys and values in a KV cache so each step runs one token
+    (models without ``setup_cache`` always recompute); the tokens are those of the uncached
+    loop. ``cuda_graph`` (default: on for CUDA models) replays the decode step as a CUDA graph.
     """
     new = list(generate_tokens(
-        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator
+        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+        use_cache, cuda_graph,
     ))
     return torch.cat([idx, *new], dim=1)
 

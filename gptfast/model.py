@@ -85,6 +85,30 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
+class KVCache:
+    """Pre-allocated keys and values of one attention layer, (batch, heads, max_len, head_dim).
+
+    Plain tensors held outside the module's buffers: never in the state_dict, never moved by
+    ``.to()``. ``update`` writes new keys/values at ``start_pos``: an int (every row at the same
+    position) or a (batch,) tensor of per-row positions (no host sync: CUDA-graph friendly).
+    """
+
+    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k, v, start_pos):
+        t = k.shape[2]
+        if isinstance(start_pos, int):
+            self.k[:, :, start_pos:start_pos + t] = k
+            self.v[:, :, start_pos:start_pos + t] = v
+            return
+        pos = (start_pos[:, None] + torch.arange(t, device=k.device))[:, None, :, None]
+        index = pos.expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
+
+
 @functools.lru_cache(maxsize=4)
 def _chapter_mask(context_length, dtype, device):
     return torch.triu(torch.ones(context_length, context_length, dtype=dtype, device=device), 1)
@@ -111,24 +135,50 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.kernels = "torch"
+        self.cache: KVCache | None = None  # set by GPTModel.setup_cache
         self.register_load_state_dict_pre_hook(self._drop_chapter_mask)
 
-    def forward(self, x):
+    def forward(self, x, start_pos=None):
         b, num_tokens, _ = x.shape
         split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-        if use_triton(self.kernels, x):
-            p = self.dropout.p if self.training else 0.0
-            context_vec = triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
+        if start_pos is None:
+            context_vec = self._attend(queries, keys, values)
         else:
-            context_vec = self._eager_attention(queries, keys, values)
+            context_vec = self._attend_cached(queries, keys, values, start_pos)
         context_vec = context_vec.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
 
-    def _eager_attention(self, queries, keys, values):
+    def _attend(self, queries, keys, values):
+        """Causal attention of queries over keys, aligned to the end (the last query sees every key)."""
+        if use_triton(self.kernels, queries):
+            p = self.dropout.p if self.training else 0.0
+            return triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
+        return self._eager_attention(queries, keys, values)
+
+    def _attend_cached(self, queries, keys, values, start_pos):
+        """Append keys/values to the cache at ``start_pos``, then attend over everything cached."""
+        self.cache.update(keys, values, start_pos)
         t = queries.shape[2]
+        if isinstance(start_pos, int) and (start_pos == 0 or t > 1):  # prefill: flash attention
+            end = start_pos + t
+            return self._attend(queries, self.cache.k[:, :, :end], self.cache.v[:, :, :end])
+        cache_len = start_pos + t
+        if use_triton(self.kernels, queries):  # decode: split-K over the cache
+            return triton_ops().decode_attention(queries, self.cache.k, self.cache.v, cache_len)
+        if isinstance(cache_len, int):
+            return self._eager_attention(queries, self.cache.k[:, :, :cache_len], self.cache.v[:, :, :cache_len])
+        return self._eager_attention(queries, self.cache.k, self.cache.v, cache_len)
+
+    def _eager_attention(self, queries, keys, values, cache_len=None):
+        """The chapter's attention; the causal mask ends at the last key, or at cache_len[b] per row."""
+        tq, tk = queries.shape[2], keys.shape[2]
         attn_scores = queries @ keys.transpose(2, 3)
-        mask_bool = torch.ones(t, t, dtype=torch.bool, device=queries.device).triu(1)
+        if cache_len is None:
+            mask_bool = torch.ones(tq, tk, dtype=torch.bool, device=queries.device).triu(1 + tk - tq)
+        else:  # per row: query i sits at cache_len - tq + i
+            query_pos = cache_len[:, None] - tq + torch.arange(tq, device=keys.device)
+            mask_bool = (torch.arange(tk, device=keys.device) > query_pos[:, :, None])[:, None]
         attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
@@ -170,12 +220,12 @@ class TransformerBlock(nn.Module):
         self.kernels = "torch"
         self.name = "block"  # the profiler label; GPTModel names blocks after their state_dict prefix
 
-    def forward(self, x):
+    def forward(self, x, start_pos=None):
         shortcut = x
         with label(self.name + ".norm1"):
             h = self.norm1(x)
         with label(self.name + ".att"):
-            x = self.drop_shortcut(self.att(h))
+            x = self.drop_shortcut(self.att(h, start_pos))
         with label(self.name + ".norm2"):
             if use_triton(self.kernels, x):  # residual add fused into norm2: one pass over x
                 n = self.norm2
@@ -212,20 +262,54 @@ class GPTModel(nn.Module):
                 module.kernels = kernels
         return self
 
-    def forward(self, in_idx):
-        self._check_ids(in_idx)
+    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None) -> "GPTModel":
+        """Allocate a KV cache per layer for ``batch_size`` rows of up to ``max_len`` tokens.
+
+        ``dtype`` defaults to the autocast dtype when autocast is on, else the weights' dtype.
+        While a cache is set, ``model(ids, start_pos=...)`` appends to it (see ``forward``).
+        """
+        max_len = max_len or self.cfg["context_length"]
+        if not 0 < max_len <= self.cfg["context_length"]:
+            raise ValueError(f"max_len must be in [1, {self.cfg['context_length']}], got {max_len}")
+        weight = self.tok_emb.weight
+        device = torch.device(device) if device is not None else weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+        for block in self.trf_blocks:
+            att = block.att
+            att.cache = KVCache(batch_size, att.num_heads, max_len, att.head_dim, dtype, device)
+        return self
+
+    def reset_cache(self) -> None:
+        """Free the KV caches."""
+        for block in self.trf_blocks:
+            block.att.cache = None
+
+    def forward(self, in_idx, start_pos=None):
+        """Logits for token ids ``in_idx`` (batch, seq_len).
+
+        With a KV cache (``setup_cache``), ``start_pos`` gives the position of ``in_idx[:, 0]``:
+        an int, or a (batch,) tensor of per-row positions; the keys and values of the new tokens
+        are written to the cache there and attention covers every cached position up to them.
+        """
+        self._check_ids(in_idx, start_pos)
         batch_size, seq_len = in_idx.shape
+        positions = torch.arange(seq_len, device=in_idx.device)
+        if start_pos is not None:
+            positions = positions + (start_pos if isinstance(start_pos, int) else start_pos[:, None])
         with label("embedding"):
             tok_embeds = self.tok_emb(in_idx)
-            pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+            pos_embeds = self.pos_emb(positions)
             x = self.drop_emb(tok_embeds + pos_embeds)
-        x = self.trf_blocks(x)
+        for block in self.trf_blocks:
+            x = block(x, start_pos)
         with label("final_norm"):
             x = self.final_norm(x)
         with label("out_head"):
             return self.out_head(x)
 
-    def _check_ids(self, in_idx):
+    def _check_ids(self, in_idx, start_pos):
         if not isinstance(in_idx, torch.Tensor) or in_idx.dtype not in (torch.int64, torch.int32):
             what = in_idx.dtype if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
             raise TypeError(f"token ids must be an int64 or int32 tensor, got {what}")
@@ -236,6 +320,17 @@ class GPTModel(nn.Module):
                 f"sequence length {in_idx.shape[1]} exceeds the context length "
                 f"{self.cfg['context_length']}; crop the input (generate() does)"
             )
+        if start_pos is not None:
+            cache = self.trf_blocks[0].att.cache
+            if cache is None:
+                raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
+            if cache.k.shape[0] != in_idx.shape[0]:
+                raise ValueError(f"the KV cache holds {cache.k.shape[0]} rows, got a batch of {in_idx.shape[0]}")
+            if isinstance(start_pos, int) and not 0 <= start_pos <= cache.k.shape[2] - in_idx.shape[1]:
+                raise ValueError(
+                    f"tokens at positions {start_pos}..{start_pos + in_idx.shape[1] - 1} do not fit the "
+                    f"KV cache of {cache.k.shape[2]} positions"
+                )
         # Checking values reads the data back; on CUDA that would sync every forward, so the
         # range check runs for CPU inputs only (generate() checks prompts wherever they are).
         if in_idx.device.type == "cpu" and in_idx.numel():

@@ -1,0 +1,73 @@
+"""Next-token logits for generation: recompute the window each step, or use a KV cache.
+
+``uncached`` is the chapter's way: every step runs the whole (cropped) sequence through the
+model, so step cost grows with its length. ``KVCacheDecoder`` runs the prompt once (prefill,
+flash attention) and then one token per step against the cache (decode attention). Once the
+sequence outgrows ``context_size``, the chapter crops it to the last ``context_size`` tokens,
+which shifts every position; no cached key is valid then, so each such step re-runs the cropped
+window (prefill), exactly as the uncached loop does.
+
+On CUDA the one-token decode step is captured once as a CUDA graph with static inputs (token,
+per-row position) and replayed, which removes the per-kernel launch cost that dominates batch-1
+decoding.
+"""
+
+import torch
+
+
+def uncached(model, context_size):
+    def next_logits(idx):
+        return model(idx[:, -context_size:])[:, -1]
+
+    return next_logits
+
+
+class KVCacheDecoder:
+    """Callable ``next_logits(idx)`` for a growing ``idx``, backed by the model's KV cache."""
+
+    def __init__(self, model, batch_size, context_size, cuda_graph=None):
+        self.model = model.setup_cache(batch_size, max_len=context_size)
+        self.context_size = context_size
+        self.pos = 0  # tokens in the cache
+        device = model.tok_emb.weight.device
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = None
+
+    def __call__(self, idx):
+        n = idx.shape[1]
+        if self.pos == 0 or n > self.context_size or n != self.pos + 1:
+            window = idx[:, -self.context_size:]  # prefill (again, once cropping shifts positions)
+            self.pos = window.shape[1]
+            return self.model(window, start_pos=0)[:, -1]
+        logits = self._decode(idx[:, -1:])
+        self.pos += 1
+        return logits
+
+    def _decode(self, token):
+        if not self.cuda_graph:
+            return self.model(token, start_pos=self.pos)[:, -1]
+        if self.graph is None:
+            self._capture(token)
+        self.static_token.copy_(token)
+        self.static_pos.fill_(self.pos)
+        self.graph.replay()
+        return self.static_logits.clone()
+
+    def _capture(self, token):
+        """Record one decode step; its position is a device tensor, so replays need no host sync."""
+        self.static_token = token.clone()
+        self.static_pos = torch.full((token.shape[0],), self.pos, device=token.device)
+        step = lambda: self.model(self.static_token, start_pos=self.static_pos)[:, -1]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compile kernels, settle allocations
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = step()
+
+    def close(self):
+        self.model.reset_cache()
+        self.graph = None
