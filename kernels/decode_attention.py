@@ -1,0 +1,514 @@
+"""Decode attention over a KV cache (flash-decoding) in Triton: a few new queries, many cached keys.
+
+``decode_attention(q, k_cache, v_cache, cache_len, scale)`` computes, for each batch row b and
+head h, ``softmax(q @ k^T * scale + mask) @ v`` over the first ``cache_len[b]`` positions of
+the pre-allocated cache buffers. The Tq queries are the LAST Tq valid positions (already
+appended to the cache), so query i attends keys j < cache_len - Tq + i + 1: the causal mask
+aligned to the bottom-right corner, as in ``kernels.attention.attention(causal=True)``.
+Positions at and beyond ``cache_len[b]`` are never read, so the unused tail of the buffers may
+hold anything (stale values, NaN).
+
+Flash-decoding: with one query per (batch, head), the classic one-program-per-head grid leaves
+most SMs idle. The keys are split into ``num_splits`` contiguous chunks, one program per
+(batch*head, chunk, query block), each writing an unnormalised partial output with its own
+running max and sum (fp32); a second small kernel merges the chunks with the log-sum-exp rule.
+When one chunk suffices (many heads, short cache), the first kernel normalises and writes the
+output directly and the merge is skipped. More than 16 queries run as several 16-query blocks,
+each reading the keys it sees (for a long prompt, ``kernels.attention.attention`` is the tool).
+
+Numerics: scores, the online softmax, the partial outputs and the merge are fp32. One query
+(Tq == 1) uses fp32 elementwise products and sums (no tensor cores: 1-row matrix products
+would waste them); several queries use ``tl.dot`` on a query block padded to 16 rows, with
+operands in the input dtype (fp32 inputs: exact "ieee" fp32 products, no TF32).
+
+Inference only: there is no backward. Calling it with grad mode on and an input that requires
+grad is an error (use ``kernels.attention.attention`` to train).
+"""
+
+import contextlib
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRETING, check_device, check_float
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # most key chunks per (batch, head) that the heuristic picks
+_PROGRAMS_PER_SM = 4  # split until about this many programs per SM ...
+_MIN_CHUNK_TILES = 2  # ... but give each chunk at least this many key tiles
+_INTERPRETER_SPLITS = 3  # CPU interpreter: a few chunks, so that the merge is always exercised
+_MERGE_BLOCK_S = 16  # chunks merged per step of the merge kernel
+
+
+_INTERPRETED = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def _mma(a, b, acc):
+    """acc + a @ b; fp32 operands get exact fp32 products (no TF32), like eager PyTorch."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif _INTERPRETED and a.dtype == tl.bfloat16:
+        # Triton's interpreter multiplies the raw bits of bf16 dot operands (triton#11584);
+        # their exact fp32 values give the GPU's result (bf16 products are exact in fp32).
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _attend_one(
+    q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N: tl.constexpr,
+):
+    """Online softmax of one query (q: [BLOCK_D]) over the keys [lo, hi), all of them visible.
+
+    Elementwise products and sums on 1-D blocks: the scores live in the K tile's row layout,
+    so p[:, None] * v needs no layout conversion; the running max and sum are scalars.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros(q.shape, dtype=tl.float32)
+    q = q.to(tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        key_ok = start_n + offs_n < hi
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
+        s = tl.where(key_ok, tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile holds a visible key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_block(
+    q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, offs_m, shift, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax of a query block (q: [BLOCK_M, BLOCK_D]) over the keys [lo, hi), with
+    the causal mask: row i sees keys j <= i + shift. Scores and P @ V use tl.dot."""
+    BLOCK_M: tl.constexpr = q.shape[0]
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, q.shape[1]], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < hi) & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * qk_scale
+        visible = (cols[None, :] < hi) & (cols[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps max -inf; shift by 0 instead (its p are all 0).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Blocking: one program per (batch*head, key chunk, block of BLOCK_M queries). The query block
+# stays in registers while the chunk's keys and values stream through in BLOCK_N-row tiles: each
+# cached K/V row of [0, cache_len) is read from HBM exactly once per query block (once in all for
+# Tq <= BLOCK_M), rows at or past cache_len never (masked loads, so the tail may hold NaN). Per
+# query row the program writes BLOCK_D fp32 partial outputs plus a running max and sum (two
+# fp32), i.e. num_splits * (D + 2) * 4 bytes per row in total, far below the K/V traffic of
+# cache_len * D * 2 * itemsize bytes per head; with one chunk (DIRECT) it writes the normalised
+# output instead. BLOCK_M == 1 (one query) uses elementwise products and sums; BLOCK_M >= 16
+# uses tl.dot. The lengths are not specialised on (they change every decode step).
+@triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
+def _split_kernel(
+    Q, K, V, O, Acc, Max, Sum, Lens,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, Tq, D, seq_len, chunk, num_splits, qk_scale,
+    PER_ROW: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    off_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    start_m = tl.program_id(2) * BLOCK_M
+    off_b = off_bh // H
+    off_h = off_bh % H
+    if PER_ROW:
+        n_keys = tl.load(Lens + off_b)
+    else:
+        n_keys = seq_len
+    shift = n_keys - Tq  # query i sees keys j <= i + shift
+    # Keys of this program: its chunk, cut where the last query of the block stops seeing keys.
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, shift + tl.minimum(start_m + BLOCK_M, Tq))
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = offs_m < Tq
+    q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
+    k_ptrs += lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
+    v_ptrs += lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    if BLOCK_M == 1:  # Tq == 1: the query sees every key below n_keys, hi <= n_keys
+        acc, l_i, m_i = _attend_one(
+            tl.sum(q, 0), k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N,
+        )
+        acc = acc[None, :]
+        l_i = l_i + tl.zeros([1], dtype=tl.float32)
+        m_i = m_i + tl.zeros([1], dtype=tl.float32)
+    else:
+        acc, l_i, m_i = _attend_block(
+            q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, offs_m, shift, lo, hi, qk_scale, BLOCK_N,
+        )
+
+    rows = off_bh.to(tl.int64) * Tq + offs_m  # row of (batch*head, query) in the outputs
+    if DIRECT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = rows * num_splits + split
+        tl.store(Acc + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Max + part, m_i, mask=row_ok)
+        tl.store(Sum + part, l_i, mask=row_ok)
+
+
+# Blocking: one program per (batch*head, query) row. Pass 1 reads the row's num_splits running
+# maxima (fp32) to find the global max M; pass 2 reads, BLOCK_S chunks at a time, the maxima m_s,
+# sums l_s and partial outputs acc_s and forms O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+# Traffic: num_splits * (D + 3) * 4 bytes read and D * itemsize written per row. Chunks that saw
+# no key of the row (m_s = -inf, l_s = 0, acc_s = 0) get weight 0; the first chunk always holds
+# key 0, which every query sees, so M is finite.
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_kernel(
+    Acc, Max, Sum, O, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    first = row * num_splits
+
+    m_max = tl.full([], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.load(Max + first + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, 0))
+
+    l_total = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        m = tl.load(Max + first + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        l = tl.load(Sum + first + s0 + offs_s, mask=s_ok, other=0.0)
+        w = tl.exp2(m - m_max)
+        l_total += tl.sum(w * l, 0)
+        part = tl.load(Acc + (first + s0 + offs_s)[:, None] * D + offs_d[None, :],
+                       mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    tl.store(O + row * D + offs_d, (acc / l_total).to(O.dtype.element_ty), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch heuristics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Launch:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _split_launch(q_len: int) -> _Launch:
+    """One query: a 1-row block (elementwise math); more: 16-row blocks (tl.dot's minimum)."""
+    block_m = 1 if q_len == 1 else 16
+    if INTERPRETING:  # short key tiles so that small test caches still span several tiles
+        return _Launch(block_m, 16, 4, 1)
+    return _Launch(block_m, 64, 4, 2)
+
+
+_MERGE_LAUNCH = _Launch(1, 0, 4, 1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    launch: _Launch
+    num_splits: int
+    chunk: int  # keys per split, a whole number of key tiles
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _plan(
+    batch_heads: int, q_len: int, max_len: int, device: torch.device, num_splits: int | None = None
+) -> _Plan:
+    """How to split the keys [0, max_len) of each (batch, head) across programs.
+
+    Default: enough chunks that batch*heads*query_blocks*chunks reaches about
+    _PROGRAMS_PER_SM programs per SM, each chunk at least _MIN_CHUNK_TILES key tiles long, at
+    most MAX_SPLITS chunks. In the CPU interpreter: _INTERPRETER_SPLITS chunks. ``num_splits``
+    overrides the count; chunks are rounded up to whole key tiles, so fewer may result.
+    """
+    launch = _split_launch(q_len)
+    tiles = triton.cdiv(max_len, launch.block_n)
+    if num_splits is None:
+        if INTERPRETING:
+            num_splits = _INTERPRETER_SPLITS
+        else:
+            programs = batch_heads * triton.cdiv(q_len, launch.block_m)
+            wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device.index), programs)
+            num_splits = min(wanted, triton.cdiv(tiles, _MIN_CHUNK_TILES), MAX_SPLITS)
+    chunk = triton.cdiv(tiles, min(num_splits, tiles)) * launch.block_n
+    return _Plan(launch, triton.cdiv(max_len, chunk), chunk)
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' own GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
+    """Launch the kernels; lens: per-row lengths (int32, on q's device) or None for max_len."""
+    B, H, Tq, D = q.shape
+    o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+    if o.numel() == 0:
+        return o
+    plan = _plan(B * H, Tq, max_len, q.device, num_splits)
+    cfg, S = plan.launch, plan.num_splits
+    direct = S == 1
+    if direct:  # the partial buffers are not used: pass the output in their place
+        acc = m = l = o
+    else:
+        acc = torch.empty((B * H * Tq, S, D), device=q.device, dtype=torch.float32)
+        m = torch.empty((B * H * Tq, S), device=q.device, dtype=torch.float32)
+        l = torch.empty_like(m)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = (B * H, S, triton.cdiv(Tq, cfg.block_m))
+    _split_kernel[grid](
+        q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        H, Tq, D, max_len, plan.chunk, S, scale * LOG2E,
+        PER_ROW=lens is not None, DIRECT=direct,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not direct:
+        _merge_kernel[(B * H * Tq,)](
+            acc, m, l, o, D, S, BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d,
+            num_warps=_MERGE_LAUNCH.num_warps, num_stages=_MERGE_LAUNCH.num_stages,
+        )
+    return o
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+_OP = "decode_attention"
+
+
+def _check_tensors(q, k_cache, v_cache) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{_OP}: {name} must be 4-D (batch, heads, seq_len, head_dim), "
+                f"got shape {tuple(t.shape)}"
+            )
+    check_device(_OP, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_float(_OP, q=q, k_cache=k_cache, v_cache=v_cache)
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(
+            f"{_OP}: q, k_cache, v_cache must share one dtype, got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"{_OP}: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
+    (B, H, _, D) = q.shape
+    if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (B, H, D):
+        raise ValueError(
+            f"{_OP}: q {tuple(q.shape)} and the caches {tuple(k_cache.shape)} must agree in batch, "
+            "heads and head_dim (layout (batch, heads, seq_len, head_dim))"
+        )
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{_OP}: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            f"{_OP} is inference-only (no backward): call it under torch.no_grad() or "
+            "torch.inference_mode(), or use kernels.attention.attention to train"
+        )
+
+
+def _check_lengths(cache_len, q: torch.Tensor, t_max: int):
+    """Validate cache_len; returns (per-row lengths on q's device or None, the longest length)."""
+    B, _, Tq, _ = q.shape
+    if isinstance(cache_len, torch.Tensor):
+        if cache_len.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{_OP}: a cache_len tensor must be int32 or int64, got {cache_len.dtype}")
+        if cache_len.shape != (B,):
+            raise ValueError(
+                f"{_OP}: a cache_len tensor must have shape (batch,) = ({B},), got {tuple(cache_len.shape)}"
+            )
+        if cache_len.device.type != "cpu" and cache_len.device != q.device:
+            raise ValueError(
+                f"{_OP}: cache_len must be on the CPU or on q's device {q.device}, got {cache_len.device}"
+            )
+        if B == 0:
+            return None, 0
+        if cache_len.device.type != "cpu":
+            # Reading the values would sync the host with the GPU (and break CUDA-graph capture):
+            # trust them, and plan the key split over the whole cache.
+            return cache_len.to(torch.int32), t_max
+        lo, hi = (int(x) for x in torch.aminmax(cache_len))
+        # a private copy: the caller may change theirs at once
+        lens = cache_len.to(torch.int32, copy=True).to(device=q.device, non_blocking=True)
+        shortest, longest = "min(cache_len)", "max(cache_len)"
+    elif isinstance(cache_len, numbers.Integral) and not isinstance(cache_len, bool):
+        lo = hi = int(cache_len)
+        lens = None
+        shortest = longest = "cache_len"
+    else:
+        raise TypeError(
+            f"{_OP}: cache_len must be an int or an int tensor of shape (batch,), got {cache_len!r}"
+        )
+    if lo < 1:
+        raise ValueError(f"{_OP}: {shortest} must be >= 1 (the queries are part of the cache), got {lo}")
+    if hi > t_max:
+        raise ValueError(
+            f"{_OP}: {longest} must be <= the cache size (k_cache.shape[2] = {t_max}), got {hi}"
+        )
+    if Tq > lo:
+        raise ValueError(
+            f"{_OP}: {Tq} queries but {shortest} is {lo}: the queries are the last Tq cached "
+            "positions, so cache_len must be >= Tq"
+        )
+    return lens, hi
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int | torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of the last Tq cached positions over a KV cache (flash-decoding), inference only.
+
+    q: (batch, heads, Tq, head_dim); k_cache, v_cache: (batch, heads, T_max, head_dim) buffers,
+    any strides (e.g. slices of a bigger buffer); fp32, fp16 or bf16 (one dtype);
+    16 <= head_dim <= 128. Returns a contiguous (batch, heads, Tq, head_dim) tensor in q's dtype.
+
+    ``cache_len``: valid cached positions, an int (all rows) or an int32/int64 tensor of shape
+    (batch,) with one length per row, on the CPU (validated) or on q's device (not validated:
+    reading it would sync the host, so a GPU tensor keeps the call free of syncs and safe to
+    capture in a CUDA graph; its values are the caller's promise). Query i of row b attends keys
+    j < cache_len[b] - Tq + i + 1; 1 <= Tq <= cache_len[b] <= T_max is required.
+    ``scale`` defaults to 1/sqrt(head_dim). ``num_splits`` overrides the number of key chunks
+    (for tests and tuning; chunks are whole key tiles, so fewer may be used).
+    """
+    _check_tensors(q, k_cache, v_cache)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
+    if num_splits is not None and (
+        not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1
+    ):
+        raise ValueError(f"{_OP}: num_splits must be a positive int or None, got {num_splits!r}")
+    lens, max_len = _check_lengths(cache_len, q, k_cache.shape[2])
+    with _on_device(q.device):
+        return _decode(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation check (tests/aot.py)
+# --------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Triton signature of ``fn``: the given pointer types, constexprs, fp32 qk_scale, else i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    return sig
+
+
+def aot_configs():
+    """Every config the GPU heuristics can pick, for a compile check.
+
+    Split kernel: per dtype, head-dim bucket (BLOCK_D 16, 32, 64, 128) and query block (1 and
+    16 rows). The PER_ROW and DIRECT flags only switch a scalar load and the epilogue's stores
+    (no shared memory), so they are not multiplied in: they are both on for BLOCK_D 16 and 64
+    and both off for 32 and 128, which compiles every code path with every dtype and query
+    block. Pointer types follow the launcher: in DIRECT launches the unused partial-buffer
+    pointers are the output, without PER_ROW the unused Lens pointer too.
+    Merge kernel: per dtype and head-dim bucket.
+    """
+    if INTERPRETING:
+        raise RuntimeError("aot_configs() describes GPU launches; call it with TRITON_INTERPRET unset")
+    configs = []
+    for dtype, t in _TRITON_DTYPE.items():
+        for block_d in (16, 32, 64, 128):
+            flags = block_d in (16, 64)
+            for cfg in (_split_launch(1), _split_launch(2)):
+                part = "*" + t if flags else "*fp32"  # DIRECT passes the output here
+                pointers = {"Q": "*" + t, "K": "*" + t, "V": "*" + t, "O": "*" + t,
+                            "Acc": part, "Max": part, "Sum": part, "Lens": "*i32" if flags else "*" + t}
+                constexprs = dict(PER_ROW=flags, DIRECT=flags, BLOCK_M=cfg.block_m,
+                                  BLOCK_N=cfg.block_n, BLOCK_D=block_d)
+                configs.append({
+                    "name": f"split-{t}-d{block_d}-m{cfg.block_m}n{cfg.block_n}-w{cfg.num_warps}"
+                            f"s{cfg.num_stages}-flags_{'on' if flags else 'off'}",
+                    "fn": _split_kernel, "signature": _signature(_split_kernel, pointers, constexprs),
+                    "constexprs": constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                })
+            pointers = {"Acc": "*fp32", "Max": "*fp32", "Sum": "*fp32", "O": "*" + t}
+            constexprs = dict(BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d)
+            configs.append({
+                "name": f"merge-{t}-d{block_d}", "fn": _merge_kernel,
+                "signature": _signature(_merge_kernel, pointers, constexprs), "constexprs": constexprs,
+                "num_warps": _MERGE_LAUNCH.num_warps, "num_stages": _MERGE_LAUNCH.num_stages,
+            })
+    return configs
