@@ -23,12 +23,20 @@ def uncached(model, context_size):
 
 
 class KVCacheDecoder:
-    """Callable ``next_logits(idx)`` for a growing ``idx``, backed by the model's KV cache."""
+    """Callable ``next_logits(idx)`` for a growing ``idx``, backed by the model's KV cache.
 
-    def __init__(self, model, batch_size, context_size, cuda_graph=None):
+    ``prompt_lens`` (a (batch,) tensor on the model's device) marks right-padded prompts of
+    different lengths: row b's prompt is ``idx[b, :prompt_lens[b]]``, its first new token is
+    predicted there, and each later token goes to the row's own next position. Causal attention
+    keeps the padding out of every real token's view, and each decode step overwrites it.
+    (Rows must then fit the context: no cropping.)
+    """
+
+    def __init__(self, model, batch_size, context_size, cuda_graph=None, prompt_lens=None):
         self.model = model.setup_cache(batch_size, max_len=context_size)
         self.context_size = context_size
-        self.pos = 0  # tokens in the cache
+        self.prompt_lens = prompt_lens
+        self.pos = 0  # columns of idx in the cache
         device = model.tok_emb.weight.device
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph = None
@@ -38,25 +46,37 @@ class KVCacheDecoder:
         if self.pos == 0 or n > self.context_size or n != self.pos + 1:
             window = idx[:, -self.context_size:]  # prefill (again, once cropping shifts positions)
             self.pos = window.shape[1]
-            return self.model(window, start_pos=0)[:, -1]
-        logits = self._decode(idx[:, -1:])
+            logits = self.model(window, start_pos=0)
+            if self.prompt_lens is None:
+                return logits[:, -1]
+            self.row_pos = self.prompt_lens.clone()  # where each row's next token goes
+            return logits[torch.arange(idx.shape[0], device=idx.device), self.prompt_lens - 1]
+        start = self.pos if self.prompt_lens is None else self.row_pos
+        logits = self._decode(idx[:, -1:], start)
         self.pos += 1
+        if self.prompt_lens is not None:
+            self.row_pos += 1
         return logits
 
-    def _decode(self, token):
+    def _decode(self, token, start):
         if not self.cuda_graph:
-            return self.model(token, start_pos=self.pos)[:, -1]
+            return self.model(token, start_pos=start)[:, -1]
         if self.graph is None:
-            self._capture(token)
+            self._capture(token, start)
         self.static_token.copy_(token)
-        self.static_pos.fill_(self.pos)
+        _assign(self.static_pos, start)
         self.graph.replay()
         return self.static_logits.clone()
 
-    def _capture(self, token):
-        """Record one decode step; its position is a device tensor, so replays need no host sync."""
+    def _capture(self, token, start):
+        """Record one decode step; its position is a device tensor, so replays need no host sync.
+
+        The warm-up and capture runs write this step's own keys/values at its own positions,
+        which the replay that follows writes again: the cache is left as a plain step leaves it.
+        """
         self.static_token = token.clone()
-        self.static_pos = torch.full((token.shape[0],), self.pos, device=token.device)
+        self.static_pos = torch.empty(token.shape[0], dtype=torch.long, device=token.device)
+        _assign(self.static_pos, start)
         step = lambda: self.model(self.static_token, start_pos=self.static_pos)[:, -1]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -71,3 +91,11 @@ class KVCacheDecoder:
     def close(self):
         self.model.reset_cache()
         self.graph = None
+
+
+def _assign(static, value):
+    """Set a static (graph input) tensor from a tensor or a Python int, without a host sync."""
+    if torch.is_tensor(value):
+        static.copy_(value)
+    else:
+        static.fill_(value)

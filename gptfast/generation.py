@@ -96,6 +96,45 @@ def generate(
     return torch.cat([idx, *new], dim=1)
 
 
+def generate_batch(
+    model, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
+    cuda_graph=None,
+) -> list[torch.Tensor]:
+    """Generate after several prompts of different lengths at once, with the KV cache.
+
+    ``prompts``: a list of 1-D token-id tensors (or lists). Returns, per prompt, a 1-D tensor:
+    the prompt and its new tokens (cut after ``eos_id`` when the row emits it). The prompts are
+    right-padded into one batch; each row predicts from its own last token and continues at its
+    own positions, so greedy results equal generating each prompt alone. Rows that would outgrow
+    the context (and need the chapter's cropping at different steps) are generated one by one.
+    """
+    device = model.tok_emb.weight.device
+    rows = [torch.as_tensor(p, dtype=torch.long, device=device).flatten() for p in prompts]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    lens = [r.numel() for r in rows]
+    args = (temperature, top_k, eos_id, generator)
+    if max(lens) + max_new_tokens > model.cfg["context_length"]:
+        return [generate(model, r[None], max_new_tokens, None, *args, True, cuda_graph)[0] for r in rows]
+    idx = torch.zeros(len(rows), max(lens), dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        idx[b, :lens[b]] = r
+    context_size = _check_args(model, idx, max_new_tokens, None, temperature, top_k)
+    decoder = KVCacheDecoder(model, len(rows), context_size, cuda_graph,
+                             prompt_lens=torch.tensor(lens, device=device))
+    try:
+        new = list(_sample(decoder, idx, max_new_tokens, *args))
+    finally:
+        decoder.close()
+    out = []
+    for b, r in enumerate(rows):
+        tokens = torch.cat(new, 1)[b] if new else r[:0]
+        if eos_id is not None and (tokens == eos_id).any():
+            tokens = tokens[: int((tokens == eos_id).nonzero()[0]) + 1]
+        out.append(torch.cat([r, tokens]))
+    return out
+
+
 def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k) -> int:
     cfg = getattr(model, "cfg", None)
     if context_size is None:

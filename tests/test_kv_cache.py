@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptfast import GPTModel, generate, generate_text_simple
+from gptfast import GPTModel, generate, generate_batch, generate_text_simple
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = {"vocab_size": 89, "context_length": 12, "emb_dim": 48, "n_heads": 3, "n_layers": 2,
@@ -86,3 +86,38 @@ def test_cuda_graph_decode_matches_plain_decode(kernels):
     plain = generate(model, idx, 15, cuda_graph=False)
     assert torch.equal(generate(model, idx, 15, cuda_graph=True), plain)
     assert torch.equal(plain, generate_text_simple(model, idx, 15, CFG["context_length"]))
+    prompts = [torch.randint(0, CFG["vocab_size"], (n,)) for n in (1, 6, 3)]
+    graphed = generate_batch(model, prompts, 5, cuda_graph=True)
+    for row, plain_row in zip(graphed, generate_batch(model, prompts, 5, cuda_graph=False)):
+        assert torch.equal(row, plain_row)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_batched_prompts_of_different_lengths_match_one_by_one(kernels):
+    model = model_for(kernels)
+    prompts = [torch.randint(0, CFG["vocab_size"], (n,)) for n in (1, 6, 3)]
+    out = generate_batch(model, prompts, 5)
+    for prompt, row in zip(prompts, out):
+        alone = generate(model, prompt[None].to(DEVICE), 5)[0]
+        assert torch.equal(row, alone)
+        assert torch.equal(row[: len(prompt)].cpu(), prompt)
+
+
+def test_batched_prompts_stop_at_eos_and_past_the_context_go_one_by_one():
+    model = model_for("torch")
+    prompts = [torch.randint(0, CFG["vocab_size"], (n,)) for n in (2, 4)]
+    greedy = generate_batch(model, prompts, 6)
+    eos = greedy[0][3].item()  # row 0's second new token
+    cut = generate_batch(model, prompts, 6, eos_id=eos)
+    assert torch.equal(cut[0], greedy[0][:4])
+    long = generate_batch(model, prompts, 11)  # 4 + 11 > context 12: cropped like the chapter
+    for prompt, row in zip(prompts, long):
+        assert torch.equal(row, generate_text_simple(model, prompt[None].to(DEVICE), 11, 12)[0])
+
+
+def test_batched_prompts_bad_input():
+    model = model_for("torch")
+    with pytest.raises(ValueError, match="non-empty list of non-empty"):
+        generate_batch(model, [torch.tensor([1]), torch.tensor([], dtype=torch.long)], 2)
+    with pytest.raises(ValueError, match="non-empty list"):
+        generate_batch(model, [], 2)
