@@ -51,7 +51,8 @@ def cmd_generate(args) -> None:
     print(args.prompt, end="", flush=True)
     start, n = time.perf_counter(), 0
     for token in generate_tokens(model, idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator):
+                                 top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator,
+                                 use_cache=not args.no_cache):
         n += 1
         print(utf8.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
     seconds = time.perf_counter() - start
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=123)
     gen.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     gen.set_defaults(run=cmd_generate)
 
     info = sub.add_parser("info", help="parameter counts and sizes of the GPT-2 configs")
