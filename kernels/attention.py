@@ -17,6 +17,7 @@ RNG (Philox, ``tl.rand``) keyed by (seed, batch*head) and counted by (query row,
 the backward regenerates exactly the forward's keep mask. Kept weights are scaled by 1/(1-p).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,9 +29,10 @@ from kernels._common import INTERPRETING, check_device, check_float
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
+_INTERPRETED_BF16_DOT = tl.constexpr(INTERPRETING)
 # Dropout counts RNG draws per (batch, head) with an int32 counter row * Tk + col.
 MAX_DROPOUT_SCORES = 2**31
+MAX_BATCH_HEADS = 65535  # programs of one (batch, head) index CUDA grid axis 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,9 +42,16 @@ MAX_DROPOUT_SCORES = 2**31
 
 @triton.jit
 def _mma(a, b, acc):
-    """acc + a @ b; fp32 operands get exact fp32 products (no TF32), like eager PyTorch."""
+    """acc + a @ b; fp32 operands get exact fp32 products (no TF32), like eager PyTorch.
+
+    Triton's interpreter multiplies the raw bits of bf16 operands (it stores bf16 as uint16;
+    triton-lang/triton#11584), so there, and only there, bf16 operands are widened to fp32
+    first: exact, and the same math as a bf16 tensor-core product with fp32 accumulation.
+    """
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
+    elif _INTERPRETED_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
@@ -61,6 +70,25 @@ def _dropout_keep(key, rows, cols, Tk, dropout_p):
     at counter row * Tk + col, so any tiling (forward, backward, debug helper) agrees.
     """
     return tl.rand(key, rows * Tk + cols) >= dropout_p
+
+
+@triton.jit
+def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D,
+                   MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """K and V rows ``cols`` (= start_n + arange), zero past Tk (MASKED) and past the head dim."""
+    if MASKED:
+        mask = cols[:, None] < Tk
+        if not EVEN_D:
+            mask = mask & (offs_d[None, :] < D)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -97,18 +125,7 @@ def _fwd_tiles(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = cols[:, None] < Tk
-            if not EVEN_D:
-                kv_mask = kv_mask & (offs_d[None, :] < D)
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D, MASKED, EVEN_D)
         # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         if MASKED:
@@ -134,7 +151,7 @@ def _fwd_tiles(
 # diagonal tiles; the heaviest (last) query tiles are scheduled first.
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -180,11 +197,11 @@ def _fwd_kernel(
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     o = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) / _LOG2E  # natural-log log-sum-exp of the scaled scores
+    lse2 = m_i + tl.log2(l_i)  # log-sum-exp of the scaled scores in base 2, as exp2 uses it
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
     o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, lse2, mask=offs_m < Tq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,44 +237,33 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
     offs_n, offs_d, lo, hi, Tq, Tk, D, qk_scale, key, dropout_p,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
 
     With P^T the (keys x queries) weights: dV += (P^T * Z/(1-p)) dO, dP^T = V dO^T * Z/(1-p),
     dS^T = P^T * (dP^T - delta), dK += dS^T Q (times the scale, applied once at the end).
+    Rows past Tq load q = dO = lse = delta = 0, which makes their dS and dO zero: they add
+    nothing, so the length boundary needs no mask on the weights. DIAGONAL tiles (causal)
+    mask the weights of keys a query may not see.
     """
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        if MASKED:
-            row_ok = rows < Tq
-            qo_mask = row_ok[:, None]
-            if not EVEN_D:
-                qo_mask = qo_mask & (offs_d[None, :] < D)
-            q = tl.load(q_ptrs + start_m * stride_qm, mask=qo_mask, other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=qo_mask, other=0.0)
-            lse = tl.load(lse_ptrs + start_m, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
-        else:
-            if EVEN_D:
-                q = tl.load(q_ptrs + start_m * stride_qm)
-                do = tl.load(do_ptrs + start_m * stride_dom)
-            else:
-                q = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[None, :] < D, other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < D, other=0.0)
-            lse = tl.load(lse_ptrs + start_m)
-            delta = tl.load(delta_ptrs + start_m)
+        row_ok = rows < Tq
+        qo_mask = row_ok[:, None]
+        if not EVEN_D:
+            qo_mask = qo_mask & (offs_d[None, :] < D)
+        q = tl.load(q_ptrs + start_m * stride_qm, mask=qo_mask, other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dom, mask=qo_mask, other=0.0)
+        lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :] * _LOG2E)
-        if MASKED:
-            visible = rows[None, :] < Tq
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + (Tk - Tq))
-            p_t = tl.where(visible, p_t, 0.0)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if DIAGONAL:
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), p_t, 0.0)
         dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
         if DROPOUT:
             keep = _dropout_keep(key, rows[None, :], offs_n[:, None], Tk, dropout_p)
@@ -274,11 +280,11 @@ def _dkdv_tiles(
 # Blocking: one program per (BLOCK_N keys, batch*head). K and V of the tile and the fp32 dK/dV
 # accumulators stay in registers while Q, dO (BLOCK_M rows), LSE and delta stream through; each
 # program writes its dK/dV tile once, with no atomics (deterministic). Causal programs start at
-# the first query tile that sees the key tile and mask only the diagonal and the last partial
-# query tile. Reads Q and dO Tk/BLOCK_N times in total.
+# the first query tile that sees the key tile and mask only the diagonal query tiles. Reads Q
+# and dO Tk/BLOCK_N times in total.
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV,
+    Q, K, V, DO, LSE2, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -308,35 +314,28 @@ def _bwd_dkdv_kernel(
     q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
     do_ptrs += offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    lse_ptrs = LSE + off_bh.to(tl.int64) * Tq + offs_m
+    lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq + offs_m
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
 
-    # Query tiles: [m_lo, m_full) diagonal (masked), [m_full, Tq_even) full, [.., Tq) boundary.
-    if CAUSAL:
-        shift = Tk - Tq  # row i sees keys j <= i + shift, so key j is seen from row j - shift
-        m_lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
-    else:
-        m_lo = 0
-        m_full = 0
-    tq_even = Tq // BLOCK_M * BLOCK_M
     key = _philox_key(seed, off_bh)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = 0
+    if CAUSAL:
+        # Row i sees keys j <= i + shift: the tile's first key is seen from row start_n - shift,
+        # its last from row start_n + BLOCK_N - 1 - shift; query tiles in between are diagonal.
+        shift = Tk - Tq
+        m_lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
+            offs_n, offs_d, m_lo, tl.minimum(m_full, Tq), Tq, Tk, D, qk_scale, key, dropout_p,
+            True, DROPOUT, EVEN_D, BLOCK_M,
+        )
     dk, dv = _dkdv_tiles(
-        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, m_lo, tl.minimum(m_full, Tq), Tq, Tk, D, qk_scale, key, dropout_p,
-        True, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
-    )
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, m_full, tq_even, Tq, Tk, D, qk_scale, key, dropout_p,
-        False, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
-    )
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, tl.maximum(m_full, tq_even), Tq, Tq, Tk, D, qk_scale, key, dropout_p,
-        True, CAUSAL, DROPOUT, EVEN_D, BLOCK_M,
+        dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
+        offs_n, offs_d, m_full, Tq, Tq, Tk, D, qk_scale, key, dropout_p,
+        False, DROPOUT, EVEN_D, BLOCK_M,
     )
 
     out_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -355,18 +354,7 @@ def _dq_tiles(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = cols[:, None] < Tk
-            if not EVEN_D:
-                kv_mask = kv_mask & (offs_d[None, :] < D)
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D, MASKED, EVEN_D)
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -388,7 +376,7 @@ def _dq_tiles(
 # as the forward); dQ is written once, with no atomics. Reads K and V Tq/BLOCK_M times in total.
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ,
+    Q, K, V, DO, LSE2, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -414,7 +402,7 @@ def _bwd_dq_kernel(
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
     do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     row_ok = offs_m < Tq
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0) * _LOG2E
+    lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
@@ -465,14 +453,13 @@ class _Launch:
     num_stages: int
 
 
-def _fwd_launch(block_d: int, dtype: torch.dtype, q_len: int) -> _Launch:
-    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (64 queries for short Tq)."""
+def _fwd_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return _Launch(32, 16, 4, 1)
-    if dtype == torch.float32:
-        return _Launch(64, 32, 4, 2)
-    block_m = 128 if q_len > 64 else 64
-    return _Launch(block_m, 64, 8 if block_d == 128 and block_m == 128 else 4, 3)
+    if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
+        return _Launch(32, 32, 4, 2)
+    return _Launch(128, 64, 8 if block_d == 128 else 4, 3)
 
 
 def _dkdv_launch(block_d: int, dtype: torch.dtype) -> _Launch:
@@ -480,7 +467,7 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype) -> _Launch:
     if INTERPRETING:
         return _Launch(16, 32, 4, 1)
     if dtype == torch.float32:
-        return _Launch(32, 64, 4, 2)
+        return _Launch(32, 32, 4, 2)
     return _Launch(32, 128, 8 if block_d == 128 else 4, 3)
 
 
@@ -489,7 +476,7 @@ def _dq_launch(block_d: int, dtype: torch.dtype) -> _Launch:
     if INTERPRETING:
         return _Launch(32, 16, 4, 1)
     if dtype == torch.float32:
-        return _Launch(64, 32, 4, 2)
+        return _Launch(32, 32, 4, 2)
     return _Launch(128, 32, 8 if block_d == 128 else 4, 3)
 
 
@@ -504,15 +491,7 @@ def _preprocess_launch() -> _Launch:
 
 def _on_device(t: torch.Tensor):
     """Launch on the tensor's own GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NoGuard()
-
-
-class _NoGuard:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_d(head_dim: int) -> int:
@@ -523,36 +502,36 @@ def _forward(q, k, v, causal, scale, dropout_p, seed):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
-        return o, lse
+        return o, lse2
     block_d = _block_d(D)
-    cfg = _fwd_launch(block_d, q.dtype, Tq)
+    cfg = _fwd_launch(block_d, q.dtype)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse2, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
         CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return o, lse
+    return o, lse2
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, dropout_p, seed, need_dq, need_dkdv):
+def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, need_dkdv):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_dq else None
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq else None
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
     block_d = _block_d(D)
     even_d = D == block_d
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d)
 
     pre = _preprocess_launch()
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse2)
     _bwd_preprocess_kernel[(triton.cdiv(Tq, pre.block_m), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
         EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
@@ -560,7 +539,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, dropout_p, seed, need_dq, need
     if need_dkdv:
         cfg = _dkdv_launch(block_d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
-            q, k, v, do, lse, delta, dk, dv,
+            q, k, v, do, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -569,7 +548,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, dropout_p, seed, need_dq, need
     if need_dq:
         cfg = _dq_launch(block_d, q.dtype)
         _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            q, k, v, do, lse, delta, dq,
+            q, k, v, do, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -584,20 +563,20 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, dropout_p, seed):
         with _on_device(q):
-            o, lse = _forward(q, k, v, causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
+            o, lse2 = _forward(q, k, v, causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse2)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse2 = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
         need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         with _on_device(q):
             dq, dk, dv = _backward(
-                do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
+                do, q, k, v, o, lse2, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
                 need_dq, need_dkdv,
             )
         return dq, dk, dv, None, None, None, None
@@ -629,6 +608,8 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
             f"{op}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, heads and "
             "head_dim (layout (batch, heads, seq_len, head_dim); grouped-query heads are not supported)"
         )
+    if B * H > MAX_BATCH_HEADS:
+        raise ValueError(f"{op}: batch * heads must be at most {MAX_BATCH_HEADS} (a CUDA grid axis), got {B * H}")
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
     if causal and Tq > Tk:
@@ -692,19 +673,17 @@ def attention_dropout_mask(
     For tests and debugging: with ``seed = dropout_seed(g)`` drawn from a generator in the state
     that ``attention(..., generator=g)`` sees, this is the mask that call applies.
     """
-    device = torch.device(device)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention_dropout_mask: dropout_p must be in [0, 1), got {dropout_p!r}")
     if q_len * k_len > MAX_DROPOUT_SCORES:
         raise ValueError("attention_dropout_mask: at most 2**31 weights per head")
-    probe = torch.empty(0, device=device)
-    check_device("attention_dropout_mask", mask=probe)
     mask = torch.empty((batch, heads, q_len, k_len), device=device, dtype=torch.int8)
+    check_device("attention_dropout_mask", mask=mask)
     if mask.numel() == 0:
         return mask.bool()
     block = 32
     grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
-    with _on_device(probe):
+    with _on_device(mask):
         _dropout_mask_kernel[grid](mask, q_len, k_len, seed, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
@@ -725,7 +704,7 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in _POINTERS:
             sig[name] = "*" + _TRITON_DTYPE[dtype]
-        elif name in ("LSE", "Delta"):
+        elif name in ("LSE2", "Delta"):
             sig[name] = "*fp32"
         elif name == "Mask":
             sig[name] = "*i8"
@@ -736,47 +715,72 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
     return sig
 
 
+def _divisibility(fn, signature: dict) -> dict:
+    """The divisibility hints the JIT gives a typical launch (16-byte aligned tensors, strides
+    and head dim multiples of 16; sequence lengths not), as ``ASTSource`` attrs. Without them
+    the compiler cannot prove alignment and skips the pipelined (cp.async / TMA) loads, and
+    the shared memory it reports understates real launches."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or (signature[name] == "i32" and (name.startswith("stride") or name == "D"))
+    }
+
+
 def aot_configs():
     """Every tile/warp/stage config the GPU heuristics can pick, for a compile check.
 
-    Per kernel and dtype, every head-dim bucket (BLOCK_D 16, 32, 64, 128) and every tile shape
-    is compiled twice: with all flags on (CAUSAL, DROPOUT, masked head dim: every masked code
-    path, the most registers) and all off (the fast path). The flags only add register-level
-    masking and RNG code; shared memory depends on the tile shapes, dtype and stages, which are
-    all covered. The preprocess kernel is compiled per (BLOCK_D, dtype) with the masked head dim.
+    The heuristics pick one tile config per (kernel, dtype, BLOCK_D); every one of them is
+    listed, for BLOCK_D 16, 32, 64 and 128 and fp16, bf16, fp32, compiled as launches with a
+    contiguous head dim are (Triton specializes strides equal to 1). The flags (CAUSAL,
+    DROPOUT, EVEN_D) only add register-level masking and RNG code and do not change shared
+    memory (checked on D=64: equal with all flags on and off), so they are rotated over the
+    head-dim buckets instead of multiplied in: CAUSAL and EVEN_D take both values for every
+    (kernel, dtype). Dropout (Philox, most of the compile time) is compiled once per kernel,
+    on the GPT-2 training path (fp16, causal, D=64), where both the masked and the unmasked
+    loops carry it: its integer/fp32 code depends on neither the dtype nor BLOCK_D. One more
+    variant per kernel has Tq = Tk = H = 1, which Triton also specializes (T=1 decoding).
+    (The full product would take ~10 minutes to compile.)
     """
     if INTERPRETING:
         raise RuntimeError("aot_configs() describes GPU launches; call it with TRITON_INTERPRET unset")
+    # BLOCK_D -> (CAUSAL, DROPOUT, EVEN_D); BLOCK_D=16 is always even (head_dim >= 16).
+    rotation = {16: (False, False, True), 32: (True, False, False),
+                64: (True, True, True), 128: (False, False, False)}
     configs = []
 
     def add(name, fn, dtype, launch, constexprs):
+        unit_strides = {a: 1 for a in fn.arg_names if a.startswith("stride") and a.endswith("d")}
+        constexprs = {**unit_strides, **constexprs}
+        signature = _signature(fn, dtype, constexprs)
         configs.append({
-            "name": name, "fn": fn, "signature": _signature(fn, dtype, constexprs),
+            "name": name, "fn": fn, "signature": signature, "attrs": _divisibility(fn, signature),
             "constexprs": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
         })
 
-    flag_sets = {"all": (True, True, False), "none": (False, False, True)}
+    def attention_kernels(dtype, block_d):
+        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype)),
+                ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
+                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype)))
+
+    def flags(launch, block_d, causal, dropout, even_d):
+        return dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=even_d,
+                    BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d)
+
     for dtype, tname in _TRITON_DTYPE.items():
-        for block_d in (16, 32, 64, 128):
-            kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, q_len)) for q_len in (64, 65)]
-            kernels += [("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
-                        ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype))]
-            seen = set()
-            for kname, fn, launch in kernels:
-                if (kname, launch) in seen:
-                    continue
-                seen.add((kname, launch))
-                for flags, (causal, dropout, even_d) in flag_sets.items():
-                    constexprs = dict(
-                        CAUSAL=causal, DROPOUT=dropout, EVEN_D=even_d or block_d == 16,
-                        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d,
-                    )
-                    add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
-                        f"-w{launch.num_warps}s{launch.num_stages}-flags_{flags}",
-                        fn, dtype, launch, constexprs)
+        for block_d, (causal, dropout, even_d) in rotation.items():
+            dropout = dropout and dtype == torch.float16
+            for kname, fn, launch in attention_kernels(dtype, block_d):
+                add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
+                    f"-w{launch.num_warps}s{launch.num_stages}"
+                    f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}",
+                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d))
             pre = _preprocess_launch()
-            add(f"preprocess-{tname}-d{block_d}", _bwd_preprocess_kernel, dtype, pre,
-                dict(EVEN_D=block_d == 16, BLOCK_M=pre.block_m, BLOCK_D=block_d))
+            add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
+                dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
+    for kname, fn, launch in attention_kernels(torch.float16, 64):
+        add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
+            flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
     add("dropout_mask", _dropout_mask_kernel, torch.float16, _Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
     return configs

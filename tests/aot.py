@@ -7,7 +7,7 @@ memory each config needs.
 
 A kernel module opts in by defining ``aot_configs()``: an iterable of dicts with keys
 ``name``, ``fn`` (the @triton.jit kernel), ``signature`` ({arg: "*fp16" | "i32" | "fp32" |
-"constexpr" ...}), ``constexprs`` ({arg: value}) and optionally ``num_warps``/``num_stages``,
+"constexpr" ...}), ``constexprs`` ({arg: value}) and optionally ``num_warps``/``num_stages``/``attrs``,
 covering every launch configuration its heuristics can pick.
 
 Kernels decorated under TRITON_INTERPRET=1 cannot be compiled, so ``compile_module`` runs the
@@ -25,13 +25,18 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compile_kernel(fn, signature, constexprs, cc, num_warps=4, num_stages=3):
-    """Compile one kernel config to cubin for compute capability ``cc``; returns its metadata."""
+def compile_kernel(fn, signature, constexprs, cc, num_warps=4, num_stages=3, attrs=None):
+    """Compile one kernel config to cubin for compute capability ``cc``; returns its metadata.
+
+    ``attrs`` are the argument specialisations a real launch gets (e.g. 16-byte divisibility
+    of pointers and strides); without them the compiler skips vectorised and pipelined loads
+    and reports less shared memory than the launch would use.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).metadata
 
@@ -60,7 +65,7 @@ def _main(module: str, ccs: list[int]) -> None:
             try:
                 meta = compile_kernel(
                     cfg["fn"], cfg["signature"], cfg["constexprs"], cc,
-                    cfg.get("num_warps", 4), cfg.get("num_stages", 3),
+                    cfg.get("num_warps", 4), cfg.get("num_stages", 3), cfg.get("attrs"),
                 )
                 record.update(ok=True, shared=meta.shared, error=None)
             except Exception as exc:  # reported to the test, which fails with the message

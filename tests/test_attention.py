@@ -1,0 +1,411 @@
+"""Flash attention kernels (kernels/attention.py) against eager PyTorch and a float64 reference.
+
+FlashAttention's rule: for the output and each gradient, the kernel's max error against the
+float64 reference is at most 2x the error of eager attention in the same dtype, plus one ulp
+of the dtype at the reference's largest magnitude (two for fp32; see ``slack``). Without a GPU these run in Triton's
+interpreter on small shapes; the realistic shapes run only on CUDA.
+"""
+
+import math
+import threading
+
+import pytest
+import torch
+
+import kernels._common
+from kernels.attention import (
+    aot_configs,
+    attention,
+    attention_dropout_mask,
+    dropout_seed,
+)
+from tests.numerics import assert_agrees
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="realistic shapes need a GPU (interpreter too slow)")
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------
+
+
+def causal_mask(q_len, k_len, device=DEVICE):
+    """Bottom-right aligned causal mask: query i sees keys j <= i + (k_len - q_len)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+def eager_attention(q, k, v, causal=True, scale=None, keep=None, dropout_p=0.0):
+    """softmax(q k^T * scale + mask) [* keep / (1-p)] @ v, in the inputs' dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    w = torch.softmax(s, dim=-1)
+    if keep is not None:
+        w = w * keep.to(w.dtype) / (1.0 - dropout_p)
+    return w @ v
+
+
+def out_and_grads(fn, leaves, do, view=lambda t: t):
+    """Output of fn(view(q), view(k), view(v)) and the gradients of the leaf tensors."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*[view(t) for t in leaves])
+    out.backward(do)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def slack(ref, dtype):
+    """Absolute slack of the rule: one ulp of ``dtype`` at the largest magnitude of ``ref`` (at
+    least 1: the inputs are unit normal), two for fp32, where eager's own error is
+    accumulation-order noise that the tiled summation legitimately differs from by ~1 ulp."""
+    ulps = 2.0 if dtype == F32 else 1.0
+    return ulps * torch.finfo(dtype).eps * max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+
+
+def single_key_dq_slack(q, k, v, do, scale):
+    """With one key the weights are exactly 1 and dq is exactly 0; eager's softmax backward
+    returns 0, the kernel the fp32 residue of do.v - do.o: D roundings of |do| |v|, times
+    scale |k|."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    size = lambda t: t.double().abs().max().item()  # noqa: E731
+    return 2 * d * torch.finfo(F32).eps * size(do) * size(v) * abs(scale) * size(k)
+
+
+def assert_flash_rule(shape_q, shape_kv, dtype, causal=True, scale=None, view=lambda t: t,
+                      dropout_p=0.0, generator_seed=None, do_view=lambda t: t):
+    """Kernel vs eager (same dtype) vs float64, for the output and dq, dk, dv."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1234)
+    q = torch.randn(shape_q, generator=gen, device=DEVICE).to(dtype)
+    k = torch.randn(shape_kv, generator=gen, device=DEVICE).to(dtype)
+    v = torch.randn(shape_kv, generator=gen, device=DEVICE).to(dtype)
+    out_shape = view(q).shape
+    do = do_view(torch.randn(out_shape, generator=gen, device=DEVICE).to(dtype))
+
+    keep = None
+    kernel_kwargs = dict(causal=causal, scale=scale)
+    if dropout_p > 0:
+        B, H, Tq, Tk = *out_shape[:3], view(k).shape[2]
+        seed = dropout_seed(torch.Generator().manual_seed(generator_seed))
+        keep = attention_dropout_mask(seed, B, H, Tq, Tk, dropout_p, device=DEVICE)
+        kernel_kwargs.update(dropout_p=dropout_p, generator=torch.Generator().manual_seed(generator_seed))
+
+    kernel = out_and_grads(lambda *a: attention(*a, **kernel_kwargs), (q, k, v), do, view)
+    ref_kwargs = dict(causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
+    eager = out_and_grads(lambda *a: eager_attention(*a, **ref_kwargs), (q, k, v), do, view)
+    ref = out_and_grads(
+        lambda *a: eager_attention(*a, **ref_kwargs), [t.double() for t in (q, k, v)], do.double(), view
+    )
+    for name, a, e, r in zip(("out", "dq", "dk", "dv"), kernel, eager, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        atol = slack(r, dtype)
+        if name == "dq" and view(k).shape[2] == 1:
+            atol += single_key_dq_slack(q, k, v, do, scale)
+        assert_agrees(a, e, r, atol=atol, what=f"{name} ({dtype}, causal={causal})")
+
+
+# ------------------------------------------------------------------------------------------
+# Numerics (interpreter-sized)
+# ------------------------------------------------------------------------------------------
+
+# (Tq, Tk, head_dim, dtype, causal): lengths 1, 17, 97 and mid sizes across tile edges
+# (interpreter tiles: 32 queries x 16 keys forward/dQ, 32 keys x 16 queries dK/dV); head dims
+# 16..128 incl. non powers of two; every dtype; Tq < Tk with the bottom-right causal mask.
+CPU_CASES = [
+    (97, 97, 64, F16, True),
+    (97, 97, 64, F16, False),
+    (97, 97, 64, BF16, True),
+    (97, 97, 64, BF16, False),
+    (97, 97, 64, F32, True),
+    (97, 97, 64, F32, False),
+    (1, 1, 64, F16, True),
+    (17, 17, 16, BF16, True),
+    (17, 17, 48, F32, False),
+    (33, 33, 24, F16, True),
+    (40, 40, 80, BF16, True),
+    (40, 57, 96, F16, True),  # shift 17: row 31's last key (48) opens a new key tile
+    (17, 97, 112, BF16, False),
+    (17, 97, 128, F32, True),
+    (1, 97, 64, F16, True),
+    (1, 17, 48, BF16, False),
+]
+
+
+@pytest.mark.parametrize("tq,tk,d,dtype,causal", CPU_CASES)
+def test_flash_rule(tq, tk, d, dtype, causal):
+    assert_flash_rule((1, 2, tq, d), (1, 2, tk, d), dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_non_contiguous_inputs_and_grad(dtype):
+    """q, k, v as (B, T, H, D) -> (B, H, T, D) transposed views, as in a GPT block; the
+    incoming gradient is a transposed view too. Strides are used as they are."""
+    to_bhtd = lambda t: t.transpose(1, 2)  # noqa: E731
+    do_view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    assert_flash_rule((2, 37, 3, 32), (2, 37, 3, 32), dtype, True, view=to_bhtd, do_view=do_view)
+
+
+def test_custom_scale_and_stride0_grad():
+    """A custom scale, and the stride-0 gradient that out.sum().backward() sends."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 29, 40, generator=gen, device=DEVICE) for _ in range(3))
+    kernel = out_and_grads(lambda *a: attention(*a, causal=True, scale=0.3).sum(), (q, k, v), None)
+    ref = out_and_grads(lambda *a: eager_attention(*a, causal=True, scale=0.3).sum(),
+                        [t.double() for t in (q, k, v)], None)
+    eager = out_and_grads(lambda *a: eager_attention(*a, causal=True, scale=0.3).sum(), (q, k, v), None)
+    for name, a, e, r in zip(("sum", "dq", "dk", "dv"), kernel, eager, ref):
+        assert_agrees(a, e, r, atol=slack(r, F32), what=name)
+    assert_flash_rule((1, 2, 29, 40), (1, 2, 29, 40), F16, False, scale=0.05)
+
+
+def test_causal_is_bottom_right_aligned():
+    """One query over a cache of keys sees every key; SDPA's top-left mask would see one."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(1, 1, 1, 32, generator=gen, device=DEVICE)
+    k, v = (torch.randn(1, 1, 20, 32, generator=gen, device=DEVICE) for _ in range(2))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(attention(q, k, v, causal=True), full, atol=1e-6)
+    # The last 5 queries of a 20-token sequence see what they see in the full causal pass.
+    q20 = torch.randn(1, 1, 20, 32, generator=gen, device=DEVICE)
+    whole = attention(q20, k, v, causal=True)
+    assert torch.allclose(attention(q20[:, :, 15:], k, v, causal=True), whole[:, :, 15:], atol=1e-6)
+
+
+def test_backward_is_deterministic():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    shape = (2, 2, 70, 64) if CUDA else (1, 1, 40, 32)
+    q, k, v = (torch.randn(shape, generator=gen, device=DEVICE).to(F16) for _ in range(3))
+    do = torch.randn(shape, generator=gen, device=DEVICE).to(F16)
+    first = out_and_grads(lambda *a: attention(*a, dropout_p=0.2, generator=torch.Generator().manual_seed(5)),
+                          (q, k, v), do)
+    second = out_and_grads(lambda *a: attention(*a, dropout_p=0.2, generator=torch.Generator().manual_seed(5)),
+                           (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [
+    ((1, 2, 0, 32), (1, 2, 5, 32)),  # no query
+    ((0, 2, 7, 32), (0, 2, 7, 32)),  # no batch
+    ((1, 0, 7, 32), (1, 0, 7, 32)),  # no head
+])
+def test_empty(shape_q, shape_kv):
+    q = torch.randn(shape_q, device=DEVICE, requires_grad=True)
+    k = torch.randn(shape_kv, device=DEVICE, requires_grad=True)
+    v = torch.randn(shape_kv, device=DEVICE, requires_grad=True)
+    out = attention(q, k, v, causal=shape_q[2] <= shape_kv[2])
+    assert out.shape == shape_q
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.any()
+
+
+# ------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tq,tk,d,dtype,causal,p", [
+    (70, 70, 64, F16, True, 0.1),
+    (17, 40, 48, BF16, False, 0.5),
+    (33, 33, 32, F32, True, 0.3),
+])
+def test_dropout_matches_eager_with_kernel_mask(tq, tk, d, dtype, causal, p):
+    """Forward and backward use one mask: the one attention_dropout_mask returns for the seed
+    drawn from the generator. Eager softmax(s) * keep / (1-p) @ v obeys the flash rule."""
+    assert_flash_rule((1, 2, tq, d), (1, 2, tk, d), dtype, causal, dropout_p=p, generator_seed=42)
+
+
+def test_dropout_zero_is_no_dropout_and_draws_nothing():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 33, 32, generator=gen, device=DEVICE) for _ in range(3))
+    state = torch.get_rng_state()
+    assert torch.equal(attention(q, k, v, dropout_p=0.0), attention(q, k, v))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_dropout_seeded_runs_repeat():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 33, 32, generator=gen, device=DEVICE) for _ in range(3))
+    run = lambda s: attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+    torch.manual_seed(3)
+    a = attention(q, k, v, dropout_p=0.3)  # default generator
+    torch.manual_seed(3)
+    assert torch.equal(a, attention(q, k, v, dropout_p=0.3))
+    assert not torch.equal(a, attention(q, k, v, dropout_p=0.3))
+
+
+def test_dropout_keep_rate_and_independence():
+    p, B, H, T = 0.3, 2, 2, 64
+    keep = attention_dropout_mask(dropout_seed(torch.Generator().manual_seed(1)), B, H, T, T, p, DEVICE)
+    assert keep.shape == (B, H, T, T) and keep.dtype == torch.bool
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    per_head = keep.flatten(0, 1).float()
+    for i in range(B * H):  # each (batch, head) has its own stream
+        for j in range(i):
+            assert (per_head[i] != per_head[j]).float().mean() > 0.3
+    # consecutive rows and columns are not copies of each other
+    assert (keep[..., 1:, :] != keep[..., :-1, :]).float().mean() > 0.3
+    assert (keep[..., :, 1:] != keep[..., :, :-1]).float().mean() > 0.3
+    again = attention_dropout_mask(dropout_seed(torch.Generator().manual_seed(1)), B, H, T, T, p, DEVICE)
+    assert torch.equal(keep, again)
+
+
+def test_dropout_is_unbiased():
+    """The mean over many independent masks is the no-dropout output, within 6 standard errors.
+
+    The same (q, k, v) is repeated over N heads (each head draws its own mask); per output
+    element the variance of one draw is p/(1-p) * sum_j w_ij^2 v_jd^2 for weights w.
+    """
+    p, N, T, D = 0.4, 96, 17, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T, D, generator=gen, device=DEVICE) for _ in range(3))
+    out = attention(*(t.expand(1, N, T, D) for t in (q, k, v)), causal=True, dropout_p=p,
+                    generator=torch.Generator().manual_seed(0))
+    w = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~causal_mask(T, T), float("-inf")), -1)
+    expected = w @ v
+    std = (p / (1 - p) * (w.square() @ v.square())).sqrt()
+    z = (out.mean(dim=1, keepdim=True) - expected) / (std / math.sqrt(N))
+    assert z.abs().max() < 6, f"mean of dropout outputs is {z.abs().max():.1f} standard errors off"
+    assert (out != expected).any()  # dropout did something
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=F32, device=DEVICE):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    ((_t(2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, ValueError, "q must be 4-D"),
+    ((_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32)), {}, ValueError, "batch, heads and head_dim"),
+    ((_t(1, 2, 8, 32), _t(1, 4, 8, 32), _t(1, 4, 8, 32)), {}, ValueError, "batch, heads and head_dim"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 64), _t(1, 2, 8, 64)), {}, ValueError, "batch, heads and head_dim"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 9, 32)), {}, ValueError, "k and v must have the same shape"),
+    ((_t(1, 2, 8, 8), _t(1, 2, 8, 8), _t(1, 2, 8, 8)), {}, ValueError, r"head_dim must be in \[16, 128\], got 8"),
+    ((_t(1, 2, 8, 136), _t(1, 2, 8, 136), _t(1, 2, 8, 136)), {}, ValueError, "got 136"),
+    ((_t(1, 2, 8, 32, dtype=F16), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError, "share one dtype"),
+    ((_t(1, 2, 8, 32, dtype=torch.float64),) * 3, {}, TypeError, "float32, float16 or bfloat16"),
+    ((_t(1, 2, 9, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, ValueError, "more queries"),
+    ((_t(1, 2, 3, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32)), {"causal": False}, ValueError, "no keys"),
+    ((_t(1, 2, 8, 32),) * 3, {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    ((_t(1, 2, 8, 32),) * 3, {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    ((_t(1, 2, 8, 32),) * 3, {"scale": float("nan")}, ValueError, "scale must be a finite number"),
+    (("q", _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError, "q must be a torch.Tensor"),
+    ((_t(65536, 1, 0, 16),) * 3, {}, ValueError, "batch \\* heads must be at most 65535"),
+])
+def test_clear_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        attention(*args, **kwargs)
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels._common, "INTERPRETING", False)
+    x = torch.randn(1, 2, 8, 32)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        attention(x, x, x)
+
+
+@cuda_only
+def test_mixed_devices_are_refused():
+    x = torch.randn(1, 2, 8, 32, device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        attention(x, x.cpu(), x)
+
+
+# ------------------------------------------------------------------------------------------
+# Realistic shapes (CUDA only)
+# ------------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("d", [16, 48, 64, 80, 96, 112, 128])
+@pytest.mark.parametrize("t", [17, 97, 1000, 1023])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_rule_cuda(t, d, dtype, causal):
+    assert_flash_rule((2, 3, t, d), (2, 3, t, d), dtype, causal)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_token_cuda(d, dtype, causal):
+    """T = 1 (Triton specializes lengths equal to 1: a separate compile)."""
+    assert_flash_rule((2, 3, 1, d), (2, 3, 1, d), dtype, causal)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_rule_cuda_long(d, dtype, causal):
+    assert_flash_rule((1, 4, 4096, d), (1, 4, 4096, d), dtype, causal)
+
+
+@cuda_only
+@pytest.mark.parametrize("tq,tk,causal", [(1, 1000, True), (100, 1023, True), (257, 4096, False), (500, 1000, False)])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_q_shorter_than_k_cuda(tq, tk, causal, dtype):
+    assert_flash_rule((2, 4, tq, 64), (2, 4, tk, 64), dtype, causal)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("d", [64, 80])
+def test_gpt_block_layout_with_dropout_cuda(dtype, d):
+    """(B, T, H, D) views as a GPT block makes them, causal, dropout 0.1, 1000 tokens."""
+    to_bhtd = lambda t: t.transpose(1, 2)  # noqa: E731
+    assert_flash_rule((4, 1000, 12, d), (4, 1000, 12, d), dtype, True, view=to_bhtd,
+                      dropout_p=0.1, generator_seed=3)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for A100 (sm_80) and H100 (sm_90)
+# ------------------------------------------------------------------------------------------
+
+
+def test_aot_compiles_every_config():
+    """Compile every config of aot_configs() to cubin (sm_80 and sm_90 in parallel processes)
+    and check each fits the shared memory of its GPU."""
+    from tests.aot import compile_module
+
+    results = {}
+
+    def compile_for(cc):
+        results[cc] = compile_module("kernels.attention", ccs=(cc,))
+
+    threads = [threading.Thread(target=compile_for, args=(cc,)) for cc in (80, 90)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    records = results.get(80, []) + results.get(90, [])
+    assert len(results) == 2 and records, "the compiler processes returned nothing"
+    names = {r["name"] for r in records}
+    for kernel in ("fwd", "dkdv", "dq", "preprocess"):
+        for dtype in ("fp16", "bf16", "fp32"):
+            for block_d in (16, 32, 64, 128):
+                assert any(n.startswith(f"{kernel}-{dtype}-d{block_d}-") for n in names), (kernel, dtype, block_d)
+    failed = [f"{r['name']} sm_{r['cc']}: {r['error']}" for r in records if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    over = [f"{r['name']} sm_{r['cc']}: {r['shared']} > {r['limit']}" for r in records if r["shared"] > r["limit"]]
+    assert not over, "\n".join(over)
+    assert len(records) == 2 * len(names)
+
+
+def test_aot_configs_need_the_compiler():
+    if not kernels._common.INTERPRETING:
+        pytest.skip("only meaningful under the interpreter")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot_configs()
