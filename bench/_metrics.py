@@ -1,6 +1,7 @@
-"""What a benchmark case counts: bytes and FLOPs each op must do, the timer, the device's name.
+"""What a benchmark case counts: bytes and FLOPs each op must do, the timer, peak memory, the
+device's name.
 
-Pure functions (no GPU needed), so the models below are unit-tested on CPU
+The counting models are pure functions (no GPU needed), unit-tested on CPU
 (tests/test_bench_helpers.py). Sizes: M rows, N width, ``e`` bytes per element of the
 activations (x, y, dy, ...), ``p`` bytes per element of weight/bias and their gradients, and
 the per-row statistics (mean, rstd) are fp32. Attention follows the usual FlashAttention count.
@@ -64,13 +65,27 @@ def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, mode
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def model_flops(linear_params: int, B: int, T: int, n_layers: int, d_model: int, mode: str) -> int:
-    """FLOPs of a causal GPT forward (``fwd``) or training step (``train``, 3x the forward):
-    2 FLOPs per Linear weight per token, plus causal attention, 2·B·T²·d_model per layer."""
+def model_flops_per_token(n_params: int, n_layers: int, d_model: int, T: int, mode: str) -> int:
+    """FLOPs per token of a GPT at sequence length T, the PaLM / nanoGPT estimate used for MFU.
+
+    ``train`` (forward + backward): 6·N + 12·L·d·T. N = the parameters that multiply each token
+    (2 FLOPs per weight forward, 4 backward); for the chapter's model, every parameter except
+    the token and position embedding tables, which are lookups (its untied output head is
+    counted: nanoGPT's N for the tied GPT-2, where the shared table is the head). 12·L·d·T:
+    attention's two matmuls over T keys (4·d·T per layer forward, x3), without the causal
+    halving, as in PaLM. ``fwd``: a third of it, 2·N + 4·L·d·T.
+    """
     _check_mode(mode, ("fwd", "train"))
-    attn = n_layers * attention_flops(B, 1, T, T, d_model, causal=True, mode="fwd")
-    fwd = 2 * linear_params * B * T + attn
-    return fwd if mode == "fwd" else 3 * fwd
+    train = 6 * n_params + 12 * n_layers * d_model * T
+    return train if mode == "train" else train // 3
+
+
+def decode_step_bytes(weight_bytes: int, n_layers: int, B: int, d_model: int, cache_len: int,
+                      e: int) -> int:
+    """Bytes one decode step (one new token per row) must read: every weight once
+    (``weight_bytes``, in the dtype used) plus the KV cache, keys and values of ``cache_len``
+    positions per layer and row: 2·L·B·cache_len·d·e (d = heads x head dim)."""
+    return weight_bytes + 2 * n_layers * B * cache_len * d_model * e
 
 
 def sync_timer() -> float:
@@ -79,6 +94,17 @@ def sync_timer() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes allocated on the CUDA device during a call of ``fn`` (after one warm-up call),
+    everything already resident included (weights, optimizer state, inputs)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def device_name() -> str:

@@ -1,10 +1,14 @@
-"""Providers that may be missing (our kernels while they are written, Liger-Kernel) and
-torch.compile'd eager ops, shared by the benchmark modules."""
+"""Providers that may be missing (our kernels while they are written, Liger-Kernel, Hugging Face
+transformers), torch.compile'd eager ops, and the whole-model baselines, shared by the
+benchmark modules."""
 
 import functools
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def optional(module: str, attr: str, why: str | None = None):
@@ -32,20 +36,22 @@ def liger_layer_norm():
     return LigerLayerNormFunction
 
 
-@functools.cache
-def compiled(fn):
-    """torch.compile of an eager op, specialised to each shape (one compile per case).
-
-    The cache gets room for every case of a run (it recompiles per shape, dtype and grad
-    mode), and donated buffers are off: the backward-only cases call backward repeatedly
-    through one graph (retain_graph=True), which donated buffers forbid.
-    """
+def _compile_settings() -> None:
+    """Room in dynamo's cache for every case of a run (it recompiles per shape, dtype and grad
+    mode), and no donated buffers: the backward-only cases call backward repeatedly through one
+    graph (retain_graph=True), which donated buffers forbid."""
     import torch._dynamo
     import torch._functorch.config
 
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     torch._functorch.config.donated_buffer = False
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile of an eager op, specialised to each shape (one compile per case)."""
+    _compile_settings()
     return torch.compile(fn, dynamic=False)
 
 
@@ -67,3 +73,115 @@ def require_model_kernels() -> None:
     missing = [n for n in names if not callable(getattr(kernels, n, None))]
     if missing:
         pytest.skip(f"the kernels package does not export {', '.join(missing)} yet")
+
+
+# --- whole-model baselines (bench/test_model.py) ----------------------------------------------
+
+
+def _sdpa_attend(self, queries, keys, values):
+    """A MultiHeadAttention's attention math by torch SDPA (no KV cache: Tq == Tk, so SDPA's
+    top-left causal mask is the chapter's)."""
+    p = self.dropout.p if self.training else 0.0
+    return F.scaled_dot_product_attention(queries, keys, values, dropout_p=p, is_causal=True)
+
+
+def use_sdpa(model):
+    """The chapter model (kernels="torch") with each attention's math done by SDPA, in place."""
+    for block in model.trf_blocks:
+        block.att._attend = types.MethodType(_sdpa_attend, block.att)
+    return model
+
+
+def compile_blocks(model):
+    """torch.compile each transformer block in place (regional compilation): the blocks share
+    one compiled graph, so compile time is one block's, not the model's. Their profiler labels
+    are made equal, since dynamo guards on that string attribute and would otherwise compile
+    once per block. Embeddings, final norm and head stay eager."""
+    _compile_settings()
+    for block in model.trf_blocks:
+        block.name = "block"
+        block.compile(dynamic=False)
+    return model
+
+
+def chapter_to_hf(state: dict, n_layers: int) -> dict[str, torch.Tensor]:
+    """A chapter-model state_dict as Hugging Face ``GPT2LMHeadModel`` keys (Conv1D weights are
+    (in, out); query/key/value fused into ``c_attn``, zero bias when the chapter has none); the
+    inverse of ``gptfast.weights.hf_to_chapter``."""
+    t = "transformer."
+    out = {
+        t + "wte.weight": state["tok_emb.weight"],
+        t + "wpe.weight": state["pos_emb.weight"],
+        t + "ln_f.weight": state["final_norm.scale"],
+        t + "ln_f.bias": state["final_norm.shift"],
+        "lm_head.weight": state["out_head.weight"],
+    }
+    for i in range(n_layers):
+        h, b = f"{t}h.{i}.", f"trf_blocks.{i}."
+        qkv = [state[f"{b}att.W_{name}.weight"] for name in ("query", "key", "value")]
+        out[h + "attn.c_attn.weight"] = torch.cat(qkv).t()
+        biases = [state.get(f"{b}att.W_{name}.bias") for name in ("query", "key", "value")]
+        out[h + "attn.c_attn.bias"] = (
+            torch.cat(biases) if biases[0] is not None else qkv[0].new_zeros(3 * qkv[0].shape[0])
+        )
+        for dst, src in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                         ("mlp.c_proj", "ff.layers.2")):
+            out[h + dst + ".weight"] = state[b + src + ".weight"].t()
+            out[h + dst + ".bias"] = state[b + src + ".bias"]
+        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[h + dst + ".weight"] = state[b + src + ".scale"]
+            out[h + dst + ".bias"] = state[b + src + ".shift"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+class HFLogits(nn.Module):
+    """Hugging Face ``GPT2LMHeadModel`` behind the chapter model's call: ids -> logits."""
+
+    def __init__(self, hf, chapter_names):
+        super().__init__()
+        self.hf = hf
+        self.chapter_names = frozenset(chapter_names)
+
+    def forward(self, idx):
+        return self.hf(input_ids=idx).logits
+
+    def to_chapter(self, named: dict) -> dict:
+        """Tensors named as this module's parameters (e.g. gradients), renamed and reshaped as
+        the chapter model's; the zero q/k/v biases the chapter model lacks are left out."""
+        from gptfast.weights import hf_to_chapter
+
+        mapped = hf_to_chapter({k.removeprefix("hf."): v for k, v in named.items()})
+        return {k: v for k, v in mapped.items() if k in self.chapter_names}
+
+
+def hf_gpt2(model) -> HFLogits:
+    """Hugging Face GPT-2 (``attn_implementation="sdpa"``) of the chapter model's size, built
+    offline from a ``GPT2Config``, holding the chapter model's weights: untied output head (as
+    the chapter's), tanh GELU, eps 1e-5, its dropout rates. Skips if transformers is missing
+    or cannot build it."""
+    try:
+        from transformers import AutoModelForCausalLM, GPT2Config
+    except ImportError:
+        pytest.skip("transformers is not installed (pip install transformers)")
+    cfg = model.cfg
+    config = GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
+        layer_norm_epsilon=model.final_norm.eps, resid_pdrop=cfg["drop_rate"],
+        embd_pdrop=cfg["drop_rate"], attn_pdrop=cfg["drop_rate"], tie_word_embeddings=False,
+        use_cache=False, bos_token_id=cfg["vocab_size"] - 1, eos_token_id=cfg["vocab_size"] - 1,
+    )
+    weight = model.tok_emb.weight
+    try:
+        with torch.device(weight.device):
+            hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001 - an old or broken install must not fail us
+        pytest.skip(f"transformers cannot build GPT-2 with SDPA: {type(exc).__name__}: {exc}")
+    hf.to(weight.dtype).train(model.training)
+    missing, unexpected = hf.load_state_dict(
+        chapter_to_hf(model.state_dict(), cfg["n_layers"]), strict=False
+    )
+    params = {name for name, _ in hf.named_parameters()}
+    if set(missing) & params or unexpected:
+        raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")
+    return HFLogits(hf, (name for name, _ in model.named_parameters()))

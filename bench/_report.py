@@ -1,7 +1,9 @@
 """The end-of-run summary: a Markdown table per op, the same data as JSON, and PNG plots.
 
-A record is a dict written by bench/_runner.py for each case (see ``COLUMNS`` for the fields
-the table shows). Times are milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``.
+A record is a dict written by bench/_runner.py (or bench/test_generation.py) for each case;
+``columns`` lists the fields each op's table shows (the model's records add ``tokens_per_s``,
+``mfu`` and ``peak_gib``; generation's ``tokens_per_s`` and ``same_tokens``). Times are
+milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``.
 """
 
 import json
@@ -12,14 +14,17 @@ OP_TITLES = {
     "add_layer_norm": "Fused residual add + LayerNorm",
     "attention": "Attention",
     "model": "GPT model",
+    "generation": "Greedy generation",
 }
 METRICS = {
-    "layer_norm": "GB/s", "add_layer_norm": "GB/s", "attention": "TFLOP/s", "model": "TFLOP/s"
+    "layer_norm": "GB/s", "add_layer_norm": "GB/s", "attention": "TFLOP/s", "model": "TFLOP/s",
+    "generation": "GB/s",
 }
 NO_GPU_NOTE = (
-    "**No GPU timings were taken**: no CUDA device was available. Only the agreement cases "
-    "ran, at small shapes under the Triton interpreter; their times are interpreter wall times "
-    "and say nothing about speed."
+    "**No GPU timings were taken**: no CUDA device was available. The agreement cases ran at "
+    "small shapes under the Triton interpreter; their times are interpreter wall times and say "
+    "nothing about speed. Only the plain-PyTorch CPU generation case (shape `cpu ...`) measures "
+    "speed, that of this CPU."
 )
 
 
@@ -47,6 +52,46 @@ def groups(records):
     return out
 
 
+def _field(key, spec=".4g"):
+    return lambda r: _fmt(r.get(key), spec)
+
+
+_HEAD = [("shape", "---", _field("shape", "")), ("dtype", "---", _field("dtype", "")),
+         ("mode", "---", _field("mode", "")), ("provider", "---", _field("provider", "")),
+         ("ms (events)", "--:", _field("ms")), ("ms (loop)", "--:", _field("ms_wall"))]
+_AGREEMENT = [("max err", "--:", _err), ("eager err", "--:", _field("eager_err", ".1e")),
+              ("agrees", "---", _ok)]
+
+
+def _same_tokens(r):
+    same, new = r.get("same_tokens"), r.get("params", {}).get("new")
+    return "-" if same is None else f"{same}/{new}"
+
+
+def columns(op, metric) -> list[tuple]:
+    """(header, alignment, cell function) of each column of an op's table."""
+    if op == "model":
+        return _HEAD + [
+            ("speedup", "--:", _field("speedup", ".2f")),
+            ("tokens/s", "--:", _field("tokens_per_s", ".0f")),
+            ("TFLOP/s", "--:", _field("value", ".1f")), ("MFU %", "--:", _field("mfu", ".1f")),
+            ("peak GiB", "--:", _field("peak_gib", ".2f")),
+        ] + _AGREEMENT
+    if op == "generation":
+        return _HEAD + [
+            ("tokens/s", "--:", _field("tokens_per_s", ".0f")),
+            ("speedup vs uncached", "--:", _field("speedup", ".2f")),
+            ("GB/s", "--:", _field("value", ".1f")),
+            ("% of copy BW", "--:", _field("pct_limit", ".1f")),
+            ("= uncached", "--:", _same_tokens),
+        ] + _AGREEMENT
+    limit = "% of copy BW" if metric == "GB/s" else "% of matmul"
+    return _HEAD + [
+        ("speedup", "--:", _field("speedup", ".2f")), (metric, "--:", _field("value", ".1f")),
+        (limit, "--:", _field("pct_limit", ".1f")),
+    ] + _AGREEMENT
+
+
 def markdown(records, meta) -> str:
     lines = [f"# Benchmark results: {meta.get('device', '?')}", ""]
     for key in ("torch", "triton", "date", "run", "commit"):
@@ -71,23 +116,16 @@ def markdown(records, meta) -> str:
     for op, recs in by_op.items():
         if not recs:
             continue
-        metric = METRICS.get(op) or recs[0].get("metric") or "-"
-        limit = "% of copy BW" if metric == "GB/s" else "% of matmul"
+        cols = columns(op, METRICS.get(op) or recs[0].get("metric") or "-")
         lines += [
             f"## {OP_TITLES.get(op, op)}",
             "",
-            f"| shape | dtype | mode | provider | ms (events) | ms (loop) | speedup | {metric} "
-            f"| {limit} | max err | eager err | agrees |",
-            "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+            "| " + " | ".join(head for head, _, _ in cols) + " |",
+            "|" + "|".join(align for _, align, _ in cols) + "|",
         ]
-        for (_, shape, dtype, mode), grp in groups(recs).items():
+        for grp in groups(recs).values():
             for r in grp:
-                lines.append(
-                    f"| {shape} | {dtype} | {mode} | {r['provider']} | {_fmt(r.get('ms'))} "
-                    f"| {_fmt(r.get('ms_wall'))} | {_fmt(r.get('speedup'), '.2f')} "
-                    f"| {_fmt(r.get('value'), '.1f')} | {_fmt(r.get('pct_limit'), '.1f')} "
-                    f"| {_err(r)} | {_fmt(r.get('eager_err'), '.1e')} | {_ok(r)} |"
-                )
+                lines.append("| " + " | ".join(cell(r) for _, _, cell in cols) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -8,16 +8,21 @@
 #   wheels   (only if .gpu_wheels/*.whl exist) pip install --no-deps into a temp dir on PYTHONPATH,
 #            e.g. Liger-Kernel: `pip download --no-deps liger-kernel -d .gpu_wheels` beforehand
 #   tests    OUTDIR/tests.log, OUTDIR/tests.xml (junit)              pytest $GPU_CHECK_TESTS
-#   bench    OUTDIR/bench.log, OUTDIR/bench.json (pytest-benchmark), OUTDIR/results/ (summary)
+#   bench    the quick benchmark of the kernels (every bench/ module but the two below):
+#            OUTDIR/bench.log, OUTDIR/bench.json (pytest-benchmark), OUTDIR/results/ (summary)
+#   bench_model  the quick generation and whole-model benchmarks (bench/test_generation.py,
+#            bench/test_model.py): OUTDIR/bench_model.log, OUTDIR/bench_model.json,
+#            OUTDIR/results-model/ (summary)
 #   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
-# Each step has its own timeout (about 7.5 minutes in all); a failing or timed-out step does
-# not stop the others. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
+# Each step has its own timeout (under 8 minutes in all: 170 + 140 + 110 + 40 s); a failing or
+# timed-out step does not stop the others, and a benchmark step cut short keeps the summary of
+# the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
 # step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
 # the steps still run, on CPU; GPU_CHECK_ALLOW_CPU=1 makes such a run exit 0 when they pass).
 #
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
-# GPU_CHECK_TIMEOUT_TESTS / _BENCH / _PROFILE (seconds; default 170 / 240 / 45).
+# GPU_CHECK_TIMEOUT_TESTS / _BENCH / _BENCH_MODEL / _PROFILE (seconds; default 170 / 140 / 110 / 40).
 set -u -o pipefail
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -89,9 +94,14 @@ fi
 step tests "${GPU_CHECK_TIMEOUT_TESTS:-170}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -rfEs \
     -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
 
-# --- (b) the quick benchmark ------------------------------------------------------------------
-step bench "${GPU_CHECK_TIMEOUT_BENCH:-240}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
-    -p no:cacheprovider --results-dir "$OUTDIR/results" --benchmark-json "$OUTDIR/bench.json"
+# --- (b) the quick benchmark: kernels, then the whole model and generation ---------------------
+MODEL_BENCH=(bench/test_generation.py bench/test_model.py)
+step bench "${GPU_CHECK_TIMEOUT_BENCH:-140}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
+    -p no:cacheprovider "${MODEL_BENCH[@]/#/--ignore=}" \
+    --results-dir "$OUTDIR/results" --benchmark-json "$OUTDIR/bench.json"
+step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-110}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
+    --benchmark-only --quick -q -rfEs -p no:cacheprovider \
+    --results-dir "$OUTDIR/results-model" --benchmark-json "$OUTDIR/bench_model.json"
 
 # --- (c) a short profile ----------------------------------------------------------------------
 if "$PY" -m gptfast profile --help >/dev/null 2>&1; then
@@ -101,7 +111,7 @@ if "$PY" -m gptfast profile --help >/dev/null 2>&1; then
         DEFAULT_PROFILE="--config tiny --batch 1 --seq-len 32 --mode forward --kernels torch --device cpu"
     fi
     # shellcheck disable=SC2086
-    step profile "${GPU_CHECK_TIMEOUT_PROFILE:-45}" "$PY" -m gptfast profile \
+    step profile "${GPU_CHECK_TIMEOUT_PROFILE:-40}" "$PY" -m gptfast profile \
         ${GPU_CHECK_PROFILE_ARGS:-$DEFAULT_PROFILE} --out "$OUTDIR/profile"
 else
     echo "profile: skipped, 'python -m gptfast profile' is not available" | tee -a "$OUTDIR/steps.txt"

@@ -1,6 +1,7 @@
 """The benchmark suite's helpers (bench/): byte and FLOP models, the timer, the summary."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -10,9 +11,11 @@ from bench import _runner
 from bench._metrics import (
     add_layer_norm_bytes,
     attention_flops,
+    decode_step_bytes,
     device_slug,
     layer_norm_bytes,
-    model_flops,
+    model_flops_per_token,
+    peak_memory,
     sync_timer,
 )
 from bench._report import NO_GPU_NOTE, markdown, write_summary
@@ -47,11 +50,22 @@ def test_attention_flops():
     assert attention_flops(1, 1, 3, 5, 7, False, "fwd") == 4 * 3 * 5 * 7  # Tq != Tk
 
 
-def test_model_flops():
-    B, T, layers, d, params = 2, 16, 3, 8, 1000
-    attention = layers * 2 * B * T * T * d  # causal: half of 4·B·T²·d per layer
-    assert model_flops(params, B, T, layers, d, "fwd") == 2 * params * B * T + attention
-    assert model_flops(params, B, T, layers, d, "train") == 3 * (2 * params * B * T + attention)
+def test_model_flops_per_token_is_the_palm_estimate():
+    N, L, d, T = 1000, 3, 8, 16
+    assert model_flops_per_token(N, L, d, T, "train") == 6 * N + 12 * L * d * T
+    assert model_flops_per_token(N, L, d, T, "fwd") == 2 * N + 4 * L * d * T
+    # GPT-2 124M at T=1024 (N without the embedding tables): about 0.85 GFLOP per token
+    from bench.test_model import config, matmul_params
+
+    n = matmul_params(config("124M"))
+    assert n == 12 * (12 * 768**2 + 10 * 768) + 2 * 768 + 50257 * 768
+    assert model_flops_per_token(n, 12, 768, 1024, "train") == pytest.approx(0.855e9, rel=1e-3)
+
+
+def test_decode_step_bytes_reads_weights_and_the_kv_cache():
+    # 2 layers, batch 3, width 8, 5 cached positions, bf16: keys and values of each
+    assert decode_step_bytes(1000, 2, 3, 8, 5, 2) == 1000 + 2 * 2 * 3 * 5 * 8 * 2
+    assert decode_step_bytes(1000, 2, 3, 8, 0, 2) == 1000
 
 
 @pytest.mark.parametrize("fn", [layer_norm_bytes, add_layer_norm_bytes])
@@ -59,7 +73,7 @@ def test_unknown_mode_is_rejected(fn):
     with pytest.raises(ValueError, match="mode"):
         fn(M, N, 2, "forward")
     with pytest.raises(ValueError, match="mode"):
-        model_flops(1, 1, 1, 1, 1, "fwd+bwd")
+        model_flops_per_token(1, 1, 1, 1, "fwd+bwd")
 
 
 def test_device_slug():
@@ -149,18 +163,32 @@ def test_summary_says_plainly_when_no_gpu_timings_were_taken():
 
 
 def test_quick_mode_covers_every_provider_of_every_op():
-    from bench import test_add_layer_norm, test_attention, test_layer_norm, test_model
+    from bench import (
+        test_add_layer_norm,
+        test_attention,
+        test_generation,
+        test_layer_norm,
+        test_model,
+    )
 
-    for module in (test_layer_norm, test_add_layer_norm, test_attention, test_model):
+    modules = (test_layer_norm, test_add_layer_norm, test_attention, test_model, test_generation)
+    for module in modules:
         quick, full = module.gpu_cases(True), module.gpu_cases(False)
         assert {c.provider for c in quick} == set(module.PROVIDERS)
-        assert len(quick) < len(full) or module is test_model
+        assert len(quick) < len(full)
         assert len({c.id for c in full}) == len(full)  # ids are unique
-    widths = {c.params["N"] for c in test_layer_norm.gpu_cases(True)}
-    assert widths == {768, 1600, 8192}
+        assert quick[0].provider == module.PROVIDERS[0]  # the baseline runs first
+    for module in (test_layer_norm, test_add_layer_norm):
+        assert {c.params["N"] for c in module.gpu_cases(True)} == {768, 8192}
     lengths = {(c.params["T"], c.params["D"], c.params["causal"])
                for c in test_attention.gpu_cases(True)}
     assert lengths == {(1024, 64, True), (4096, 64, True)}
+    models = {(c.params["config"], c.params["B"], c.params["T"], c.mode)
+              for c in test_model.gpu_cases(True)}
+    assert models == {("124M", 8, 1024, "fwd"), ("124M", 8, 1024, "train")}
+    generations = {(c.params["config"], c.params["B"], c.params["new"])
+                   for c in test_generation.gpu_cases(True)}
+    assert generations == {("124M", 1, 256), ("124M", 8, 256)}
 
 
 class _FakeBenchmark:
@@ -197,3 +225,151 @@ def test_a_case_breaking_the_2x_rule_is_recorded_and_fails_only_for_our_kernels(
     (record,) = _runner.RECORDS
     assert record["agrees"] is False and bench.extra_info["agrees"] is False
     assert record["err"] == pytest.approx(1e-2) and record["provider"] == provider
+
+
+def test_summary_tables_of_the_model_and_generation():
+    model = {"op": "model", "shape": "124M B8 T1024", "dtype": "bf16", "mode": "train",
+             "provider": "triton", "params": {"config": "124M", "B": 8, "T": 1024}, "ms": 40.0,
+             "ms_wall": 41.0, "speedup": 1.6, "tokens_per_s": 204800.0, "value": 175.0,
+             "mfu": 25.0, "pct_limit": 25.0, "peak_gib": 12.345, "err": 1e-2, "worst": "grads",
+             "eager_err": 8e-3, "agrees": True}
+    gen = {"op": "generation", "shape": "124M B1 prompt16 new256", "dtype": "bf16",
+           "mode": "greedy", "provider": "kv-triton-graph",
+           "params": {"config": "124M", "B": 1, "prompt": 16, "new": 256}, "ms": 256.0,
+           "ms_wall": 260.0, "tokens_per_s": 1000.0, "speedup": 6.5, "value": 1500.0,
+           "pct_limit": 50.0, "same_tokens": 200, "err": 0.0, "worst": "deficit",
+           "eager_err": 1e-2, "agrees": True}
+    text = markdown([gen, model], {"device": "x", "gpu": True})
+    assert text.index("## GPT model") < text.index("## Greedy generation")  # fixed op order
+    assert "| tokens/s | TFLOP/s | MFU % | peak GiB |" in text
+    row = ("| 124M B8 T1024 | bf16 | train | triton | 40 | 41 | 1.60 | 204800 | 175.0 | 25.0 "
+           "| 12.35 |")
+    assert row in text
+    assert "| tokens/s | speedup vs uncached | GB/s | % of copy BW | = uncached |" in text
+    row = ("| kv-triton-graph | 256 | 260 | 1000 | 6.50 | 1500.0 | 50.0 | 200/256 "
+           "| 0.0e+00 (deficit) |")
+    assert row in text
+
+
+def _tiny_cfg(**kw):
+    return {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+            "drop_rate": 0.0, "qkv_bias": False, **kw}
+
+
+def _ids(B=3, T=11, vocab=97):
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randint(0, vocab, (B, T), generator=g) for _ in range(2))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_chapter_to_hf_inverts_hf_to_chapter(qkv_bias):
+    from bench._providers import chapter_to_hf
+    from bench.test_model import chapter_model
+    from gptfast.weights import hf_to_chapter
+
+    state = chapter_model(_tiny_cfg(qkv_bias=qkv_bias), "cpu").state_dict()
+    back = hf_to_chapter(chapter_to_hf(state, 2))
+    expected = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    if not qkv_bias:  # the fused c_attn always has a bias: zeros, mapped back to q/k/v biases
+        bias = {k: v for k, v in back.items() if k not in expected}
+        assert sorted(bias)[0].endswith("att.W_key.bias") and len(bias) == 6
+        assert all(not v.any() for v in bias.values())
+        back = {k: v for k, v in back.items() if k in expected}
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], v) for k, v in expected.items())
+
+
+def test_hf_provider_computes_the_chapter_model_with_the_same_gradients():
+    pytest.importorskip("transformers")
+    from bench._providers import hf_gpt2
+    from bench.test_model import chapter_model, values
+
+    cfg = _tiny_cfg()
+    idx, targets = _ids()
+    ours = values(chapter_model(cfg, "cpu"), idx, targets, "train", amp=False)
+    theirs = values(hf_gpt2(chapter_model(cfg, "cpu")), idx, targets, "train", amp=False)
+    assert theirs.keys() == ours.keys() and theirs["grads"].shape == ours["grads"].shape
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-5)
+    assert ours["grads"].abs().max() > 0
+
+
+def test_sdpa_attention_computes_the_chapter_attention():
+    from bench._providers import use_sdpa
+    from bench.test_model import chapter_model, values
+
+    cfg = _tiny_cfg()
+    idx, targets = _ids()
+    ours = values(chapter_model(cfg, "cpu"), idx, targets, "train", amp=False)
+    sdpa = use_sdpa(chapter_model(cfg, "cpu"))
+    assert sdpa.trf_blocks[1].att._attend.__func__.__name__ == "_sdpa_attend"
+    got = values(sdpa, idx, targets, "train", amp=False)
+    for name in ours:
+        torch.testing.assert_close(got[name], ours[name], rtol=1e-4, atol=1e-5)
+
+
+def test_values_of_the_whole_batch_are_those_of_the_checked_rows():
+    """The timed batch's loss covers only the checked rows, so its gradients are theirs."""
+    from bench.test_model import CHECKED, chapter_model, values
+
+    model = chapter_model(_tiny_cfg(), "cpu")
+    idx, targets = _ids(B=CHECKED + 2)
+    whole = values(model, idx, targets, "train", amp=False)
+    rows = values(model, idx[:CHECKED], targets[:CHECKED], "train", amp=False)
+    for name in rows:
+        torch.testing.assert_close(whole[name], rows[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not (shutil.which("g++") or shutil.which("c++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
+def test_compiled_blocks_share_one_graph():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from bench._providers import compile_blocks, use_sdpa
+    from bench.test_model import chapter_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = _tiny_cfg(n_layers=3)
+    idx = _ids()[0].to(device)
+    with torch.no_grad():
+        expected = chapter_model(cfg, device)(idx)
+        torch._dynamo.reset()
+        counters.clear()
+        got = compile_blocks(use_sdpa(chapter_model(cfg, device)))(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # one block's graph, for all three blocks
+
+
+def test_generation_check_bounds_the_deficit_of_each_chosen_token():
+    from bench.test_generation import check_tokens, model_for, same_prefix
+    from gptfast import generate_text_simple
+
+    cfg = _tiny_cfg()
+    model = model_for(cfg, "uncached", "cpu", torch.float32)
+    prompt, _ = _ids(B=2, T=4)
+    tokens = generate_text_simple(model, prompt, 6, cfg["context_length"])
+    good = check_tokens(model, tokens, 4, expected=tokens)
+    assert good["ok"] and good["err"] == 0.0 and 0 < good["eager_err"] < 1e-4
+    wrong = tokens.clone()
+    wrong[1, 7] = (wrong[1, 7] + 1) % cfg["vocab_size"]  # not the argmax any more
+    bad = check_tokens(model, wrong, 4)
+    assert not bad["ok"] and bad["err"] > bad["bound"]
+    assert not check_tokens(model, tokens, 4, expected=wrong)["ok"]
+    assert same_prefix(wrong, tokens, 4) == 3 and same_prefix(tokens, tokens, 4) == 6
+
+
+def test_generation_rounds_fit_the_time_budget():
+    from bench.test_generation import rounds_for
+
+    assert rounds_for(0.2) == 3 and rounds_for(1.2) == 2 and rounds_for(30.0) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured on CUDA")
+def test_peak_memory_counts_a_temporary_allocation():
+    mib = 2**20
+    resident = torch.empty(8 * mib, dtype=torch.uint8, device="cuda")
+    peak = peak_memory(lambda: torch.empty(64 * mib, dtype=torch.uint8, device="cuda"))
+    assert peak >= 72 * mib and resident.numel() == 8 * mib
