@@ -94,12 +94,10 @@ def use_sdpa(model):
 
 def compile_blocks(model):
     """torch.compile each transformer block in place (regional compilation): the blocks share
-    one compiled graph, so compile time is one block's, not the model's. Their profiler labels
-    are made equal, since dynamo guards on that string attribute and would otherwise compile
-    once per block. Embeddings, final norm and head stay eager."""
+    one compiled graph, so compile time is one block's, not the model's. Embeddings, final norm
+    and head stay eager."""
     _compile_settings()
     for block in model.trf_blocks:
-        block.name = "block"
         block.compile(dynamic=False)
     return model
 

@@ -8,6 +8,9 @@ weights:
   torch    gptfast ``GPTModel(kernels="torch")``: the chapter's eager math (the speedup baseline)
   triton   gptfast ``GPTModel(kernels="triton")``: fused LayerNorm / residual add + LayerNorm,
            flash attention
+  triton-compile  the triton model with every transformer block torch.compile'd as for
+           ``compile`` (the kernels are ``gptfast::`` custom ops: one graph per block, no
+           breaks; Inductor fuses the matmul epilogues, GELU and the other elementwise work)
   compile  the chapter's architecture with ``F.scaled_dot_product_attention(is_causal=True)``
            as each attention's math, every transformer block torch.compile'd (regional
            compilation: one compiled block serves all layers, so the compile costs one block's
@@ -58,7 +61,7 @@ pytestmark = BENCH_MARK
 OP = "model"
 SIZES = ("124M", "355M")
 BATCHES = ((8, 1024), (2, 512))  # (B, T)
-PROVIDERS = ("torch", "triton", "compile", "hf")  # the baseline first
+PROVIDERS = ("torch", "triton", "triton-compile", "compile", "hf")  # the baseline first
 MODES = ("fwd", "train")
 CHECKED = 2  # sequences compared with float64
 EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
@@ -89,9 +92,10 @@ def chapter_model(cfg, device):
 
 def build(provider: str, cfg, device):
     model = chapter_model(cfg, device)
-    if provider == "triton":
+    if provider in ("triton", "triton-compile"):
         require_model_kernels()
-        return model.use_kernels("triton")
+        model.use_kernels("triton")
+        return compile_blocks(model) if provider == "triton-compile" else model
     if provider == "compile":
         return compile_blocks(use_sdpa(model))
     if provider == "hf":

@@ -29,14 +29,17 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
     return kernels == "triton" or (kernels == "auto" and x.is_cuda)
 
 
-def label(name: str):
-    """A ``record_function`` range for the profiler, only while one runs (it costs ~10 µs otherwise)."""
+def label(name: str, owner: nn.Module | None = None):
+    """A ``record_function`` range for the profiler, only while one runs (it costs ~10 µs otherwise).
+
+    With ``owner``, the range is named ``f"{owner.name}.{name}"``; the owner's name is read only
+    while profiling, so torch.compile does not specialise a graph on it.
+    """
     if torch.autograd.profiler._is_profiler_enabled:
-        return torch.profiler.record_function(name)
+        return torch.profiler.record_function(name if owner is None else f"{owner.name}.{name}")
     return contextlib.nullcontext()
 
 
-@functools.cache
 def triton_ops():
     """The kernels package, imported on first use so the torch path never needs Triton."""
     try:
@@ -222,18 +225,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, start_pos=None):
         shortcut = x
-        with label(self.name + ".norm1"):
+        with label("norm1", self):
             h = self.norm1(x)
-        with label(self.name + ".att"):
+        with label("att", self):
             x = self.drop_shortcut(self.att(h, start_pos))
-        with label(self.name + ".norm2"):
+        with label("norm2", self):
             if use_triton(self.kernels, x):  # residual add fused into norm2: one pass over x
                 n = self.norm2
                 h, x = triton_ops().add_layer_norm(x, shortcut, n.scale, n.shift, n.eps)
             else:
                 x = x + shortcut
                 h = self.norm2(x)
-        with label(self.name + ".ff"):
+        with label("ff", self):
             return x + self.drop_shortcut(self.ff(h))
 
 
@@ -333,7 +336,8 @@ class GPTModel(nn.Module):
                 )
         # Checking values reads the data back; on CUDA that would sync every forward, so the
         # range check runs for CPU inputs only (generate() checks prompts wherever they are).
-        if in_idx.device.type == "cpu" and in_idx.numel():
+        # Under torch.compile it is skipped too: a data-dependent .item() would break the graph.
+        if in_idx.device.type == "cpu" and in_idx.numel() and not torch.compiler.is_compiling():
             check_token_range(in_idx, self.cfg["vocab_size"])
 
 

@@ -37,8 +37,8 @@ The first rule that matches, on the kernel name and the launching op's name, pic
 
 So both kernel sets are compared on the same work: attention = everything the attention core
 does, LayerNorm = everything the norms do. The Triton path's ops are autograd Functions
-(``FlashAttention``, ``_LayerNorm``, ``_AddLayerNorm`` and their ``...Backward`` nodes), whose
-names match rules 1-2, so their kernels count right even where no label encloses them.
+(``Attention``, ``LayerNorm``, ``AddLayerNorm`` and their ``...Backward`` nodes; under
+torch.compile the ``gptfast::*`` ops), whose names match rules 1-2, so their kernels count right even where no label encloses them.
 
 *idle* is the rest of the timeline. On CUDA: the active steps' wall time minus the union of
 the kernels' intervals, i.e. the gaps where the GPU waits for the CPU to launch work. On CPU:

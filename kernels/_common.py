@@ -1,10 +1,12 @@
-"""Input checks shared by every kernel entry point: where a kernel may run, which dtypes it takes.
+"""Shared by every kernel entry point: input checks, and the registration of its torch.library op.
 
 Each check raises an error that names the op and the problem, so that bad input never reaches
-Triton (whose own errors are tracebacks through generated code).
+Triton (whose own errors are tracebacks through generated code). ``library_op`` registers an
+entry point as a ``gptfast::`` op for torch.compile (see the kernels package docstring).
 """
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -41,3 +43,41 @@ def check_float(op: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def library_op(name: str, forward: Callable, fake: Callable, setup_context: Callable | None = None,
+               backward: Callable | None = None) -> Callable:
+    """Register ``forward`` as the opaque op ``gptfast::<name>``; return the call to use.
+
+    The functions are those of ``torch.library.custom_op`` and ``register_autograd``:
+    ``forward`` (type-annotated) is the op's implementation on every device (CUDA, and CPU
+    under the interpreter); ``fake`` makes its outputs' shapes and dtypes from input metadata;
+    ``setup_context(ctx, inputs, output)`` saves what ``backward(ctx, *grads)`` needs (both
+    None: an inference-only op, without autograd).
+
+    The returned callable takes ``forward``'s arguments. While torch.compile traces, it calls
+    the op, which stays one node of the graph. In eager mode it runs the very same functions
+    directly (as an autograd.Function when differentiable), skipping the custom op's Python
+    dispatch (~6 µs a call, ~28 µs with gradients, measured on a 2-core CPU machine).
+    """
+    op = torch.library.custom_op(f"gptfast::{name}", forward, mutates_args=())
+    op.register_fake(fake)
+    if backward is None:
+        eager = forward
+    else:
+        op.register_autograd(backward, setup_context=setup_context)
+
+        def eager_forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        # An old-style Function (forward takes ctx): its apply() skips the inspect.signature
+        # binding that a Function with a separate setup_context pays on every call.
+        eager = type(name.title().replace("_", ""), (torch.autograd.Function,),
+                     {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)}).apply
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager(*args)
+
+    return call

@@ -15,6 +15,13 @@ weights tile by tile instead of storing them.
 Dropout drops attention weights after the softmax (as in eager PyTorch), with a counter-based
 RNG (Philox, ``tl.rand``) keyed by (seed, batch*head) and counted by (query row, key column):
 the backward regenerates exactly the forward's keep mask. Kept weights are scaled by 1/(1-p).
+
+Under torch.compile (see kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
+graph, i.e. by the graph's RNG: ``torch.manual_seed`` repeats a compiled run, but the masks
+differ from eager mode's unless ``torch._inductor.config.fallback_random = True`` (then they
+are the same). Pass no ``generator`` to a compiled call: dynamo cannot trace a
+torch.Generator (a graph break; an error with ``fullgraph=True``). The seed is read on the
+host, so dropout cannot run inside a captured CUDA graph: that raises an error.
 """
 
 import contextlib
@@ -25,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETING, check_device, check_float
+from kernels._common import INTERPRETING, check_device, check_float, library_op
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -557,29 +564,75 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, nee
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Autograd op over the Triton kernels; inputs must already be validated (see attention)."""
+# gptfast::attention -> (o, lse2) and gptfast::attention_backward -> (dq, dk, dv): the ops
+# torch.compile sees (see kernels/__init__.py), over validated input. The dropout seed comes in
+# as a (1,) int64 tensor drawn by torch.randint outside the op (None without dropout), so a
+# compiled graph draws it with its own RNG instead of breaking on a host read; the op reads it
+# on the host (a CPU tensor unless the caller's generator is on a GPU).
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, dropout_p, seed):
-        with _on_device(q):
-            o, lse2 = _forward(q, k, v, causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
-        return o
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse2 = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        with _on_device(q):
-            dq, dk, dv = _backward(
-                do, q, k, v, o, lse2, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
-                need_dq, need_dkdv,
-            )
-        return dq, dk, dv, None, None, None, None
+def _seed_value(seed: torch.Tensor | None) -> int:
+    if seed is None:
+        return 0
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "attention: dropout cannot be captured in a CUDA graph: the seed is read on the host "
+            "when the graph is recorded, so every replay would drop the same weights (use "
+            "dropout_p=0 in CUDA graphs, or torch.compile without CUDA graphs to train with dropout)"
+        )
+    return int(seed.item())
+
+
+@torch.library.custom_op("gptfast::attention_backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 o: torch.Tensor, lse2: torch.Tensor, causal: bool, scale: float, dropout_p: float,
+                 seed: torch.Tensor | None, need_dq: bool, need_dkdv: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); a gradient not asked for is an empty placeholder."""
+    with _on_device(q):
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, _seed_value(seed),
+                               need_dq, need_dkdv)
+    return (dq if need_dq else q.new_empty(0), dk if need_dkdv else k.new_empty(0),
+            dv if need_dkdv else v.new_empty(0))
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, need_dkdv):
+    def grad(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty(0)
+    return grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv)
+
+
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float, dropout_p: float, seed: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(q):
+        return _forward(q, k, v, causal, scale, dropout_p, _seed_value(seed))
+
+
+def _attention_fake(q, k, v, causal, scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale, dropout_p, seed = inputs
+    o, lse2 = output
+    ctx.mark_non_differentiable(lse2)
+    ctx.save_for_backward(q, k, v, o, lse2, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _attention_backward(ctx, do, _dlse2):
+    q, k, v, o, lse2, seed = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.causal, ctx.scale, ctx.dropout_p, seed,
+                              need_q, need_k or need_v)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            None, None, None, None)
+
+
+_attention = library_op("attention", _attention_forward, _attention_fake, _attention_setup,
+                        _attention_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,10 +682,14 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
         )
 
 
+def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+
+
 def dropout_seed(generator: torch.Generator | None = None) -> int:
     """The kernel seed that ``attention`` draws from ``generator`` (default: torch's CPU one)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+    return int(_draw_seed(generator).item())
 
 
 def attention(
@@ -661,8 +718,8 @@ def attention(
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _check_inputs(q, k, v, causal, scale, dropout_p)
-    seed = dropout_seed(generator) if dropout_p > 0 else 0
-    return FlashAttention.apply(q, k, v, bool(causal), float(scale), float(dropout_p), seed)
+    seed = _draw_seed(generator) if dropout_p > 0 else None
+    return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)[0]
 
 
 def attention_dropout_mask(

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETING, check_device, check_float
+from kernels._common import INTERPRETING, check_device, check_float, library_op
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -330,6 +330,22 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
     return o
 
 
+# gptfast::decode_attention, the op torch.compile sees (see kernels/__init__.py): validated
+# input; lens and max_len as _check_lengths returns them. No autograd (inference only).
+def _decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    lens: torch.Tensor | None, max_len: int, scale: float,
+                    num_splits: int | None) -> torch.Tensor:
+    with _on_device(q.device):
+        return _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits)
+
+
+def _decode_fake(q, k_cache, v_cache, lens, max_len, scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+_decode_op = library_op("decode_attention", _decode_forward, _decode_fake)
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -393,6 +409,8 @@ def _check_lengths(cache_len, q: torch.Tensor, t_max: int):
             # Reading the values would sync the host with the GPU (and break CUDA-graph capture):
             # trust them, and plan the key split over the whole cache.
             return cache_len.to(torch.int32), t_max
+        if torch.compiler.is_compiling():  # reading them would break the graph: trust them too
+            return cache_len.to(device=q.device, dtype=torch.int32), t_max
         lo, hi = (int(x) for x in torch.aminmax(cache_len))
         # a private copy: the caller may change theirs at once
         lens = cache_len.to(torch.int32, copy=True).to(device=q.device, non_blocking=True)
@@ -436,8 +454,9 @@ def decode_attention(
     ``cache_len``: valid cached positions, an int (all rows) or an int32/int64 tensor of shape
     (batch,) with one length per row, on the CPU (validated) or on q's device (not validated:
     reading it would sync the host, so a GPU tensor keeps the call free of syncs and safe to
-    capture in a CUDA graph; its values are the caller's promise). Query i of row b attends keys
-    j < cache_len[b] - Tq + i + 1; 1 <= Tq <= cache_len[b] <= T_max is required.
+    capture in a CUDA graph; its values are the caller's promise; the same holds for a CPU
+    tensor under torch.compile, where reading it would break the graph). Query i of row b
+    attends keys j < cache_len[b] - Tq + i + 1; 1 <= Tq <= cache_len[b] <= T_max is required.
     ``scale`` defaults to 1/sqrt(head_dim). ``num_splits`` overrides the number of key chunks
     (for tests and tuning; chunks are whole key tiles, so fewer may be used).
     """
@@ -451,8 +470,7 @@ def decode_attention(
     ):
         raise ValueError(f"{_OP}: num_splits must be a positive int or None, got {num_splits!r}")
     lens, max_len = _check_lengths(cache_len, q, k_cache.shape[2])
-    with _on_device(q.device):
-        return _decode(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
+    return _decode_op(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ accumulates its own rows in fp32 registers and writes one row of fp32 partial su
 kernel adds the partial rows in a fixed order. No atomics, no locks: bitwise deterministic.
 
 Inputs may be non-contiguous: rows with a unit-stride last dimension are read in place through a
-row stride (e.g. a column slice); anything else is copied to contiguous rows first. Widths
-1..MAX_N. Rows up to 8192 wide (padded to a power of 2) are held in registers; wider rows loop
-over 4096-column blocks.
+row stride (e.g. a column slice); anything else is copied to contiguous rows first (by the
+forward and again by the backward, which keeps x itself rather than a copy). Widths 1..MAX_N.
+Rows up to 8192 wide (padded to a power of 2) are held in registers; wider rows loop over
+4096-column blocks.
+
+torch.compile sees the ops gptfast::layer_norm, gptfast::add_layer_norm and
+gptfast::layer_norm_backward (see kernels/__init__.py).
 """
 
 import contextlib
@@ -28,9 +32,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from kernels._common import check_device, check_float
+from kernels._common import check_device, check_float, library_op
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
 _MIN_BLOCK = 256  # narrowest padded row (narrower rows are packed many per tile instead)
@@ -316,7 +319,7 @@ def _on(device: torch.device):
 
 
 def _forward(x, residual, weight, bias, eps):
-    """Returns y, the stored sum (or None), the normalized rows (M, N), mean, rstd."""
+    """Returns y and the stored sum (or None) as (M, N) rows, mean, rstd."""
     n = x.shape[-1]
     xr = _as_rows(x, n)
     rr = xr if residual is None else _as_rows(residual, n)
@@ -336,7 +339,7 @@ def _forward(x, residual, weight, bias, eps):
             else:
                 grid, sizes = (m,), (n,)
             kernel[grid](*tensors, *sizes, xr.stride(0), rr.stride(0), eps, **flags, **tile, num_warps=warps)
-    return y, s, _or(s, xr), mean, rstd
+    return y, s, mean, rstd
 
 
 def _backward(dy, dsum, xn, weight, bias, mean, rstd):
@@ -384,41 +387,101 @@ def _zero(t):
     return None if t is None else t.zero_()
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, _, xn, mean, rstd = _forward(x, None, weight, bias, eps)
-        ctx.save_for_backward(xn, weight, bias, mean, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        xn, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, None, xn, weight, bias, mean, rstd)
-        return dx.view(dy.shape), dw, db, None
+# ---- autograd, and the torch.library ops torch.compile sees ---------------------------------
+# gptfast::layer_norm -> (y, mean, rstd) and gptfast::add_layer_norm -> (y, s, mean, rstd) are
+# opaque ops (see kernels/__init__.py) over validated input (the public functions check it):
+# they also return the fp32 row statistics the backward needs, which the public functions drop.
+# gptfast::layer_norm_backward serves both; it has no autograd (no double backward).
 
 
-class _AddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, _, mean, rstd = _forward(x, residual, weight, bias, eps)
-        s = s.view(x.shape)
-        ctx.set_materialize_grads(False)
-        ctx.dtypes = x.dtype, residual.dtype
-        ctx.save_for_backward(s, weight, bias, mean, rstd)
-        return y.view(x.shape), s
+def _rows(x: torch.Tensor):
+    """M, the number of rows of N = x.shape[-1] elements (symbolic under dynamic shapes)."""
+    return math.prod(x.shape[:-1])
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dsum):
-        x_dtype, r_dtype = ctx.dtypes
-        if dy is None:  # only the sum was used downstream
-            return dsum.to(x_dtype), dsum.to(r_dtype), None, None, None
-        s, weight, bias, mean, rstd = ctx.saved_tensors
-        ds, dw, db = _backward(dy, dsum, _as_rows(s, s.shape[-1]), weight, bias, mean, rstd)
-        ds = ds.view(dy.shape)
-        return ds.to(x_dtype), ds.to(r_dtype), dw, db, None
+
+@torch.library.custom_op("gptfast::layer_norm_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, dsum: torch.Tensor | None, x: torch.Tensor,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx + dsum, dweight, dbias) for the normalized input x (add_layer_norm: the sum s);
+    an absent weight or bias gets an empty placeholder gradient."""
+    dx, dw, db = _backward(dy, dsum, _as_rows(x, x.shape[-1]), weight, bias, mean, rstd)
+    return dx.view(x.shape), _or(dw, dx.new_empty(0)), _or(db, dx.new_empty(0))
+
+
+@_backward_op.register_fake
+def _(dy, dsum, x, weight, bias, mean, rstd):
+    def grad(p):
+        return x.new_empty(0) if p is None else torch.empty_like(p)
+    return x.new_empty(x.shape), grad(weight), grad(bias)
+
+
+def _param_grads(ctx, dw, db):
+    return dw if ctx.has_weight else None, db if ctx.has_bias else None
+
+
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y.view(x.shape), mean, rstd
+
+
+def _layer_norm_fake(x, weight, bias, eps):
+    stats = x.new_empty(_rows(x), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _backward_op(dy, None, x, weight, bias, mean, rstd)
+    return dx, *_param_grads(ctx, dw, db), None
+
+
+def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+    return y.view(x.shape), s.view(x.shape), mean, rstd
+
+
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    stats = x.new_empty(_rows(x), dtype=torch.float32)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats,
+            torch.empty_like(stats))
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _ = inputs
+    _, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.dtypes = x.dtype, residual.dtype
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(s, weight, bias, mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dy, dsum, _dmean, _drstd):
+    x_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # only the sum was used downstream
+        return dsum.to(x_dtype), dsum.to(r_dtype), None, None, None
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    ds, dw, db = _backward_op(dy, dsum, s, weight, bias, mean, rstd)
+    return ds.to(x_dtype), ds.to(r_dtype), *_param_grads(ctx, dw, db), None
+
+
+_layer_norm = library_op("layer_norm", _layer_norm_forward, _layer_norm_fake, _layer_norm_setup,
+                         _layer_norm_backward)
+_add_layer_norm = library_op("add_layer_norm", _add_layer_norm_forward, _add_layer_norm_fake,
+                             _add_layer_norm_setup, _add_layer_norm_backward)
 
 
 def _check(op, x, residual, weight, bias, eps) -> None:
@@ -456,7 +519,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     dtype. Returns a tensor shaped like x, in x's dtype. Differentiable in x, weight and bias.
     """
     _check("layer_norm", x, None, weight, bias, eps)
-    return _LayerNorm.apply(x, _contiguous(weight), _contiguous(bias), float(eps))
+    return _layer_norm(x, _contiguous(weight), _contiguous(bias), float(eps))[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
@@ -470,7 +533,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     input grad, cast to each input's dtype).
     """
     _check("add_layer_norm", x, residual, weight, bias, eps)
-    return _AddLayerNorm.apply(x, residual, _contiguous(weight), _contiguous(bias), float(eps))
+    y, s, _, _ = _add_layer_norm(x, residual, _contiguous(weight), _contiguous(bias), float(eps))
+    return y, s
 
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
