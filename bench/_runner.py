@@ -89,6 +89,15 @@ def evaluate(forward, inputs, in_names, out_names, grad_outputs=None) -> dict:
     return vals
 
 
+def check_against_eager(values: dict, eager, inputs, in_names, out_names, grads, dtype) -> dict:
+    """``compare`` a provider's ``values`` with ``eager`` run on ``inputs`` in their dtype and
+    in float64 (the reference), with the same upstream ``grads`` (None: forward only)."""
+    eager_vals = evaluate(eager, inputs, in_names, out_names, grads)
+    ref = evaluate(eager, [t.double() for t in inputs], in_names, out_names,
+                   grads and [g.double() for g in grads])
+    return compare(values, eager_vals, ref, dtype)
+
+
 def compare(vals: dict, eager: dict, ref: dict, dtype: torch.dtype) -> dict:
     """2x-eager rule on each named value, with an absolute slack of one unit in the last place
     of ``dtype`` at the reference's largest magnitude. Returns the worst value's numbers; each
@@ -162,7 +171,6 @@ def measure_limits() -> dict:
     dst = torch.empty_like(src)
     ms = do_bench_ms(lambda: dst.copy_(src))
     copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
-    del src, dst
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)

@@ -14,7 +14,7 @@ from bench._runner import (
     BENCH_MARK,
     INTERPRETER_ONLY,
     Case,
-    compare,
+    check_against_eager,
     evaluate,
     mode_fn,
     run_gpu_case,
@@ -71,11 +71,7 @@ def make_inputs(M, N, dtype, device):
 
 def check(values, inputs, grads, dtype):
     """Compare a provider's values with eager's (same dtype) against float64."""
-    eager_vals = evaluate(eager, inputs, IN, OUT, grads)
-    ref = evaluate(
-        eager, [t.double() for t in inputs], IN, OUT, grads and [g.double() for g in grads]
-    )
-    return compare(values, eager_vals, ref, dtype)
+    return check_against_eager(values, eager, inputs, IN, OUT, grads, dtype)
 
 
 def test_add_layer_norm(benchmark, case, device_limits, device):

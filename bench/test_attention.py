@@ -18,7 +18,7 @@ from bench._runner import (
     BENCH_MARK,
     INTERPRETER_ONLY,
     Case,
-    compare,
+    check_against_eager,
     evaluate,
     mode_fn,
     run_gpu_case,
@@ -108,11 +108,7 @@ def check(values, inputs, grads, causal, dtype):
     float64, both computed on ``inputs`` (already restricted to the checked heads)."""
     Tq, Tk = inputs[0].shape[-2], inputs[1].shape[-2]
     eager = provider("eager", causal, Tq, Tk, inputs[0].device)
-    eager_vals = evaluate(eager, inputs, IN, OUT, grads)
-    ref = evaluate(
-        eager, [t.double() for t in inputs], IN, OUT, grads and [g.double() for g in grads]
-    )
-    return compare(values, eager_vals, ref, dtype)
+    return check_against_eager(values, eager, inputs, IN, OUT, grads, dtype)
 
 
 def test_attention(benchmark, case, device_limits, device):

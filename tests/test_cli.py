@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptfast.cli import main
-from tests.test_weights import cfg_for, hf_gpt2
+from tests.test_weights import hf_gpt2
 
 
 def test_info_prints_the_chapter_counts(capsys):

@@ -55,7 +55,7 @@ def test_step_logits_match_a_full_forward():
         model.setup_cache(2)
         prefill = model(idx[:, :5], start_pos=0)
         steps = [model(idx[:, i:i + 1], start_pos=i) for i in range(5, 9)]
-        per_row = model.setup_cache(2)(idx[:, :5], start_pos=0)
+        model.setup_cache(2)(idx[:, :5], start_pos=0)  # a fresh cache, per-row positions next
         per_row_step = model(idx[:, 5:6], start_pos=torch.tensor([5, 5], device=DEVICE))
     torch.testing.assert_close(prefill, full[:, :5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 5:], rtol=1e-5, atol=1e-5)
