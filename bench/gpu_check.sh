@@ -7,14 +7,16 @@
 #   env      OUTDIR/env.txt      nvidia-smi, python/torch/triton versions, device, git commit
 #   wheels   (only if .gpu_wheels/*.whl exist) pip install --no-deps into a temp dir on PYTHONPATH,
 #            e.g. Liger-Kernel: `pip download --no-deps liger-kernel -d .gpu_wheels` beforehand
-#   tests    OUTDIR/tests.log, OUTDIR/tests.xml (junit)              pytest $GPU_CHECK_TESTS
+#   tests    OUTDIR/tests.log, OUTDIR/tests.xml (junit): pytest tests, less the three kernel files
+#   tests_kernels  OUTDIR/tests_kernels.log, .xml: the kernel files (many Triton compiles, realistic
+#            shapes); GPU_CHECK_TESTS=PATHS replaces both steps by one `tests` step over PATHS
 #   bench    the quick benchmark of the kernels (every bench/ module but the two below):
 #            OUTDIR/bench.log, OUTDIR/bench.json (pytest-benchmark), OUTDIR/results/ (summary)
 #   bench_model  the quick generation and whole-model benchmarks (bench/test_generation.py,
 #            bench/test_model.py): OUTDIR/bench_model.log, OUTDIR/bench_model.json,
 #            OUTDIR/results-model/ (summary)
 #   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
-# Each step has its own timeout (under 8 minutes in all: 170 + 140 + 110 + 40 s); a failing or
+# Each step has its own timeout (8 minutes in all: 80 + 150 + 120 + 100 + 30 s); a failing or
 # timed-out step does not stop the others, and a benchmark step cut short keeps the summary of
 # the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
 # step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
@@ -22,7 +24,8 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
-# GPU_CHECK_TIMEOUT_TESTS / _BENCH / _BENCH_MODEL / _PROFILE (seconds; default 170 / 140 / 110 / 40).
+# GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _PROFILE (seconds; default
+# 80 / 150 / 120 / 100 / 30).
 set -u -o pipefail
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -92,16 +95,26 @@ fi
 # --- (a) the test suite -----------------------------------------------------------------------
 # The ahead-of-time compile checks (CI's stand-in for a GPU) are left to CI: here every kernel
 # is compiled for real. --durations shows where the step's time goes.
-# shellcheck disable=SC2086  # GPU_CHECK_TESTS may name several paths
-step tests "${GPU_CHECK_TIMEOUT_TESTS:-170}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -rfEs \
-    -k "not aot_compile" --durations=15 -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
+# The kernel files run in a step of their own: a first run compiles many kernel variants, and
+# a timeout there must not hide the results of the other tests.
+PYTEST=("$PY" -m pytest -q -rfEs -k "not aot_compile" --durations=15 -p no:cacheprovider)
+KERNEL_TESTS=(tests/test_attention.py tests/test_layer_norm.py tests/test_decode_attention.py)
+if [ -n "${GPU_CHECK_TESTS:-}" ]; then
+    # shellcheck disable=SC2086  # GPU_CHECK_TESTS may name several paths
+    step tests "${GPU_CHECK_TIMEOUT_TESTS:-230}" "${PYTEST[@]}" $GPU_CHECK_TESTS --junitxml="$OUTDIR/tests.xml"
+else
+    step tests "${GPU_CHECK_TIMEOUT_TESTS:-80}" "${PYTEST[@]}" tests "${KERNEL_TESTS[@]/#/--ignore=}" \
+        --junitxml="$OUTDIR/tests.xml"
+    step tests_kernels "${GPU_CHECK_TIMEOUT_TESTS_KERNELS:-150}" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" \
+        --junitxml="$OUTDIR/tests_kernels.xml"
+fi
 
 # --- (b) the quick benchmark: kernels, then the whole model and generation ---------------------
 MODEL_BENCH=(bench/test_generation.py bench/test_model.py)
-step bench "${GPU_CHECK_TIMEOUT_BENCH:-140}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
+step bench "${GPU_CHECK_TIMEOUT_BENCH:-120}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
     -p no:cacheprovider "${MODEL_BENCH[@]/#/--ignore=}" \
     --results-dir "$OUTDIR/results" --benchmark-json "$OUTDIR/bench.json"
-step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-110}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
+step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-100}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
     --benchmark-only --quick -q -rfEs -p no:cacheprovider \
     --results-dir "$OUTDIR/results-model" --benchmark-json "$OUTDIR/bench_model.json"
 
@@ -113,7 +126,7 @@ if "$PY" -m gptfast profile --help >/dev/null 2>&1; then
         DEFAULT_PROFILE="--config tiny --batch 1 --seq-len 32 --mode forward --kernels torch --device cpu"
     fi
     # shellcheck disable=SC2086
-    step profile "${GPU_CHECK_TIMEOUT_PROFILE:-40}" "$PY" -m gptfast profile \
+    step profile "${GPU_CHECK_TIMEOUT_PROFILE:-30}" "$PY" -m gptfast profile \
         ${GPU_CHECK_PROFILE_ARGS:-$DEFAULT_PROFILE} --out "$OUTDIR/profile"
 else
     echo "profile: skipped, 'python -m gptfast profile' is not available" | tee -a "$OUTDIR/steps.txt"
