@@ -2,7 +2,10 @@
 
 A small GPT is trained for a fixed number of AdamW steps on fixed data from the same initial
 weights, once per kernel set; per-step losses and final parameters must agree (tight in fp32,
-looser under bf16 autocast, where both runs round differently at every step).
+looser under bf16 autocast, where both runs round differently at every step). Parameters are
+compared by how far the two runs' weights are apart relative to how far training moved them:
+Adam's normalised steps turn rounding-level differences of near-zero gradients into full-size
+steps of either sign, so an elementwise bound would test the optimizer, not the kernels.
 """
 
 import pytest
@@ -36,30 +39,40 @@ def train(cfg, kernels, steps, dtype, batch, seq_len, seed=0):
     return torch.tensor(losses), {n: p.detach() for n, p in model.named_parameters()}
 
 
+def initial_params(cfg):
+    torch.manual_seed(0)
+    return {n: p.detach().to(DEVICE) for n, p in GPTModel(cfg, kernels="torch").named_parameters()}
+
+
 def check_convergence(cfg, steps, dtype, batch, seq_len, loss_tol, param_tol):
     torch_losses, torch_params = train(cfg, "torch", steps, dtype, batch, seq_len)
     triton_losses, triton_params = train(cfg, "triton", steps, dtype, batch, seq_len)
     assert torch_losses[-1] < torch_losses[0]  # the run learns something: the check means something
     torch.testing.assert_close(triton_losses, torch_losses, rtol=loss_tol, atol=loss_tol)
+    init = initial_params(cfg)
     for name, p in torch_params.items():
-        torch.testing.assert_close(triton_params[name], p, rtol=param_tol, atol=param_tol,
-                                   msg=lambda m: f"{name}: {m}")
+        apart = (triton_params[name] - p).norm().item()
+        moved = (p - init[name]).norm().item()
+        assert apart <= param_tol * moved + 1e-7, (
+            f"{name}: the runs ended {apart:.3e} apart, {apart / max(moved, 1e-30):.2e} of the "
+            f"{moved:.3e} that training moved it (bound {param_tol:.0e})"
+        )
 
 
 def test_tiny_fp32_training_matches_eager():
     check_convergence(TINY, steps=6, dtype=torch.float32, batch=2, seq_len=15,
-                      loss_tol=1e-4, param_tol=1e-4)
+                      loss_tol=1e-4, param_tol=1e-3)
 
 
 def test_tiny_bf16_training_matches_eager_loosely():
     check_convergence(TINY, steps=4, dtype=torch.bfloat16, batch=2, seq_len=15,
-                      loss_tol=3e-2, param_tol=3e-2)
+                      loss_tol=3e-2, param_tol=0.1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="larger model and more steps: CUDA only")
-@pytest.mark.parametrize("dtype, loss_tol, param_tol", [(torch.float32, 1e-3, 1e-3),
-                                                        (torch.bfloat16, 3e-2, 5e-2)])
-def test_small_gpt_training_matches_eager_on_gpu(dtype, loss_tol, param_tol):
-    torch.backends.cuda.matmul.allow_tf32 = False
+@pytest.mark.parametrize("dtype, loss_tol, param_tol", [(torch.float32, 1e-3, 1e-2),
+                                                        (torch.bfloat16, 3e-2, 0.2)])
+def test_small_gpt_training_matches_eager_on_gpu(dtype, loss_tol, param_tol, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls in fp32
     check_convergence(GPU_SMALL, steps=30, dtype=dtype, batch=8, seq_len=256,
                       loss_tol=loss_tol, param_tol=param_tol)
