@@ -5,8 +5,10 @@ Triton (whose own errors are tracebacks through generated code). ``library_op`` 
 entry point as a ``gptfast::`` op for torch.compile (see the kernels package docstring).
 """
 
+import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +17,21 @@ import torch
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel's tile sizes and launch options."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def on_device(device: torch.device):
+    """Launch on the tensors' own GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_device(op: str, **tensors: torch.Tensor | None) -> torch.device:

@@ -24,15 +24,13 @@ torch.Generator (a graph break; an error with ``fullgraph=True``). The seed is r
 host, so dropout cannot run inside a captured CUDA graph: that raises an error.
 """
 
-import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETING, check_device, check_float, library_op
+from kernels._common import INTERPRETING, Launch, check_device, check_float, library_op, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -452,53 +450,40 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Launch:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _fwd_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+def _fwd_launch(block_d: int, dtype: torch.dtype) -> Launch:
     """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
-        return _Launch(32, 16, 4, 1)
+        return Launch(32, 16, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
-        return _Launch(32, 32, 4, 2)
-    return _Launch(128, 64, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 4, 2)
+    return Launch(128, 64, 8 if block_d == 128 else 4, 3)
 
 
-def _dkdv_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
     """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed."""
     if INTERPRETING:
-        return _Launch(16, 32, 4, 1)
+        return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
-        return _Launch(32, 32, 4, 2)
-    return _Launch(32, 128, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 4, 2)
+    return Launch(32, 128, 8 if block_d == 128 else 4, 3)
 
 
-def _dq_launch(block_d: int, dtype: torch.dtype) -> _Launch:
+def _dq_launch(block_d: int, dtype: torch.dtype) -> Launch:
     """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed."""
     if INTERPRETING:
-        return _Launch(32, 16, 4, 1)
+        return Launch(32, 16, 4, 1)
     if dtype == torch.float32:
-        return _Launch(32, 32, 4, 2)
-    return _Launch(128, 32, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 4, 2)
+    return Launch(128, 32, 8 if block_d == 128 else 4, 3)
 
 
-def _preprocess_launch() -> _Launch:
-    return _Launch(32 if INTERPRETING else 64, 0, 4, 1)
+def _preprocess_launch() -> Launch:
+    return Launch(32 if INTERPRETING else 64, 0, 4, 1)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's own GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_d(head_dim: int) -> int:
@@ -589,7 +574,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  seed: torch.Tensor | None, need_dq: bool, need_dkdv: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for is an empty placeholder."""
-    with _on_device(q):
+    with on_device(q.device):
         dq, dk, dv = _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, _seed_value(seed),
                                need_dq, need_dkdv)
     return (dq if need_dq else q.new_empty(0), dk if need_dkdv else k.new_empty(0),
@@ -606,7 +591,7 @@ def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, need_dkdv):
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                        scale: float, dropout_p: float, seed: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    with _on_device(q):
+    with on_device(q.device):
         return _forward(q, k, v, causal, scale, dropout_p, _seed_value(seed))
 
 
@@ -740,7 +725,7 @@ def attention_dropout_mask(
         return mask.bool()
     block = 32
     grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
-    with _on_device(mask):
+    with on_device(mask.device):
         _dropout_mask_kernel[grid](mask, q_len, k_len, seed, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
@@ -838,6 +823,6 @@ def aot_configs():
     for kname, fn, launch in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
             flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
-    add("dropout_mask", _dropout_mask_kernel, torch.float16, _Launch(32, 32, 4, 1),
+    add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
     return configs

@@ -25,7 +25,6 @@ Inference only: there is no backward. Calling it with grad mode on and an input 
 grad is an error (use ``kernels.attention.attention`` to train).
 """
 
-import contextlib
 import functools
 import math
 import numbers
@@ -35,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETING, check_device, check_float, library_op
+from kernels._common import INTERPRETING, Launch, check_device, check_float, library_op, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -238,28 +237,20 @@ def _merge_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Launch:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _split_launch(q_len: int) -> _Launch:
+def _split_launch(q_len: int) -> Launch:
     """One query: a 1-row block (elementwise math); more: 16-row blocks (tl.dot's minimum)."""
     block_m = 1 if q_len == 1 else 16
     if INTERPRETING:  # short key tiles so that small test caches still span several tiles
-        return _Launch(block_m, 16, 4, 1)
-    return _Launch(block_m, 64, 4, 2)
+        return Launch(block_m, 16, 4, 1)
+    return Launch(block_m, 64, 4, 2)
 
 
-_MERGE_LAUNCH = _Launch(1, 0, 4, 1)
+_MERGE_LAUNCH = Launch(1, 0, 4, 1)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    launch: _Launch
+    launch: Launch
     num_splits: int
     chunk: int  # keys per split, a whole number of key tiles
 
@@ -290,11 +281,6 @@ def _plan(
             num_splits = min(wanted, triton.cdiv(tiles, _MIN_CHUNK_TILES), MAX_SPLITS)
     chunk = triton.cdiv(tiles, min(num_splits, tiles)) * launch.block_n
     return _Plan(launch, triton.cdiv(max_len, chunk), chunk)
-
-
-def _on_device(device: torch.device):
-    """Launch on the tensors' own GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
@@ -335,7 +321,7 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
 def _decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     lens: torch.Tensor | None, max_len: int, scale: float,
                     num_splits: int | None) -> torch.Tensor:
-    with _on_device(q.device):
+    with on_device(q.device):
         return _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits)
 
 

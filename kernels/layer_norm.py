@@ -25,7 +25,6 @@ torch.compile sees the ops gptfast::layer_norm, gptfast::add_layer_norm and
 gptfast::layer_norm_backward (see kernels/__init__.py).
 """
 
-import contextlib
 import functools
 import math
 
@@ -33,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, library_op
+from kernels._common import check_device, check_float, library_op, on_device
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
 _MIN_BLOCK = 256  # narrowest padded row (narrower rows are packed many per tile instead)
@@ -313,11 +312,6 @@ def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 or n == 1 else rows.contiguous()
 
 
-def _on(device: torch.device):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _forward(x, residual, weight, bias, eps):
     """Returns y and the stored sum (or None) as (M, N) rows, mean, rstd."""
     n = x.shape[-1]
@@ -333,7 +327,7 @@ def _forward(x, residual, weight, bias, eps):
         kernel, tile, warps = _fwd_plan(n)
         tensors = (xr, rr, _or(s, y), y, _or(weight, y), _or(bias, y), mean, rstd)
         flags = dict(HAS_RESIDUAL=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None)
-        with _on(x.device):
+        with on_device(x.device):
             if kernel is _fwd_rows_kernel:
                 grid, sizes = (triton.cdiv(m, tile["ROWS"]),), (m, n)
             else:
@@ -358,7 +352,7 @@ def _backward(dy, dsum, xn, weight, bias, mean, rstd):
     has_w, has_b = weight is not None, bias is not None
     partials = torch.empty((2, groups, n) if has_w or has_b else (2, 1, 1), dtype=torch.float32, device=xn.device)
     sums = mean if tile["WHOLE_ROW"] else torch.empty((2, m), dtype=torch.float32, device=xn.device)
-    with _on(xn.device):
+    with on_device(xn.device):
         if not tile["WHOLE_ROW"]:
             _bwd_row_sums_kernel[(m,)](
                 xn, dyr, _or(weight, dx), mean, rstd, sums, m, n, xn.stride(0), dyr.stride(0),
