@@ -3,11 +3,14 @@
 ``LayerNorm`` subclasses ``torch.nn.LayerNorm``: same constructor, parameters (weight, bias),
 state_dict and repr; only ``forward`` runs the Triton kernel. A multi-dimensional
 ``normalized_shape`` is handled by flattening the normalized trailing dims into one (the same
-statistics over the same elements, so mathematically identical).
+statistics over the same elements, so mathematically identical). Under CUDA autocast it
+computes in and returns fp32, as autocast runs ``nn.LayerNorm`` (CPU autocast keeps the input
+dtype, and so does this module there).
 """
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from kernels.layer_norm import layer_norm
@@ -23,6 +26,8 @@ class LayerNorm(nn.LayerNorm):
                 f"LayerNorm: expected input with trailing dims {tuple(self.normalized_shape)}, "
                 f"got shape {tuple(x.shape)}"
             )
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # autocast's fp32 policy for layer_norm
+            x = x.float()
         if dims == 1:
             return layer_norm(x, self.weight, self.bias, self.eps)
         n = math.prod(self.normalized_shape)

@@ -74,6 +74,20 @@ def test_half_precision_module():
     assert (y.double() - ref).abs().max() < 0.05
 
 
+def test_autocast_output_dtype_is_torchs():
+    """Under autocast the drop-in returns what nn.LayerNorm returns (fp32 on CUDA, bf16 on CPU)."""
+    device_type = DEVICE
+    torch.manual_seed(0)
+    ref = nn.LayerNorm(48).to(device_type)
+    ours = copy.deepcopy(ref).to(device_type)
+    swap_layer_norms(ours)
+    x = torch.randn(5, 48, device=device_type, dtype=torch.bfloat16)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y_ref, y = ref(x), ours(x)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_wrong_trailing_dims_raise():
     with pytest.raises(ValueError, match=r"trailing dims \(3, 16\), got shape \(2, 16, 3\)"):
         LayerNorm((3, 16), device=DEVICE)(torch.randn(2, 16, 3, device=DEVICE))
