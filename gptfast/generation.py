@@ -126,9 +126,9 @@ def generate_batch(
         new = list(_sample(decoder, idx, max_new_tokens, *args))
     finally:
         decoder.close()
+    new = torch.cat(new, 1) if new else idx[:, :0]
     out = []
-    for b, r in enumerate(rows):
-        tokens = torch.cat(new, 1)[b] if new else r[:0]
+    for r, tokens in zip(rows, new):
         if eos_id is not None and (tokens == eos_id).any():
             tokens = tokens[: int((tokens == eos_id).nonzero()[0]) + 1]
         out.append(torch.cat([r, tokens]))
