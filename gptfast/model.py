@@ -312,6 +312,12 @@ class GPTModel(nn.Module):
         with label("out_head"):
             return self.out_head(x)
 
+    def loss(self, in_idx, targets, ignore_index=-100):
+        """The book's training loss (``calc_loss_batch``): mean cross-entropy of the next-token
+        logits of ``in_idx`` against ``targets`` (same shape), skipping ``ignore_index``."""
+        logits = self(in_idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
     def _check_ids(self, in_idx, start_pos):
         if not isinstance(in_idx, torch.Tensor) or in_idx.dtype not in (torch.int64, torch.int32):
             what = in_idx.dtype if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__

@@ -731,7 +731,7 @@ def attention_dropout_mask(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation check (tests/aot.py)
+# Ahead-of-time compilation check (kernels/testing.py)
 # --------------------------------------------------------------------------------------------
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

@@ -460,7 +460,7 @@ def decode_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation check (tests/aot.py)
+# Ahead-of-time compilation check (kernels/testing.py)
 # --------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -19,7 +19,7 @@ from kernels.attention import (
     attention_dropout_mask,
     dropout_seed,
 )
-from tests.numerics import assert_agrees
+from kernels.testing import assert_agrees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = torch.cuda.is_available()
@@ -378,7 +378,7 @@ def test_gpt_block_layout_with_dropout_cuda(dtype, d):
 def test_aot_compiles_every_config():
     """Compile every config of aot_configs() to cubin (sm_80 and sm_90 in parallel processes)
     and check each fits the shared memory of its GPU."""
-    from tests.aot import compile_module
+    from kernels.testing import compile_module
 
     results = {}
 

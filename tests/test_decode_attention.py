@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention
-from tests.numerics import assert_agrees, max_err
+from kernels.testing import assert_agrees, max_err
 
 dec = importlib.import_module("kernels.decode_attention")  # the package re-exports the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -261,7 +261,7 @@ def test_realistic_ragged_batch():
 
 
 def test_aot_compile_every_config():
-    from tests.aot import compile_module
+    from kernels.testing import compile_module
 
     records = compile_module("kernels.decode_attention")
     assert records, "no config was compiled"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels._common
 from kernels.layer_norm import MAX_N, add_layer_norm, layer_norm
-from tests.numerics import assert_agrees
+from kernels.testing import assert_agrees
 
 # the module itself (the package exports a function of the same name, which `import ... as` finds)
 ln = importlib.import_module("kernels.layer_norm")
@@ -343,7 +343,7 @@ def test_aot_configs_cover_every_plan():
 
 
 def test_aot_compile_every_config():
-    from tests.aot import compile_module
+    from kernels.testing import compile_module
 
     records = compile_module("kernels.layer_norm")
     assert len(records) == 2 * len(ln.aot_configs())
