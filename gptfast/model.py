@@ -296,6 +296,12 @@ class GPTModel(nn.Module):
         an int, or a (batch,) tensor of per-row positions; the keys and values of the new tokens
         are written to the cache there and attention covers every cached position up to them.
         """
+        x = self.hidden_states(in_idx, start_pos)
+        with label("out_head"):
+            return self.out_head(x)
+
+    def hidden_states(self, in_idx, start_pos=None):
+        """The final norm's output (batch, seq_len, emb_dim): the forward up to the output head."""
         self._check_ids(in_idx, start_pos)
         batch_size, seq_len = in_idx.shape
         positions = torch.arange(seq_len, device=in_idx.device)
@@ -308,14 +314,27 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             x = block(x, start_pos)
         with label("final_norm"):
-            x = self.final_norm(x)
-        with label("out_head"):
-            return self.out_head(x)
+            return self.final_norm(x)
 
     def loss(self, in_idx, targets, ignore_index=-100):
         """The book's training loss (``calc_loss_batch``): mean cross-entropy of the next-token
-        logits of ``in_idx`` against ``targets`` (same shape), skipping ``ignore_index``."""
-        logits = self(in_idx)
+        logits of ``in_idx`` against ``targets`` (same shape), skipping ``ignore_index``.
+
+        With Triton kernels the output head and the loss are one fused op
+        (``kernels.linear_cross_entropy``), which never stores the (tokens x vocab) logits.
+        """
+        ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
+        if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):
+            what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor shaped like the token ids {ids_shape}, "
+                             f"got {what}")
+        x = self.hidden_states(in_idx)
+        if use_triton(self.kernels, x):
+            with label("out_head"):
+                return triton_ops().linear_cross_entropy(x, self.out_head.weight, targets,
+                                                         ignore_index=ignore_index)
+        with label("out_head"):
+            logits = self.out_head(x)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
     def _check_ids(self, in_idx, start_pos):

@@ -1,7 +1,9 @@
 """Fused Triton kernels for GPT-2-style models, with autograd, and drop-in modules.
 
-Ops (kernel + autograd): ``layer_norm``, ``add_layer_norm``, ``attention``, ``decode_attention``.
-Modules: ``LayerNorm`` (a drop-in ``torch.nn.LayerNorm``) and ``swap_layer_norms``.
+Ops (kernel + autograd): ``layer_norm``, ``add_layer_norm``, ``attention``, ``decode_attention``,
+``linear_cross_entropy`` (the output projection fused with the cross-entropy loss).
+Modules: ``LayerNorm`` (a drop-in ``torch.nn.LayerNorm``), ``swap_layer_norms`` and
+``LinearCrossEntropyLoss``.
 CUDA tensors run compiled kernels; CPU tensors run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before import.
 
@@ -44,7 +46,8 @@ first graph dynamic. Repeated calls with the same shapes never recompile.
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention
 from kernels.layer_norm import add_layer_norm, layer_norm
-from kernels.nn import LayerNorm, swap_layer_norms
+from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.nn import LayerNorm, LinearCrossEntropyLoss, swap_layer_norms
 
-__all__ = ["LayerNorm", "add_layer_norm", "attention", "decode_attention", "layer_norm",
-           "swap_layer_norms"]
+__all__ = ["LayerNorm", "LinearCrossEntropyLoss", "add_layer_norm", "attention", "decode_attention",
+           "layer_norm", "linear_cross_entropy", "swap_layer_norms"]

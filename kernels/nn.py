@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.layer_norm import layer_norm
+from kernels.linear_cross_entropy import linear_cross_entropy
 
 
 class LayerNorm(nn.LayerNorm):
@@ -48,3 +49,31 @@ def swap_layer_norms(module: nn.Module) -> nn.Module:
         if type(sub) is nn.LayerNorm:
             sub.__class__ = LayerNorm
     return module
+
+
+# ---- fused output projection + cross-entropy -------------------------------------------------
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets)`` without the logits.
+
+    Options are those of ``nn.CrossEntropyLoss`` (``ignore_index``, ``reduction``,
+    ``label_smoothing``); ``forward(hidden, weight, targets, bias=None)`` takes the projection's
+    weight (e.g. a model's output head, tied or not) rather than owning one. See
+    ``kernels.linear_cross_entropy`` for dtypes, memory and autocast.
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor,
+                bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(hidden, weight, targets, bias, self.ignore_index, self.reduction,
+                                    self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}")

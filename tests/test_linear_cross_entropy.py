@@ -1,0 +1,510 @@
+"""kernels.linear_cross_entropy against F.cross_entropy(F.linear(...).float()) in float64.
+
+Loss and the gradients of hidden, weight and bias follow the 2x rule: the error against the
+float64 reference is at most twice that of eager PyTorch in the same dtype, plus a slack of
+one unit in the last place of the dtype at the reference's largest magnitude (two for bf16 on
+CPU, where Triton's interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest). Small
+shapes: on CPU the kernel runs in Triton's interpreter. The chunk budget is shrunk in most tests
+so that several chunks (and a short last one) run.
+"""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gptfast import GPTModel
+from kernels import LinearCrossEntropyLoss, linear_cross_entropy
+from kernels.testing import ROOT, assert_agrees
+
+lce = importlib.import_module("kernels.linear_cross_entropy")  # the module, not the function
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A chunk budget of ~4 rows at vocab 1000 in fp32, so every test runs several chunks."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * 1024)
+
+
+def reference(hidden, weight, targets, bias=None, ignore_index=-100, reduction="mean",
+              label_smoothing=0.0):
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # .float(), fp64 kept
+    loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1).long(),
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def make(tokens, d, vocab, dtype, bias=True, ignored=0.0, seed=0):
+    """hidden (tokens..., d), weight (vocab, d), targets, bias; logits of order 1-3."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tokens if isinstance(tokens, tuple) else (tokens,)
+    hidden = torch.randn(*shape, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) * (2.0 / d**0.5)
+    b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < ignored] = -100
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)
+    return cast(hidden), cast(weight), targets.to(DEVICE), cast(b)
+
+
+def loss_and_grads(fn, hidden, weight, targets, bias, upstream=None, cast=None, **kw):
+    """fn's loss and the gradients of (hidden, weight, bias), on fresh leaves cast to ``cast``."""
+    leaves = [None if t is None else t.detach().to(cast or t.dtype).requires_grad_()
+              for t in (hidden, weight, bias)]
+    loss = fn(leaves[0], leaves[1], targets, leaves[2], **kw)
+    g = torch.ones_like(loss) if upstream is None else upstream.to(loss.device, loss.dtype)
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(loss, wanted, g))
+    return [loss.detach()] + [None if t is None else next(grads) for t in leaves]
+
+
+def slack(ref, dtype):
+    ulps = 2 if (DEVICE == "cpu" and dtype == torch.bfloat16) else 1
+    return ulps * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-12
+
+
+def check(hidden, weight, targets, bias, upstream=None, **kw):
+    dtype = hidden.dtype
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, bias, upstream, **kw)
+    eager = loss_and_grads(reference, hidden, weight, targets, bias, upstream, **kw)
+    ref = loss_and_grads(reference, hidden, weight, targets, bias, upstream, cast=torch.float64, **kw)
+    for name, o, e, r in zip(("loss", "grad hidden", "grad weight", "grad bias"), ours, eager, ref):
+        if r is None:
+            assert o is None
+            continue
+        assert (o.dtype, o.shape) == (e.dtype, e.shape), f"{name}: {o.dtype} {o.shape}, eager {e.dtype}"
+        if name == "loss" and not torch.isfinite(r).all():  # all ignored under "mean": nan
+            assert torch.isnan(o).all() and torch.isnan(e).all(), (o, e)
+            continue
+        assert_agrees(o, e, r, atol=slack(r, dtype if name != "loss" else torch.float32), what=name)
+    return ours
+
+
+# ---- numerics against float64 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_dtype_and_reduction(dtype, reduction, small_chunks):
+    """vocab 1000, 23 tokens (6 chunks in fp32, the last one short), some targets ignored."""
+    h, w, t, b = make(23, 24, 1000, dtype, ignored=0.2)
+    upstream = torch.rand(23) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    check(h, w, t, b, upstream, reduction=reduction)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 50257])
+def test_vocab_sizes(vocab, monkeypatch):
+    """A single class, tiny and odd vocabularies, and GPT-2's 50,257 (no multiple of any tile).
+    Chunks of 4 rows at most (at 50,257 one chunk: CPU BLAS sums a one-row product over 50,257
+    terms sequentially, which is not what this tests)."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", max(16 * 1024, 5 * vocab * 4))
+    h, w, t, b = make(5 if vocab == 50257 else 9, 8, vocab, torch.float32, ignored=0.2)
+    check(h, w, t, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing(dtype, reduction, small_chunks):
+    h, w, t, b = make(11, 16, 1000, dtype, ignored=0.3, seed=1)
+    upstream = torch.rand(11) + 0.5 if reduction == "none" else None
+    check(h, w, t, b, upstream, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("ignored", ["none", "some", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignore_index(ignored, reduction, small_chunks):
+    """"mean" divides by the non-ignored count; all ignored gives torch's nan (mean) or 0."""
+    fraction = {"none": 0.0, "some": 0.4, "all": 1.0}[ignored]
+    h, w, t, b = make(10, 16, 300, torch.float32, ignored=fraction)
+    loss = check(h, w, t, b, reduction=reduction, label_smoothing=0.05)[0]
+    if ignored == "all" and reduction == "mean":
+        assert torch.isnan(loss)
+
+
+def test_other_ignore_index_in_range(small_chunks):
+    """ignore_index may be a real class: those targets are skipped, -100 is then out of range."""
+    h, w, t, b = make(12, 16, 50, torch.float32)
+    t[::3] = 4
+    check(h, w, t, b, ignore_index=4)
+    with pytest.raises(ValueError, match="target -100 is out of range"):
+        linear_cross_entropy(h, w, torch.full_like(t, -100), b, ignore_index=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_bias_batched_non_contiguous_hidden(dtype, small_chunks):
+    """hidden (batch, seq, d) as a column slice of a wider tensor, targets (batch, seq)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(3, 7, 40, generator=g).to(DEVICE, dtype)
+    _, w, t, _ = make((3, 7), 24, 333, dtype, bias=False, ignored=0.1)
+    hidden = wide[..., 5:29]
+    assert not hidden.is_contiguous()
+    check(hidden, w, t, None)
+
+
+def test_non_contiguous_weight_and_int32_targets(small_chunks):
+    h, w, t, b = make(9, 16, 100, torch.float32)
+    check(h, w.t().contiguous().t(), t.to(torch.int32), b)
+
+
+def test_no_tokens():
+    h, w, t, b = make(0, 8, 10, torch.float32)
+    for reduction in ("mean", "sum", "none"):
+        ours = linear_cross_entropy(h, w, t, b, reduction=reduction)
+        torch.testing.assert_close(ours, reference(h, w, t, b, reduction=reduction), equal_nan=True)
+
+
+def test_dweight_accumulates_in_fp32_across_chunks(monkeypatch):
+    """Many chunks of one row each (64 here): rounding each chunk's dW to bf16 would add up
+    to many times eager's single rounding; fp32 accumulation stays within the 2x rule."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 64 * 2)
+    h, w, t, b = make(64, 16, 64, torch.bfloat16)
+    assert lce.chunk_rows(64, 64, 2) == 1
+    check(h, w, t, b, reduction="sum")
+
+
+def test_fwd_only_and_partial_requires_grad(small_chunks):
+    h, w, t, b = make(9, 16, 100, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, b), reference(h, w, t, b))
+    wl = w.clone().requires_grad_()  # only the weight: no grad for hidden is computed
+    linear_cross_entropy(h, wl, t, b).backward()
+    wr = w.clone().requires_grad_()
+    reference(h, wr, t, b).backward()
+    torch.testing.assert_close(wl.grad, wr.grad)
+
+
+# ---- autograd behaviour ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_in_place_loss_scaling_and_second_backward(reduction, small_chunks):
+    """loss *= 4 after the call scales the gradients (the saved gradients are never modified
+    in place), and a second backward through a retained graph gives the same gradients."""
+    h, w, t, b = make(9, 16, 100, torch.float32, ignored=0.2)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+    loss *= 4.0
+    first = torch.autograd.grad(loss.sum(), leaves, retain_graph=True)
+    second = torch.autograd.grad(loss.sum(), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    ref = torch.autograd.grad((4.0 * reference(ref_leaves[0], ref_leaves[1], t, ref_leaves[2],
+                                               reduction=reduction)).sum(), ref_leaves)
+    for a, c, r in zip(first, second, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+        assert torch.equal(a, c)
+
+
+def test_gradients_deterministic(small_chunks):
+    h, w, t, b = make(13, 16, 500, torch.float32)
+    a = loss_and_grads(linear_cross_entropy, h, w, t, b)
+    c = loss_and_grads(linear_cross_entropy, h, w, t, b)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_behaves_like_linear_plus_cross_entropy(dtype, small_chunks):
+    """fp32 parameters under autocast: the projection in the autocast dtype, the loss in fp32,
+    fp32 gradients; the same numbers as the unfused pair under the same autocast."""
+    h, w, t, b = make(9, 16, 100, torch.float32, ignored=0.2)
+    with torch.autocast(DEVICE, dtype=dtype):
+        ours = loss_and_grads(linear_cross_entropy, h, w, t, b)
+        eager = loss_and_grads(reference, h, w, t, b)
+    assert ours[0].dtype == torch.float32
+    ref = loss_and_grads(reference, h, w, t, b, cast=torch.float64)
+    for name, o, e, r in zip(("loss", "grad hidden", "grad weight", "grad bias"), ours, eager, ref):
+        assert o.dtype == e.dtype == torch.float32, name
+        assert_agrees(o, e, r, atol=slack(r, dtype), what=name)
+
+
+def test_module_matches_function(small_chunks):
+    h, w, t, b = make(9, 16, 100, torch.float32, ignored=0.2)
+    module = LinearCrossEntropyLoss(ignore_index=-100, reduction="sum", label_smoothing=0.1)
+    assert "reduction='sum'" in repr(module)
+    torch.testing.assert_close(module(h, w, t, b),
+                               linear_cross_entropy(h, w, t, b, reduction="sum", label_smoothing=0.1))
+
+
+# ---- memory: never a (tokens x vocab) tensor --------------------------------------------------
+
+
+def test_chunk_plan_bounds_the_buffer():
+    """At GPT-2's training shape the chunk buffer stays within CHUNK_BYTES, far below the logits."""
+    for tokens, vocab, size in ((8192, 50257, 2), (8192, 50257, 4), (16384, 50257, 2), (5, 50257, 2),
+                                (100, 10**8, 2)):
+        rows = lce.chunk_rows(tokens, vocab, size)
+        assert 1 <= rows <= tokens
+        assert rows * vocab * size <= max(lce.CHUNK_BYTES, vocab * size)
+    assert lce.chunk_rows(8192, 50257, 2) * 50257 * 2 < 8192 * 50257 * 2 / 6
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest storage (bytes) among the outputs of every aten op run under it: each
+    allocation of the op and of its autograd backward (Triton kernels only write in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_no_tokens_by_vocab_allocation(monkeypatch):
+    """Every tensor the op and its backward create is at most the chunk buffer (32 rows here)
+    or the weight's size; eager's (tokens x vocab) logits show up in the same probe."""
+    tokens, d, vocab = 256, 16, 1000
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 32 * vocab * 4)
+    h, w, t, b = make(tokens, d, vocab, torch.float32)
+    logits_bytes = tokens * vocab * 4
+    for reduction in ("mean", "none"):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        with LargestTensor() as probe:
+            loss = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+            loss.sum().backward()
+        assert 32 * vocab * 4 <= probe.largest <= max(32 * vocab * 4, vocab * d * 4), probe.largest
+        assert probe.largest <= logits_bytes / 8
+    with LargestTensor() as probe:
+        reference(*leaves[:2], t, leaves[2]).backward()
+    assert probe.largest >= logits_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory statistics")
+def test_peak_memory_at_gpt2_training_shape():
+    """8192 tokens x 50,257 x 768 in bf16: loss forward + backward within 10% of eager's peak
+    extra memory, far below one (tokens x vocab) bf16 tensor (0.82 GB)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    h = torch.randn(8192, 768, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = (0.02 * torch.randn(50257, 768, device="cuda", generator=g)).bfloat16().requires_grad_()
+    t = torch.randint(0, 50257, (8192,), device="cuda", generator=g)
+
+    def extra(fn):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.autograd.grad(fn(h, w, t), (h, w))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours, eager = extra(linear_cross_entropy), extra(reference)
+    assert ours <= 0.1 * eager, (ours, eager)
+    assert ours < 8192 * 50257 * 2 / 2
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    h, w, t, b = make(6, 8, 20, torch.float32)
+    return [
+        ((h, w, torch.full_like(t, 20), b), {}, ValueError, "target 20 is out of range for 20 classes"),
+        ((h, w, torch.full_like(t, -1), b), {}, ValueError, "target -1 is out of range"),
+        ((h, w, t[:5], b), {}, ValueError, r"targets must have shape \(6,\)"),
+        ((h, w[:, :7], t, b), {}, ValueError, r"weight must have shape \(vocab, 8\)"),
+        ((h, w[0], t, b), {}, ValueError, "weight must have shape"),
+        ((h, w, t, b[:3]), {}, ValueError, r"bias must have shape \(20,\)"),
+        ((h.long(), w, t, b), {}, TypeError, "hidden must be float32, float16 or bfloat16"),
+        ((h, w.double(), t, b), {}, TypeError, "weight must be float32"),
+        ((h, w, t.float(), b), {}, TypeError, "targets must be int64 or int32"),
+        ((h, w.half(), t, b), {}, TypeError, "one dtype"),
+        ((h, w, t, b), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ((h, w, t, b), {"label_smoothing": 1.5}, ValueError, "label_smoothing must be a number in"),
+        ((h, w, t, b), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
+        ((h, "w", t, b), {}, TypeError, "weight must be a torch.Tensor"),
+        ((h, w[:0], t, b), {}, ValueError, "at least one row"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_is_named_before_launch(case, monkeypatch):
+    args, kwargs, error, match = _bad_cases()[case]
+    monkeypatch.setattr(lce, "_chunked", lambda *a: pytest.fail("launched on bad input"))
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(*args, **kwargs)
+
+
+def test_mixed_devices_are_named(monkeypatch):
+    h, w, t, b = make(6, 8, 20, torch.float32)
+    meta = w.to("meta")
+    with pytest.raises(ValueError, match="tensors must be on one device.*weight on meta"):
+        linear_cross_entropy(h, meta, t, b)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+TINY = {"vocab_size": 211, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+        "drop_rate": 0.0, "qkv_bias": False}
+
+
+def tiny_model(kernels):
+    torch.manual_seed(0)
+    return GPTModel(TINY, kernels=kernels).to(DEVICE)
+
+
+def batch(ignore=True):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 11), generator=g)
+    targets = torch.randint(0, TINY["vocab_size"], (2, 11), generator=g)
+    if ignore:
+        targets[0, :3] = -100
+    return idx.to(DEVICE), targets.to(DEVICE)
+
+
+def model_loss_and_grads(model, idx, targets, run=None):
+    model.zero_grad(set_to_none=True)
+    loss = (run or model.loss)(idx, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_model_loss_is_the_chapter_loss():
+    """kernels="torch": GPTModel.loss is the book's calc_loss_batch, bit for bit."""
+    model = tiny_model("torch")
+    idx, targets = batch()
+    logits = model(idx)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert torch.equal(model.loss(idx, targets), expected)
+
+
+def test_model_fused_loss_agrees_with_the_chapter():
+    idx, targets = batch()
+    ours = model_loss_and_grads(tiny_model("triton"), idx, targets)
+    eager = model_loss_and_grads(tiny_model("torch"), idx, targets)
+    ref = model_loss_and_grads(tiny_model("torch").double(), idx, targets)
+    assert_agrees(ours[0], eager[0], ref[0], atol=1e-6, what="loss")
+    for name in ref[1]:
+        assert_agrees(ours[1][name], eager[1][name], ref[1][name], atol=1e-6, what=f"grad of {name}")
+
+
+def test_model_forward_unchanged_by_the_factoring():
+    model = tiny_model("torch")
+    idx, _ = batch()
+    assert torch.equal(model(idx), model.out_head(model.hidden_states(idx)))
+
+
+def test_model_loss_rejects_mismatched_targets():
+    model = tiny_model("triton")
+    idx, targets = batch()
+    with pytest.raises(ValueError, match="targets must be a tensor shaped like the token ids"):
+        model.loss(idx, targets[:, :5])
+
+
+def test_model_loss_compiles_fullgraph():
+    """torch.compile(fullgraph=True) over GPTModel.loss with kernels="triton": no graph break,
+    one graph, the eager fused loss and gradients (AOTAutograd: the op's fake and autograd)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("triton")
+    idx, targets = batch()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.loss, backend=counter, fullgraph=True)
+    ours = model_loss_and_grads(model, idx, targets, compiled)
+    eager = model_loss_and_grads(model, idx, targets)
+    torch.testing.assert_close(ours[0], eager[0], rtol=1e-6, atol=1e-6)
+    for name in eager[1]:
+        torch.testing.assert_close(ours[1][name], eager[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    model_loss_and_grads(model, idx, targets, compiled)  # no recompile
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_opcheck():
+    h, w, t, b = make(5, 8, 30, torch.float32, ignored=0.2)
+    hl, wl, bl = (x.clone().requires_grad_() for x in (h, w, b))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(torch.ops.gptfast.linear_cross_entropy.default,
+                              (hl, wl, t, bl, -100, reduction, 0.1, True, True, True))
+    torch.library.opcheck(torch.ops.gptfast.linear_cross_entropy_backward.default,
+                          (torch.rand(5), h, w, t, b, -100, 0.1, True, True, True))
+
+
+# ---- compiles for real GPUs ---------------------------------------------------------------------
+
+# Compiles every config to cubin (as kernels.testing.compile_kernel does, in a process without
+# the interpreter) and reads registers, stack and local memory with cuobjdump; prints one JSON
+# line per (config, cc), then the number of configs.
+_AOT_SCRIPT = r"""
+import json, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.linear_cross_entropy import aot_configs
+cuobjdump = sys.argv[1]
+configs = aot_configs()
+for cfg in configs:
+    for cc in (80, 90):
+        src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
+                        attrs=cfg["attrs"])
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True, check=True).stdout
+        print(json.dumps({"name": cfg["name"], "cc": cc,
+                          "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+                          "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+                          "local": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+                          "shared": k.metadata.shared}), flush=True)
+print(json.dumps({"count": len(configs), "triton": triton.__version__}))
+"""
+
+
+def cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+
+
+def aot_records(pythonpath: str = "") -> tuple[list[dict], int]:
+    """(one record per config and cc, the number of configs); ``pythonpath`` first on the path
+    (e.g. another triton's install)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(cuobjdump())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return lines[:-1], lines[-1]["count"]
+
+
+def test_aot_configs_cover_every_launch():
+    """Whatever the vocabulary, the launch the heuristic picks is among aot_configs()."""
+    listed = {(c["constexprs"]["BLOCK_V"], c["num_warps"]) for c in lce.aot_configs()}
+    for vocab in (1, 7, 127, 128, 129, 1000, 2049, 4096, 4097, 50257, 10**6):
+        launch = lce._launch(vocab)
+        assert (launch.block_n, launch.num_warps) in listed, vocab
+
+
+def test_aot_compile_every_config_without_spills():
+    """Every config compiles for sm_80 and sm_90, fits shared memory, and spills nothing
+    (no stack or local memory per cuobjdump --dump-resource-usage)."""
+    from kernels.testing import SHARED_LIMIT
+
+    records, count = aot_records()
+    assert count == len(lce.aot_configs()) and len(records) == 2 * count
+    spilled = [r for r in records if r["stack"] or r["local"]]
+    assert not spilled, spilled
+    over = [r for r in records if r["shared"] > SHARED_LIMIT[r["cc"]]]
+    assert not over, over
