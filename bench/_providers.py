@@ -183,3 +183,23 @@ def hf_gpt2(model) -> HFLogits:
     if set(missing) & params or unexpected:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")
     return HFLogits(hf, (name for name, _ in model.named_parameters()))
+
+
+def liger_fused_linear_cross_entropy():
+    """Liger-Kernel's fused linear + cross-entropy as ``fn(hidden, weight, targets) -> loss``,
+    or a skip (any import failure skips, as for its LayerNorm)."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
+    except ImportError:
+        pytest.skip("Liger-Kernel is not installed (pip install liger-kernel)")
+    except Exception as exc:  # noqa: BLE001 - a broken third-party install must not fail us
+        pytest.skip(f"Liger-Kernel failed to import: {type(exc).__name__}: {exc}")
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+    def fn(hidden, weight, targets):
+        out = loss_fn(weight, hidden, targets)
+        return out[0] if isinstance(out, tuple) else out
+
+    return fn

@@ -8,6 +8,9 @@ weights:
   torch    gptfast ``GPTModel(kernels="torch")``: the chapter's eager math (the speedup baseline)
   triton   gptfast ``GPTModel(kernels="triton")``: fused LayerNorm / residual add + LayerNorm,
            flash attention
+  triton-loss  the triton model with the training loss from ``GPTModel.loss``: output head and
+           cross-entropy fused (``kernels.linear_cross_entropy``, no (tokens x vocab) logits);
+           (training step only: its forward is triton's)
   triton-compile  the triton model with every transformer block torch.compile'd as for
            ``compile`` (the kernels are ``gptfast::`` custom ops: one graph per block, no
            breaks; Inductor fuses the matmul epilogues, GELU and the other elementwise work)
@@ -35,6 +38,7 @@ names) are compared with the chapter model in float64 on those sequences, next t
 
 from contextlib import nullcontext
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +65,8 @@ pytestmark = BENCH_MARK
 OP = "model"
 SIZES = ("124M", "355M")
 BATCHES = ((8, 1024), (2, 512))  # (B, T)
-PROVIDERS = ("torch", "triton", "triton-compile", "compile", "hf")  # the baseline first
+PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "compile", "hf")  # the baseline first
+FUSED_LOSS = ("triton-loss",)  # providers whose training loss is GPTModel.loss
 MODES = ("fwd", "train")
 CHECKED = 2  # sequences compared with float64
 EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
@@ -74,6 +79,7 @@ def gpu_cases(quick: bool) -> list[Case]:
         for size, B, T in sizes
         for mode in MODES
         for p in PROVIDERS
+        if not (p in FUSED_LOSS and mode == "fwd")  # the same forward as triton's
     ]
 
 
@@ -92,7 +98,7 @@ def chapter_model(cfg, device):
 
 def build(provider: str, cfg, device):
     model = chapter_model(cfg, device)
-    if provider in ("triton", "triton-compile"):
+    if provider in ("triton", "triton-loss", "triton-compile"):
         require_model_kernels()
         model.use_kernels("triton")
         return compile_blocks(model) if provider == "triton-compile" else model
@@ -113,17 +119,24 @@ def matmul_params(cfg) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name not in EMBEDDINGS)
 
 
-def values(model, idx, targets, mode, amp):
+def values(model, idx, targets, mode, amp, fused=False):
     """Logits of the first CHECKED rows and, for ``train``, their loss and every parameter's
-    gradient (one flat vector, parameters in name order, named as the chapter model's)."""
+    gradient (one flat vector, parameters in name order, named as the chapter model's).
+    ``fused``: the loss is ``model.loss`` over those rows (the logits then carry no graph)."""
     ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     if mode == "fwd":
         with torch.no_grad(), ctx:
             return {"logits": model(idx)[:CHECKED]}
     named = dict(model.named_parameters())
-    with ctx:
-        logits = model(idx)[:CHECKED]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:CHECKED].flatten())
+    if fused:
+        with torch.no_grad(), ctx:
+            logits = model(idx)[:CHECKED]
+        with ctx:
+            loss = model.loss(idx[:CHECKED], targets[:CHECKED])
+    else:
+        with ctx:
+            logits = model(idx)[:CHECKED]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:CHECKED].flatten())
     grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     if hasattr(model, "to_chapter"):
         grads = model.to_chapter(grads)
@@ -131,10 +144,10 @@ def values(model, idx, targets, mode, amp):
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": flat}
 
 
-def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16):
+def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, fused=False):
     """``model`` on the whole batch vs the chapter model (same dtype, then float64) on the
     checked rows."""
-    vals = values(model, idx, targets, mode, amp)
+    vals = values(model, idx, targets, mode, amp, fused)
     base = chapter_model(cfg, idx.device)
     sub = idx[:CHECKED], targets[:CHECKED]
     eager = values(base, *sub, mode, amp)
@@ -142,8 +155,9 @@ def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16):
     return compare(vals, eager, ref, dtype)
 
 
-def step_fn(model, idx, targets, mode):
-    """The callable a case times: an inference forward, or a whole training step."""
+def step_fn(model, idx, targets, mode, fused=False):
+    """The callable a case times: an inference forward, or a whole training step (``fused``:
+    its loss from ``model.loss``)."""
     amp = torch.autocast(idx.device.type, dtype=torch.bfloat16)
     if mode == "fwd":
 
@@ -156,8 +170,13 @@ def step_fn(model, idx, targets, mode):
 
     def train_step():
         with amp:
-            logits = model(idx)
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+            if fused:
+                loss = model.loss(idx, targets)
+            else:
+                logits = model(idx)
+        if not fused:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -179,6 +198,7 @@ def test_model(benchmark, case, device_limits, device):
     p = case.params
     cfg, B, T = config(p["config"]), p["B"], p["T"]
     model = build(case.provider, cfg, device)
+    fused = case.provider in FUSED_LOSS
     g = torch.Generator(device=device).manual_seed(0)
     idx, targets = (
         torch.randint(0, cfg["vocab_size"], (B, T), generator=g, device=device) for _ in range(2)
@@ -188,7 +208,7 @@ def test_model(benchmark, case, device_limits, device):
     def timed(name):
         if name != case.provider:  # the baseline, when it was not run before this case
             return step_fn(build(name, cfg, device), idx, targets, case.mode)
-        fn = step_fn(model, idx, targets, case.mode)
+        fn = step_fn(model, idx, targets, case.mode, fused)
         peak["bytes"] = peak_memory(fn)
         return fn
 
@@ -199,7 +219,7 @@ def test_model(benchmark, case, device_limits, device):
             benchmark,
             case,
             timed=timed,
-            check=lambda: check(model, cfg, idx, targets, case.mode),
+            check=lambda: check(model, cfg, idx, targets, case.mode, fused=fused),
             metric="TFLOP/s",
             amount=flops * B * T,
         )
@@ -209,10 +229,11 @@ def test_model(benchmark, case, device_limits, device):
 
 
 @INTERPRETER_ONLY
-def test_model_interpreter(benchmark):
+@pytest.mark.parametrize("provider", ["triton", "triton-loss"])
+def test_model_interpreter(benchmark, provider):
     """A tiny GPT (2 layers, head dim 16, odd length) in fp32, training-step gradients of the
     first two of three sequences, under the Triton interpreter on CPU."""
-    provider = "triton"
+    fused = provider in FUSED_LOSS
     tiny = {**config("124M"), "vocab_size": 97, "context_length": 32, "emb_dim": 64,
             "n_heads": 4, "n_layers": 2}
     model = build(provider, tiny, "cpu")
@@ -222,7 +243,7 @@ def test_model_interpreter(benchmark):
     run_interpreter_case(
         benchmark,
         case,
-        run=lambda: values(model, idx, targets, "train", amp=False),
+        run=lambda: values(model, idx, targets, "train", amp=False, fused=fused),
         check=lambda vals: compare(
             vals,
             *(values(m, idx[:CHECKED], targets[:CHECKED], "train", amp=False)
