@@ -28,7 +28,8 @@ Without gradients (no_grad, or no input requiring grad) only steps 1-2 run, loss
 Memory: peak extra memory is the chunk buffer, C x V elements of the input dtype with C chosen
 so that it holds at most CHUNK_BYTES = 128 MiB (1335 rows at V = 50,257 in bf16, 667 in fp32),
 plus the fp32 dweight accumulator (V x d) and the gradients themselves (hidden's and weight's
-sizes): O(C x V + V x d), never a (tokens x vocab) tensor. Eager linear + cross-entropy holds
+sizes): O(C x V + V x d), never a (tokens x vocab) tensor. (With fp16/bf16 on a torch whose
+addmm cannot accumulate into an fp32 tensor, each chunk's fp32 product is one more V x d.) Eager linear + cross-entropy holds
 the logits, their fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
 
 Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error. On
@@ -42,6 +43,8 @@ loss is computed in fp32 (cross-entropy's), so the op behaves like the unfused p
 torch.compile sees the ops gptfast::linear_cross_entropy and
 gptfast::linear_cross_entropy_backward (the per-token backward of reduction="none").
 """
+
+import functools
 
 import torch
 import triton
@@ -138,15 +141,32 @@ def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
 # ---- host side -----------------------------------------------------------------------------
 
 
+@functools.cache
+def _accumulating_addmm(device: torch.device) -> bool:
+    """Whether this torch's CUDA addmm with ``out_dtype=float32`` takes an fp32 ``self`` (and so
+    accumulates fp16/bf16 products into an fp32 tensor in place); older releases require
+    ``self`` in the inputs' dtype. Probed once per device on 2x2 tensors."""
+    a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device)
+    acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _accumulate_dweight(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
     """acc (V, d) fp32 += dlogits^T @ hidden without rounding the chunk's product to the inputs'
-    dtype: cuBLAS with an fp32 output on CUDA; on CPU (the interpreter) by an fp32 product."""
+    dtype: cuBLAS with an fp32 output on CUDA (accumulating in place where torch allows it, else
+    through an fp32 product); on CPU (the interpreter) by an fp32 product of upcast inputs."""
     if hidden.dtype == torch.float32:
         acc.addmm_(dlogits.t(), hidden)
-    elif acc.is_cuda:
+    elif not acc.is_cuda:
+        acc.addmm_(dlogits.t().float(), hidden.float())
+    elif _accumulating_addmm(acc.device):
         torch.addmm(acc, dlogits.t(), hidden, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(dlogits.t().float(), hidden.float())
+        acc += torch.mm(dlogits.t(), hidden, out_dtype=torch.float32)
 
 
 def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):

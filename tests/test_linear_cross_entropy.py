@@ -173,6 +173,19 @@ def test_dweight_accumulates_in_fp32_across_chunks(monkeypatch):
     check(h, w, t, b, reduction="sum")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA accumulation paths")
+@pytest.mark.parametrize("in_place", [True, False])
+def test_dweight_fp32_accumulation_paths_on_cuda(in_place, monkeypatch):
+    """Both CUDA ways of adding a chunk's bf16 product into the fp32 dW (addmm into it, or an
+    fp32 product added) keep the 2x rule over many chunks."""
+    if in_place and not lce._accumulating_addmm(torch.device(DEVICE)):
+        pytest.skip("this torch's addmm(out_dtype=float32) needs self in the inputs' dtype")
+    monkeypatch.setattr(lce, "_accumulating_addmm", lambda device: in_place)
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 4 * 512 * 2)
+    h, w, t, b = make(256, 64, 512, torch.bfloat16)
+    check(h, w, t, b, reduction="sum")
+
+
 def test_fwd_only_and_partial_requires_grad(small_chunks):
     h, w, t, b = make(9, 16, 100, torch.float32)
     with torch.no_grad():
