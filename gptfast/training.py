@@ -430,7 +430,9 @@ class Run:
         elif opts.init != "random":
             try:
                 load_weights(model, read_checkpoint(opts.init))
-            except (ValueError, RuntimeError) as exc:
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # a corrupt file, another config: the loader's reason, one line
                 raise ValueError(f"--init {opts.init}: {exc}") from None
         torch.manual_seed(opts.seed + d.rank)  # the dropout stream, one per rank
         self.model = model.to(d.device)
@@ -441,9 +443,9 @@ class Run:
             for block in model.trf_blocks:
                 fully_shard(block)
             fully_shard(model)
-        fused = d.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr,
-                                           betas=(opts.beta1, opts.beta2), fused=fused or None)
+                                           betas=(opts.beta1, opts.beta2),
+                                           fused=True if d.device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, opts, self.total_steps))
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=opts.dtype == "fp16")
@@ -560,6 +562,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.caught = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # a second Ctrl-C stops at once
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -618,7 +621,7 @@ def _loop(run: Run, callback) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(log_path) if r["step"] <= run.step]  # rows past the checkpoint go
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     last = {"loss": None, "val_loss": None}
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not main,
                dynamic_ncols=True)
@@ -633,8 +636,9 @@ def _loop(run: Run, callback) -> dict:
                                                         device=d.device)])
                 if d.on:
                     dist.all_reduce(flags)
+                loss_sum, stop_votes = flags.tolist()  # waits for the device: the step is done
                 seconds = time.perf_counter() - start
-                row = {"step": run.step, "loss": flags[0].item() / d.world, "lr": lr,
+                row = {"step": run.step, "loss": loss_sum / d.world, "lr": lr,
                        "tokens": run.step * run.tokens_per_step,
                        "tokens_per_s": run.tokens_per_step / seconds}
                 if run.peak is not None:
@@ -656,7 +660,7 @@ def _loop(run: Run, callback) -> dict:
                         bar.write(f"step {run.step} sample: {opts.prompt + row['sample']!r}")
                 if callback is not None:
                     callback(run.step, row)
-                interrupted = flags[1].item() > 0
+                interrupted = stop_votes > 0
                 if done or interrupted or run.step % opts.ckpt_every == 0:
                     run.checkpoint()
                 if interrupted:
