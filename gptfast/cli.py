@@ -1,4 +1,5 @@
-"""Command line: ``python -m gptfast generate "prompt" ...``, ``info``, ``prepare``, ``train``, ``profile``."""
+"""Command line: ``python -m gptfast generate "prompt" ...``, ``info``, ``prepare``, ``train``,
+``profile``."""
 
 import argparse
 import codecs
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each split must hold one window of seq-len + 1 tokens (default: 1024)")
     prep.set_defaults(run=cmd_prepare)
 
-    tr = sub.add_parser("train", help="pretrain on a prepared directory (torchrun for several devices)")
+    tr = sub.add_parser("train", help="pretrain on a prepared directory (torchrun: many devices)")
     add_train_arguments(tr)
     tr.set_defaults(run=cmd_train)
 

@@ -47,7 +47,7 @@ def _chunks(path: Path, bar):
 
 
 def prepare(files, out, val_fraction: float = 0.1, seq_len: int = 1024) -> dict:
-    """Tokenize ``files`` into ``out/train.bin``, ``out/val.bin`` and ``out/meta.json``; returns the meta.
+    """Tokenize ``files`` into ``out/train.bin``, ``out/val.bin`` and ``out/meta.json``; returns meta.
 
     Each split must hold at least one training window of ``seq_len + 1`` tokens.
     """
@@ -68,8 +68,9 @@ def prepare(files, out, val_fraction: float = 0.1, seq_len: int = 1024) -> dict:
     tmp = {s: out / f"{s}.bin.tmp" for s in SPLITS}
     enc, total, docs = tokenizer(), 0, 0
     try:
-        with open(tmp["train"], "wb") as sink, tqdm(total=sum(f.stat().st_size for f in files),
-                                                     unit="B", unit_scale=True, desc="prepare", leave=False) as bar:
+        size = sum(f.stat().st_size for f in files)
+        with open(tmp["train"], "wb") as sink, tqdm(total=size, unit="B", unit_scale=True,
+                                                     desc="prepare", leave=False) as bar:
             for f in files:
                 before = total
                 for text in _chunks(f, bar):
@@ -109,7 +110,8 @@ def prepare(files, out, val_fraction: float = 0.1, seq_len: int = 1024) -> dict:
 
 
 class TokenData:
-    """The memory-mapped ``train.bin``/``val.bin`` of a ``prepare``d directory, checked against meta.json."""
+    """The memory-mapped ``train.bin``/``val.bin`` of a ``prepare``d directory, checked against its
+    meta.json."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -133,7 +135,8 @@ class TokenData:
             if path.stat().st_size != 2 * n:
                 raise ValueError(f"{path}: {path.stat().st_size} bytes, but meta.json says {n} "
                                  f"uint16 tokens ({2 * n} bytes): the file is corrupt or truncated")
-            self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r") if n else np.zeros(0, np.uint16)
+            empty = np.zeros(0, np.uint16)  # np.memmap refuses empty files
+            self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r") if n else empty
 
     def check_window(self, seq_len: int) -> None:
         for split, tokens in self.splits.items():
@@ -145,7 +148,7 @@ class TokenData:
         return (len(self.splits[split]) - 1) // seq_len
 
     def batch(self, split: str, starts, seq_len: int):
-        """Inputs and targets (int64 arrays, (len(starts), seq_len)) of the windows at token offsets ``starts``."""
+        """Inputs and targets, int64 arrays of (len(starts), seq_len), of the windows at ``starts``."""
         tokens = self.splits[split]
         rows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
         if rows.max() > END_OF_TEXT_ID:  # no GPT-2 token id: the file is not what prepare wrote

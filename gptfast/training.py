@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from gptfast.config import check_config, get_config
@@ -213,6 +212,8 @@ def setup_distributed(opts: TrainOptions) -> Dist:
 
 
 def full_tensor(t):
+    from torch.distributed.tensor import DTensor  # imported on use: it is slow to import
+
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -232,6 +233,8 @@ def full_model_state(model) -> dict:
 
 def load_optimizer_state(optimizer, state: dict) -> None:
     """Load a full optimizer state, sharding each tensor like its parameter under FSDP2."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     per_param = {}
     for i, values in state["state"].items():

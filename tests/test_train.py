@@ -1,4 +1,4 @@
-"""Training: prepare, the loop, bit-exact resume, atomic checkpoints, DDP/FSDP2 under torchrun, export."""
+"""Training: prepare, the loop, bit-exact resume, atomic checkpoints, DDP/FSDP2 (torchrun), export."""
 
 import json
 import os
@@ -66,7 +66,8 @@ def test_prepare_round_trips_and_streams_in_chunks(tmp_path, monkeypatch):
     texts = [make_text(40, 1) + "café ✓ naïve\n" * 3, "second document<|endoftext|>third\n"]
     for i, t in enumerate(texts):
         (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
-    meta = prepare([tmp_path / "0.txt", tmp_path / "1.txt"], tmp_path / "d", val_fraction=0.1, seq_len=8)
+    files = [tmp_path / "0.txt", tmp_path / "1.txt"]
+    meta = prepare(files, tmp_path / "d", val_fraction=0.1, seq_len=8)
     data = TokenData(tmp_path / "d")
     ids = np.concatenate([data.splits["train"], data.splits["val"]]).tolist()
     enc = tokenizer()
@@ -86,7 +87,8 @@ def test_prepare_errors_name_the_file(tmp_path, capsys):
              ("bad.txt", "bad.txt: not UTF-8 text (undecodable byte at offset 50)"),
              ("small.txt", "small.txt would hold"), ("missing.txt", "no text file at")]
     for name, message in cases:
-        assert main(["prepare", str(tmp_path / name), "--out", str(tmp_path / "d"), "--seq-len", "8"]) == 2
+        args = [str(tmp_path / name), "--out", str(tmp_path / "d"), "--seq-len", "8"]
+        assert main(["prepare", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
@@ -108,19 +110,20 @@ def test_loss_decreases_and_the_run_leaves_its_files(trained):
 
 
 def test_resume_after_a_signal_is_bit_exact(data_dir, tmp_path):
-    opts = {"drop_rate": 0.1, "grad_accum": 2}  # dropout: the RNG states must come back too
+    # dropout: the RNG states must come back too; samples and evaluations on both sides of the stop
+    opts = {"drop_rate": 0.1, "grad_accum": 2, "max_steps": 4, "eval_every": 1, "sample_every": 3}
     straight = tmp_path / "straight"
     train(**options(data_dir, straight, **opts))
 
-    def interrupt(step, row):  # the signal lands during step 2's bookkeeping: it stops after 3
-        if step == 2:
+    def interrupt(step, row):  # the signal lands during step 1's bookkeeping: it stops after 2
+        if step == 1:
             signal.raise_signal(signal.SIGTERM)
 
     cut = tmp_path / "cut"
     first = train(callback=interrupt, **options(data_dir, cut, **opts))
-    assert first["stopped_by"] == "SIGTERM" and first["step"] == 3
-    assert load_checkpoint(cut / "ckpt.pt")["step"] == 3
-    assert train(resume=str(cut))["step"] == 6
+    assert first["stopped_by"] == "SIGTERM" and first["step"] == 2
+    assert load_checkpoint(cut / "ckpt.pt")["step"] == 2
+    assert train(resume=str(cut))["step"] == 4
     assert losses(cut) == losses(straight)
     a, b = load_file(cut / "model.safetensors"), load_file(straight / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -203,9 +206,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(data_dir, trained, tmp_pat
     fails([*base, "--out", str(tmp_path / "a"), "--seq-len", "64"],
           "seq_len 64 exceeds the model's context length 32")
     (tmp_path / "small.txt").write_text(make_text(8))
-    n_val = prepare([tmp_path / "small.txt"], tmp_path / "small", val_fraction=0.2, seq_len=8)["val_tokens"]
+    meta = prepare([tmp_path / "small.txt"], tmp_path / "small", val_fraction=0.2, seq_len=8)
     small = [*base, "--data", str(tmp_path / "small"), "--out", str(tmp_path / "b")]
-    fails(small, f"val.bin: {n_val} tokens, fewer than one training window of seq_len + 1 = 33")
+    fails(small, f"val.bin: {meta['val_tokens']} tokens, fewer than one training window of "
+          "seq_len + 1 = 33")
     fails(["--data", str(tmp_path / "nowhere"), "--max-steps", "1", "--out", str(tmp_path / "c")],
           "meta.json: run `python -m gptfast prepare")
     fails(["--data", str(data_dir / "d"), "--out", str(tmp_path / "c")], "give max_steps or max_tokens")
