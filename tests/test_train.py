@@ -150,6 +150,14 @@ def test_a_crash_between_write_and_rename_keeps_the_previous_checkpoint(data_dir
     assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_dtypes_train(data_dir, tmp_path, dtype):
+    result = train(**options(data_dir, tmp_path, dtype=dtype, max_steps=2, sample_every=0))
+    assert result["step"] == 2 and result["val_loss"] < 11.5  # finite, near ln(50257)
+    scaler = load_checkpoint(tmp_path / "ckpt.pt")["scaler"]
+    assert bool(scaler) == (dtype == "fp16")  # the GradScaler runs for fp16 only
+
+
 def test_triton_kernels_train_a_step(data_dir, tmp_path):
     result = train(**options(data_dir, tmp_path, kernels="triton", max_steps=1, batch_size=2,
                              seq_len=8, sample_every=0, eval_batches=1))
