@@ -83,7 +83,7 @@ class TrainOptions:
     prompt: str = _opt("Every effort moves you", "the prompt of the samples")
     sample_tokens: int = _opt(30, "new tokens per sample")
     ckpt_every: int = _opt(100, "steps between checkpoints (also at the end and on a signal)")
-    device: str | None = _opt(None, "default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    device: str | None = _opt(None, "cpu or cuda (default: cuda if present; cuda: GPU LOCAL_RANK)")
     resume: str | None = _opt(None, "continue the run in this directory, with its options")
 
 
@@ -200,10 +200,9 @@ def setup_distributed(opts: TrainOptions) -> Dist:
     if opts.batch_size % world:
         raise ValueError(f"batch_size {opts.batch_size} is not divisible by the world size "
                          f"{world}: every rank needs the same number of rows")
-    if opts.device is not None:
-        device = torch.device(opts.device)
-    else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)  # one GPU per rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 or opts.fsdp:
