@@ -1,4 +1,5 @@
-"""Command line: ``python -m gptfast generate "prompt" ...`` and ``python -m gptfast info``."""
+"""Command line: ``python -m gptfast generate "prompt" ...``, ``info``, ``prepare``, ``train``,
+``profile``."""
 
 import argparse
 import codecs
@@ -8,10 +9,12 @@ import time
 import torch
 
 from gptfast.config import CONFIGS, get_config
+from gptfast.dataset import prepare
 from gptfast.generation import generate_tokens
 from gptfast.model import KERNEL_CHOICES, GPTModel
 from gptfast.profile import add_profile_parser
 from gptfast.tokenizer import END_OF_TEXT_ID, tokenizer
+from gptfast.training import add_train_arguments, train
 from gptfast.weights import load_gpt2
 
 
@@ -61,6 +64,16 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
+def cmd_prepare(args) -> None:
+    meta = prepare(args.files, args.out, val_fraction=args.val_fraction, seq_len=args.seq_len)
+    print(f"{meta['documents']:,} documents: {meta['train_tokens']:,} training and "
+          f"{meta['val_tokens']:,} validation tokens in {args.out}", file=sys.stderr)
+
+
+def cmd_train(args) -> None:
+    train(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gptfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts and sizes of the GPT-2 configs")
     info.set_defaults(run=cmd_info)
+
+    prep = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin for train")
+    prep.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text; one document each")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val.bin")
+    prep.add_argument("--seq-len", type=int, default=1024,
+                      help="each split must hold one window of seq-len + 1 tokens (default: 1024)")
+    prep.set_defaults(run=cmd_prepare)
+
+    tr = sub.add_parser("train", help="pretrain on a prepared directory (torchrun: many devices)")
+    add_train_arguments(tr)
+    tr.set_defaults(run=cmd_train)
 
     add_profile_parser(sub)
     return parser

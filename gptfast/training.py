@@ -1,0 +1,693 @@
+"""Pretraining, the book's loop: ``python -m gptfast train`` and ``gptfast.train(**options)``.
+
+One process, or N under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA) or,
+with ``fsdp=True``, FSDP2 (``fully_shard``). ``batch_size`` is the global number of sequences per
+micro-step: each rank reads its own slice of every global batch, so N processes follow the
+single-process run. The training windows are a per-epoch shuffle of the non-overlapping
+``seq_len + 1`` windows of train.bin, a pure function of (seed, window counter): resuming needs
+the counter alone. Validation uses the first ``eval_batches`` global batches of val.bin, always.
+
+``OUT/ckpt.pt`` (one format for all modes: full, unsharded tensors) is written atomically every
+``ckpt_every`` steps, at the end and on SIGINT/SIGTERM; ``OUT/model.safetensors`` and
+``OUT/config.json`` beside it hold the weights in the Hugging Face GPT-2 layout.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from gptfast.config import check_config, get_config
+from gptfast.dataset import TokenData
+from gptfast.generation import generate
+from gptfast.model import KERNEL_CHOICES, GPTModel, check_kernels
+from gptfast.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, tokenizer
+from gptfast.weights import load_weights, read_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CKPT_FORMAT = "gptfast-train-1"
+# Dense bf16 tensor-core peaks, for MFU; devices not listed get no MFU figure.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def _opt(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Every option of a run; ``python -m gptfast train`` has one flag per field."""
+
+    data: str | None = _opt(None, "a directory made by `python -m gptfast prepare` (required)")
+    out: str = _opt("out", "run directory: ckpt.pt, log.jsonl, loss.png, model.safetensors")
+    config: str = _opt("124M", "GPT-2 config name (124M, 355M, ...)")
+    config_json: str | None = _opt(None, "a JSON file holding a chapter config dict instead")
+    drop_rate: float | None = _opt(None, "dropout, overriding the config's")
+    init: str = _opt("random", "'random' or a weights file (safetensors or chapter .pth)")
+    batch_size: int = _opt(8, "sequences per micro-step, all ranks together")
+    seq_len: int | None = _opt(None, "tokens per sequence (default: the context length)")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step")
+    lr: float = _opt(6e-4, "peak learning rate, reached after the warmup")
+    min_lr: float = _opt(6e-5, "the cosine schedule's floor, reached at the last step")
+    warmup_steps: int = _opt(100, "steps of linear warmup")
+    weight_decay: float = _opt(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "maximum global gradient norm; 0: no clipping")
+    dtype: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
+    kernels: str = _opt("auto", "LayerNorm/attention kernels (auto: triton on CUDA)")
+    compile: bool = _opt(False, "torch.compile the training step")
+    fsdp: bool = _opt(False, "shard with FSDP2 instead of DDP (under torchrun)")
+    seed: int = _opt(123, "seed of the initial weights, dropout and data order")
+    max_steps: int | None = _opt(None, "optimizer steps (this or --max-tokens is required)")
+    max_tokens: int | None = _opt(None, "training tokens (with both, the fewer steps win)")
+    eval_every: int = _opt(100, "steps between validation losses (and at the end)")
+    eval_batches: int = _opt(10, "validation batches (fixed: the first of val.bin)")
+    sample_every: int = _opt(100, "steps between greedy samples of --prompt; 0: never")
+    prompt: str = _opt("Every effort moves you", "the prompt of the samples")
+    sample_tokens: int = _opt(30, "new tokens per sample")
+    ckpt_every: int = _opt(100, "steps between checkpoints (also at the end and on a signal)")
+    device: str | None = _opt(None, "cpu or cuda (default: cuda if present; cuda: GPU LOCAL_RANK)")
+    resume: str | None = _opt(None, "continue the run in this directory, with its options")
+
+
+# Options that shape the trajectory: a resumed run must keep them (the others may change).
+TRAJECTORY = ("data", "config", "config_json", "drop_rate", "init", "batch_size", "seq_len",
+              "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
+              "grad_clip", "dtype", "seed", "max_steps", "max_tokens")
+
+
+def make_options(options: dict) -> TrainOptions:
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown training option(s) {unknown}; see gptfast.TrainOptions")
+    opts = TrainOptions(**options)
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "ckpt_every"):
+        if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be a positive int, got {getattr(opts, name)!r}")
+    for name in ("seq_len", "max_steps", "max_tokens"):
+        value = getattr(opts, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("warmup_steps", "sample_every", "sample_tokens"):
+        if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {getattr(opts, name)!r}")
+    if not opts.lr > 0 or not 0 <= opts.min_lr <= opts.lr:
+        raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={opts.lr}, min_lr={opts.min_lr}")
+    if opts.weight_decay < 0 or opts.grad_clip < 0:
+        raise ValueError("weight_decay and grad_clip must be >= 0")
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
+    check_kernels(opts.kernels)
+    if opts.max_steps is None and opts.max_tokens is None:
+        raise ValueError("give max_steps or max_tokens (--max-steps / --max-tokens)")
+    if opts.data is None:
+        raise ValueError("data is required (--data DIR, made by `python -m gptfast prepare`)")
+    opts.data = str(Path(opts.data).resolve())
+    opts.out = str(Path(opts.out).resolve())
+    if opts.init != "random":
+        opts.init = str(Path(opts.init).resolve())
+    if opts.config_json is not None:
+        opts.config_json = str(Path(opts.config_json).resolve())
+    return opts
+
+
+def resolve_options(options: dict) -> tuple[TrainOptions, dict | None]:
+    """The run's options and, when resuming, its checkpoint (loaded on the CPU)."""
+    resume = options.get("resume")
+    if resume is None:
+        opts = make_options(options)
+        if (Path(opts.out) / "ckpt.pt").exists():
+            raise ValueError(f"{opts.out} already holds a run (ckpt.pt): continue it with "
+                             f"--resume {opts.out}, or choose another --out")
+        return opts, None
+    run_dir = Path(resume).resolve()
+    if "out" in options and Path(options["out"]).resolve() != run_dir:
+        raise ValueError(f"--out {options['out']} differs from --resume {resume}: a resumed run "
+                         "writes to its own directory")
+    ckpt = load_checkpoint(run_dir / "ckpt.pt")
+    saved = ckpt["options"]
+    opts = make_options({**saved, **options, "out": str(run_dir)})
+    differ = [f"{k} ({saved[k]!r} -> {getattr(opts, k)!r})" for k in TRAJECTORY
+              if getattr(opts, k) != saved[k]]
+    if differ:
+        raise ValueError(f"--resume {resume}: option(s) differ from the checkpoint's: "
+                         f"{', '.join(differ)}; a resumed run keeps them")
+    return opts, ckpt
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, a pickle error: all mean the same to the user
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a gptfast training checkpoint")
+    return ckpt
+
+
+def model_config(opts: TrainOptions) -> dict:
+    if opts.config_json is not None:
+        path = Path(opts.config_json)
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--config-json {path}: cannot read a JSON config ({exc})") from None
+    else:
+        cfg = get_config(opts.config)
+    if opts.drop_rate is not None:
+        cfg = {**cfg, "drop_rate": opts.drop_rate}
+    return check_config(cfg)
+
+
+# ---------------------------------------------------------------- distributed setup
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+
+def setup_distributed(opts: TrainOptions) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if opts.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp runs under torchrun: torchrun --nproc_per_node=N -m gptfast train ...")
+    if opts.batch_size % world:
+        raise ValueError(f"batch_size {opts.batch_size} is not divisible by the world size "
+                         f"{world}: every rank needs the same number of rows")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)  # one GPU per rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 or opts.fsdp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def full_tensor(t):
+    from torch.distributed.tensor import DTensor  # imported on use: it is slow to import
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def tree_map(fn, obj):
+    if isinstance(obj, dict):
+        return {k: tree_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map(fn, v) for v in obj)
+    return fn(obj) if isinstance(obj, torch.Tensor) else obj
+
+
+def full_model_state(model) -> dict:
+    """Chapter-layout state_dict, gathered from FSDP shards (a collective), on the CPU."""
+    return {k: full_tensor(v).detach().cpu().clone() for k, v in model.state_dict().items()
+            if not k.endswith(".att.mask")}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a full optimizer state, sharding each tensor like its parameter under FSDP2."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    per_param = {}
+    for i, values in state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            values = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                      if v.shape == p.shape else v for k, v in values.items()}
+        per_param[i] = values
+    optimizer.load_state_dict({**state, "state": per_param})
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` to ``path.tmp``, fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chapter_to_hf(state: dict) -> dict:
+    """The Hugging Face GPT-2 layout of a chapter state_dict (the inverse of ``hf_to_chapter``)."""
+    hf = {"wte.weight": state["tok_emb.weight"], "wpe.weight": state["pos_emb.weight"],
+          "ln_f.weight": state["final_norm.scale"], "ln_f.bias": state["final_norm.shift"],
+          "lm_head.weight": state["out_head.weight"]}
+    n_layers = len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")})
+    for i in range(n_layers):
+        b, h = f"trf_blocks.{i}.", f"h.{i}."
+        qkv = [state[b + f"att.W_{n}.weight"] for n in ("query", "key", "value")]
+        hf[h + "attn.c_attn.weight"] = torch.cat(qkv).t()
+        if b + "att.W_query.bias" in state:
+            hf[h + "attn.c_attn.bias"] = torch.cat([state[b + f"att.W_{n}.bias"]
+                                                    for n in ("query", "key", "value")])
+        for dst, src in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                         ("mlp.c_proj", "ff.layers.2")):
+            hf[h + dst + ".weight"] = state[b + src + ".weight"].t()
+            hf[h + dst + ".bias"] = state[b + src + ".bias"]
+        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            hf[h + dst + ".weight"] = state[b + src + ".scale"]
+            hf[h + dst + ".bias"] = state[b + src + ".shift"]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def hf_config(cfg: dict) -> dict:
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg["vocab_size"], "n_positions": cfg["context_length"],
+            "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"],
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": False, "bos_token_id": END_OF_TEXT_ID,
+            "eos_token_id": END_OF_TEXT_ID, "gptfast_config": cfg}
+
+
+def export_weights(out: Path, state: dict, cfg: dict) -> None:
+    from safetensors.torch import save
+
+    data = save(chapter_to_hf(state), metadata={"format": "pt"})
+    atomic_write(out / "model.safetensors", lambda f: f.write(data))
+    text = json.dumps(hf_config(cfg), indent=2) + "\n"
+    atomic_write(out / "config.json", lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------- data and schedule
+
+class Batches:
+    """Global batches of training windows (shuffled per epoch) and fixed validation batches."""
+
+    def __init__(self, data: TokenData, opts: TrainOptions, d: Dist):
+        self.data, self.seq_len, self.seed = data, opts.seq_len, opts.seed
+        self.batch, self.d = opts.batch_size, d
+        self.rows = slice(d.rank * self.batch // d.world, (d.rank + 1) * self.batch // d.world)
+        self.n_train = data.windows("train", self.seq_len)
+        self.n_val = data.windows("val", self.seq_len)
+        self._epoch, self._order = -1, None
+
+    def _window(self, counter: int) -> int:
+        epoch, i = divmod(counter, self.n_train)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.n_train)
+        return int(self._order[i]) * self.seq_len
+
+    def _tensors(self, split, starts):
+        x, y = self.data.batch(split, starts, self.seq_len)
+        as_tensor = lambda a: torch.from_numpy(a).to(self.d.device, non_blocking=True)
+        return as_tensor(x), as_tensor(y)
+
+    def train(self, micro_batch: int):
+        """This rank's rows of global micro-batch number ``micro_batch``."""
+        first = micro_batch * self.batch
+        counters = range(first, first + self.batch)[self.rows]
+        return self._tensors("train", [self._window(c) for c in counters])
+
+    def val(self, i: int):
+        first = i * self.batch
+        counters = range(first, first + self.batch)[self.rows]
+        return self._tensors("val", [(c % self.n_val) * self.seq_len for c in counters])
+
+
+def lr_factor(step: int, opts: TrainOptions, total_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step (as a factor of lr)."""
+    if step < opts.warmup_steps:
+        return (step + 1) / opts.warmup_steps
+    progress = (step - opts.warmup_steps) / max(1, total_steps - opts.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return (opts.min_lr + (opts.lr - opts.min_lr) * cosine) / opts.lr
+
+
+def param_groups(model, weight_decay):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LossModule(torch.nn.Module):
+    """``model.loss`` as a forward, so DDP's hooks (and torch.compile) see the training step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)
+
+
+def flops_per_token(model: GPTModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12·L·d·T."""
+    cfg = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    return 6 * n + 12 * cfg["n_layers"] * cfg["emb_dim"] * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """One training run: the model (wrapped for DDP/FSDP), optimizer, schedule, data and logs."""
+
+    def __init__(self, opts: TrainOptions, ckpt: dict | None, d: Dist):
+        self.opts, self.d, self.out = opts, d, Path(opts.out)
+        self.data = TokenData(opts.data)
+        self.cfg = model_config(opts)
+        if ckpt is not None and ckpt["cfg"] != self.cfg:
+            raise ValueError(f"{self.out / 'ckpt.pt'}: written for config {ckpt['cfg']}, the options "
+                             f"now give {self.cfg}")
+        opts.seq_len = opts.seq_len or self.cfg["context_length"]
+        if opts.seq_len > self.cfg["context_length"]:
+            raise ValueError(f"seq_len {opts.seq_len} exceeds the model's context length "
+                             f"{self.cfg['context_length']}")
+        if ckpt is not None and ckpt["world_size"] != d.world:
+            raise ValueError(f"{self.out / 'ckpt.pt'} was written by {ckpt['world_size']} "
+                             f"process(es); resume it with as many (this run has {d.world})")
+        self.data.check_window(opts.seq_len)
+        self.tokens_per_step = opts.batch_size * opts.grad_accum * opts.seq_len
+        steps = [s for s in (opts.max_steps,
+                             opts.max_tokens and math.ceil(opts.max_tokens / self.tokens_per_step))
+                 if s is not None]
+        self.total_steps = min(steps)
+
+        torch.manual_seed(opts.seed)
+        model = GPTModel(self.cfg, kernels=opts.kernels)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        elif opts.init != "random":
+            try:
+                load_weights(model, read_checkpoint(opts.init))
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # a corrupt file, another config: the loader's reason, one line
+                raise ValueError(f"--init {opts.init}: {exc}") from None
+        torch.manual_seed(opts.seed + d.rank)  # the dropout stream, one per rank
+        self.model = model.to(d.device)
+        self.ddp = None
+        if opts.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.trf_blocks:
+                fully_shard(block)
+            fully_shard(model)
+        self.optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr,
+                                           betas=(opts.beta1, opts.beta2),
+                                           fused=True if d.device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, opts, self.total_steps))
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=opts.dtype == "fp16")
+        step_module = LossModule(model)
+        if opts.compile:
+            step_module = torch.compile(step_module)
+        if d.on and not opts.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_module = self.ddp = DistributedDataParallel(step_module)
+        self.step_module = step_module
+        self.step = 0
+        if ckpt is not None:
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"][d.rank])
+            self.step = ckpt["step"]
+        self.batches = Batches(self.data, opts, d)
+        self.autocast = torch.autocast(d.device.type, dtype=DTYPES[opts.dtype],
+                                       enabled=opts.dtype != "fp32")
+        self.flops = flops_per_token(model, opts.seq_len)
+        self.peak = peak_flops(d.device)
+
+    # ---- one optimizer step
+    def train_step(self) -> torch.Tensor:
+        opts, loss_sum = self.opts, torch.zeros((), device=self.d.device)
+        for micro in range(opts.grad_accum):
+            x, y = self.batches.train(self.step * opts.grad_accum + micro)
+            last = micro == opts.grad_accum - 1
+            if opts.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with self.autocast:
+                    loss = self.step_module(x, y) / opts.grad_accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if opts.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches; every rank computes its rows."""
+        self.model.eval()
+        total = torch.zeros((), device=self.d.device)
+        for i in range(self.opts.eval_batches):
+            x, y = self.batches.val(i)
+            with self.autocast:
+                total += self.model.loss(x, y).float()
+        self.model.train()
+        if self.d.on:
+            dist.all_reduce(total)
+        return total.item() / (self.opts.eval_batches * self.d.world)
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """A greedy continuation of the prompt with the KV cache (every rank under FSDP)."""
+        enc = tokenizer()
+        ids = torch.tensor([enc.encode(self.opts.prompt, allowed_special={END_OF_TEXT})],
+                           device=self.d.device)
+        self.model.eval()
+        with self.autocast:
+            out = generate(self.model, ids, self.opts.sample_tokens, eos_id=END_OF_TEXT_ID,
+                           cuda_graph=False)
+        self.model.train()
+        return enc.decode(out[0, ids.shape[1]:].tolist())
+
+    # ---- checkpoints
+    def checkpoint(self) -> None:
+        """Write ckpt.pt (all ranks take part in gathering; rank 0 writes) and the export."""
+        main, gather = self.d.rank == 0, self.d.rank == 0 or self.opts.fsdp  # FSDP: all gather
+        model_state = full_model_state(self.model) if gather else None
+        optim_state = self.optimizer.state_dict()
+        optim_state = tree_map(lambda t: full_tensor(t).cpu().clone(), optim_state) if gather else None
+        rngs = [None] * self.d.world
+        if self.d.on:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if main:
+            ckpt = {"format": CKPT_FORMAT, "options": dataclasses.asdict(self.opts), "cfg": self.cfg,
+                    "step": self.step, "world_size": self.d.world,
+                    "data_position": self.step * self.opts.grad_accum * self.opts.batch_size,
+                    "model": model_state, "optimizer": optim_state,
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "rng": rngs}
+            atomic_write(self.out / "ckpt.pt", lambda f: torch.save(ckpt, f))
+            export_weights(self.out, model_state, self.cfg)
+        if self.d.on:
+            dist.barrier()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the step in progress."""
+
+    def __init__(self):
+        self.caught = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)",
+              file=sys.stderr)
+        return
+    rows = read_log(out / "log.jsonl")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss")
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+def train(callback=None, **options) -> dict:
+    """Train a GPT model; the keyword arguments are ``TrainOptions``' fields.
+
+    Returns ``{"step", "loss", "val_loss", "out", "stopped_by"}``. ``callback(step, row)``, if
+    given, is called on every rank after each step with that step's log row.
+    """
+    opts, ckpt = resolve_options(options)
+    d = setup_distributed(opts)
+    try:
+        run = Run(opts, ckpt, d)
+        del ckpt
+        return _loop(run, callback)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loop(run: Run, callback) -> dict:
+    opts, d, out = run.opts, run.d, run.out
+    log_path, main = out / "log.jsonl", d.rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_log(log_path) if r["step"] <= run.step]  # rows past the checkpoint go
+        atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    last = {"loss": None, "val_loss": None}
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not main,
+               dynamic_ncols=True)
+    stop = StopSignal()
+    try:
+        with stop, open(log_path, "a") if main else contextlib.nullcontext() as log:
+            while run.step < run.total_steps:
+                start = time.perf_counter()
+                lr = run.scheduler.get_last_lr()[0]
+                loss = run.train_step()
+                flags = torch.stack([loss, torch.tensor(float(stop.caught is not None),
+                                                        device=d.device)])
+                if d.on:
+                    dist.all_reduce(flags)
+                loss_sum, stop_votes = flags.tolist()  # waits for the device: the step is done
+                seconds = time.perf_counter() - start
+                row = {"step": run.step, "loss": loss_sum / d.world, "lr": lr,
+                       "tokens": run.step * run.tokens_per_step,
+                       "tokens_per_s": run.tokens_per_step / seconds}
+                if run.peak is not None:
+                    row["mfu"] = run.flops * row["tokens_per_s"] / (run.peak * d.world)
+                done = run.step == run.total_steps
+                if run.step % opts.eval_every == 0 or done:
+                    row["val_loss"] = last["val_loss"] = run.evaluate()
+                if opts.sample_every and (run.step % opts.sample_every == 0 or done) and (
+                        main or opts.fsdp):
+                    row["sample"] = run.sample()
+                last["loss"] = row["loss"]
+                if main:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:,.0f}")
+                    if "sample" in row:
+                        bar.write(f"step {run.step} sample: {opts.prompt + row['sample']!r}")
+                if callback is not None:
+                    callback(run.step, row)
+                interrupted = stop_votes > 0
+                if done or interrupted or run.step % opts.ckpt_every == 0:
+                    run.checkpoint()
+                if interrupted:
+                    break
+    finally:
+        bar.close()
+        if main and log_path.is_file():
+            plot_losses(out)
+    if stop.caught and main:
+        print(f"stopped by {stop.caught} at step {run.step}; checkpoint in {out / 'ckpt.pt'}, "
+              f"continue with --resume {out}", file=sys.stderr)
+    return {"step": run.step, **last, "out": str(out), "stopped_by": stop.caught}
+
+
+def add_train_arguments(parser) -> None:
+    """One flag per ``TrainOptions`` field; flags not given are left out of the parsed namespace."""
+    choices = {"dtype": list(DTYPES), "kernels": list(KERNEL_CHOICES)}
+    for f in dataclasses.fields(TrainOptions):
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        shown = "" if f.default is None else f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, choices=choices.get(f.name), default=argparse.SUPPRESS,
+                                help=f.metadata["help"] + shown)
