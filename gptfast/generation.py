@@ -38,6 +38,8 @@ def generate_tokens(
     """
     steps, context_size, sampling = _check_args(
         model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, cuda_graph)
+    if use_cache not in (True, False):
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
     use_cache = bool(use_cache) and hasattr(model, "new_cache")
     return _token_stream(model, idx, steps, context_size, sampling, use_cache, cuda_graph)
 
@@ -190,6 +192,10 @@ def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, eo
         context_size = cfg["context_length"]
     if not _is_int(context_size) or context_size <= 0:
         raise ValueError(f"context_size must be a positive int, got {context_size!r}")
+    if cfg is not None and context_size > cfg["context_length"]:
+        raise ValueError(
+            f"context_size {context_size} exceeds the model's context length {cfg['context_length']}"
+        )
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or 0 in idx.shape:
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a non-empty (batch, n) tensor of token ids, got {shape}")

@@ -640,6 +640,8 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
             )
     check_device(op, q=q, k=k, v=v)
     check_float(op, q=q, k=k, v=v)
+    if causal not in (True, False):
+        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:

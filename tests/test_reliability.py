@@ -157,6 +157,8 @@ def test_state_dict_masks_are_fresh_tensors_per_layer_and_call():
     ({"top_k": 2.5}, ValueError, "top_k must be between 1"),
     ({"context_size": "8"}, ValueError, "context_size must be a positive int"),
     ({"context_size": 0}, ValueError, "context_size must be a positive int"),
+    ({"context_size": 17}, ValueError, "exceeds the model's context length 16"),
+    ({"use_cache": "no"}, TypeError, "use_cache must be True or False"),
     ({"generator": 123}, TypeError, "generator must be a torch.Generator"),
     ({"eos_id": 61}, ValueError, "eos_id must be a token id"),
     ({"max_new_tokens": 2.0}, ValueError, "max_new_tokens must be a non-negative int"),
@@ -327,6 +329,8 @@ def test_kernel_inputs_get_clear_errors():
     q = torch.randn(1, 2, 5, 16, device=DEVICE)
     with pytest.raises(TypeError, match="attention: generator must be a torch.Generator"):
         kernels.attention(q, q, q, dropout_p=0.1, generator=123)
+    with pytest.raises(TypeError, match="attention: causal must be True or False"):
+        kernels.attention(q, q, q, causal="no")
     with pytest.raises(TypeError, match="swap_layer_norms: module must be a torch.nn.Module"):
         kernels.swap_layer_norms("model")
 
