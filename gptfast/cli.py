@@ -55,6 +55,12 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if device.type == "cpu" and args.kernels == "triton":
+        from kernels._common import INTERPRETING
+
+        if not INTERPRETING:
+            raise ValueError("--kernels triton on CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
+                             "before starting Python); use --kernels torch or auto")
     torch.manual_seed(args.seed)
     if args.weights:
         model = load_gpt2(args.weights, kernels=args.kernels)

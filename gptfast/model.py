@@ -121,7 +121,8 @@ class ModelCache:
 
     def __init__(self, layers: list[KVCache]):
         self.layers = layers
-        self.batch_size, _, self.max_len, _ = layers[0].k.shape
+        self.batch_size, heads, self.max_len, head_dim = layers[0].k.shape
+        self.layout = (len(layers), heads, head_dim)
         self.dtype, self.device = layers[0].k.dtype, layers[0].k.device
 
 
@@ -308,9 +309,10 @@ class GPTModel(nn.Module):
         back the one that was there, so streams on one model never share a cache."""
         if cache is not None:
             if not isinstance(cache, ModelCache):
-                raise TypeError(f"cache must be a ModelCache from model.new_cache(), got {type(cache).__name__}")
-            shapes = [(b.att.num_heads, b.att.head_dim) for b in self.trf_blocks]
-            if [tuple(c.k.shape[1::2]) for c in cache.layers] != shapes:
+                what = type(cache).__name__
+                raise TypeError(f"cache must be a ModelCache from model.new_cache(), got {what}")
+            att = self.trf_blocks[0].att
+            if cache.layout != (len(self.trf_blocks), att.num_heads, att.head_dim):
                 raise ValueError("cache was made by a model of another shape (layers, heads, head_dim)")
         self.kv_cache = cache
         for i, block in enumerate(self.trf_blocks):

@@ -138,7 +138,8 @@ def _layer_count(keys) -> int:
 
 def check_state_dict(model: GPTModel, state: dict) -> None:
     """Raise naming the first missing, unexpected or mis-shaped key (the ``mask`` keys are optional)."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".att.mask")}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    expected = {k: v.shape for k, v in tensors}  # the state_dict's keys, less the masks it builds
     given = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
     if "tok_emb.weight" not in given:
         raise ValueError(

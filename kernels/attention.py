@@ -710,7 +710,8 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _check_inputs(q, k, v, causal, scale, dropout_p)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"attention: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        what = type(generator).__name__
+        raise TypeError(f"attention: generator must be a torch.Generator or None, got {what}")
     seed = _draw_seed(generator) if dropout_p > 0 else None
     return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)[0]
 

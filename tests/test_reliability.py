@@ -31,7 +31,8 @@ def tiny(seed=0, **cfg):
 
 
 def ids(*shape, seed=1):
-    return torch.randint(0, CFG["vocab_size"], shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG["vocab_size"], shape, generator=g).to(DEVICE)
 
 
 # --- one cache per generation ----------------------------------------------------------------
@@ -78,6 +79,15 @@ def test_a_failed_setup_cache_leaves_the_installed_cache():
         assert model.kv_cache is before and model.trf_blocks[1].att.cache is before.layers[1]
 
 
+def test_set_cache_takes_only_a_cache_made_for_the_model():
+    model = tiny()
+    with pytest.raises(TypeError, match="cache must be a ModelCache"):
+        model.set_cache("cache")
+    with pytest.raises(ValueError, match="made by a model of another shape"):
+        model.set_cache(tiny(n_heads=4).new_cache(1))
+    assert model.kv_cache is None
+
+
 @pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
                                                (True, TypeError), ("2", TypeError)])
 def test_setup_cache_rejects_bad_batch_sizes(batch_size, error):
@@ -122,7 +132,7 @@ def test_start_pos_as_numpy_int_or_0d_tensor_is_the_int():
 
 def test_a_cache_of_another_dtype_than_the_compute_dtype_is_refused():
     model = tiny().setup_cache(1, dtype=torch.float16)
-    with pytest.raises(ValueError, match="KV cache holds torch.float16 but the model computes in torch.float32"):
+    with pytest.raises(ValueError, match="holds torch.float16 but the model computes in torch.float32"):
         model(ids(1, 2), start_pos=0)
 
 
@@ -137,7 +147,8 @@ def test_state_dict_masks_are_fresh_tensors_per_layer_and_call():
     state = model.state_dict()
     causal = torch.ones(16, 16, device=DEVICE).triu(1)
     assert torch.equal(state["trf_blocks.0.att.mask"], causal)
-    masks = [state[f"trf_blocks.{i}.att.mask"] for i in range(2)] + [model.state_dict()["trf_blocks.0.att.mask"]]
+    masks = [state["trf_blocks.0.att.mask"], state["trf_blocks.1.att.mask"],
+             model.state_dict()["trf_blocks.0.att.mask"]]
     assert len({m.data_ptr() for m in masks}) == 3
     chapter = ChapterGPTModel(CFG).to(DEVICE).eval()
     chapter.load_state_dict(state)
@@ -392,6 +403,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     a_file.write_text("")
     assert "is a file" in _cli_error(capsys, "profile", "--config", "tiny", "--device", "cpu",
                                      "--kernels", "torch", "--out", str(a_file))
+
+
+def test_cli_triton_kernels_on_cpu_without_the_interpreter_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr("kernels._common.INTERPRETING", False)
+    err = _cli_error(capsys, "generate", "x", "--kernels", "triton", "--device", "cpu")
+    assert "needs Triton's interpreter" in err
 
 
 def test_cli_output_piped_into_head_ends_quietly():
