@@ -21,6 +21,7 @@ import torch
 from bench import _runner
 from bench._metrics import device_name, device_slug
 from bench._report import markdown, write_summary
+from kernels._common import INTERPRETING
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -95,8 +96,25 @@ def results_dir(config) -> Path:
     return Path(given) if given else BENCH_DIR / "results" / device_slug(device_name())
 
 
+def pytest_configure(config):
+    given = config.getoption("results_dir", default=None)
+    if given and Path(given).exists() and not Path(given).is_dir():
+        raise pytest.UsageError(f"--results-dir {given}: a file; give a directory for the summary")
+
+
+NO_INTERPRETER = pytest.mark.skip(
+    reason="no CUDA device and TRITON_INTERPRET=0: the interpreter cases need the Triton "
+    "interpreter (unset TRITON_INTERPRET or set it to 1)"
+)
+
+
 def pytest_collection_modifyitems(config, items):
     config._gptfast_bench_items = sum(BENCH_DIR in Path(item.path).parents for item in items)
+    if torch.cuda.is_available() or INTERPRETING:
+        return
+    for item in items:
+        if any(mark == _runner.INTERPRETER_ONLY.mark for mark in item.iter_markers("skipif")):
+            item.add_marker(NO_INTERPRETER)
 
 
 def _stem(config) -> str:

@@ -3,6 +3,7 @@
 
 import argparse
 import codecs
+import os
 import sys
 import time
 
@@ -36,26 +37,55 @@ def cmd_info(args) -> None:
         print(f"{name:<22}{counts['total']:>16,}{counts['tied']:>20,}{counts['fp32_mb']:>17,.2f}")
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device a command runs on: cpu or cuda[:N] (default: cuda if present), checked."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: generation runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this torch has no CUDA device (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def cmd_generate(args) -> None:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if device.type == "cpu" and args.kernels == "triton":
+        from kernels._common import INTERPRETING
+
+        if not INTERPRETING:
+            raise ValueError("--kernels triton on CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
+                             "before starting Python); use --kernels torch or auto")
     torch.manual_seed(args.seed)
     if args.weights:
         model = load_gpt2(args.weights, kernels=args.kernels)
     else:
-        cfg = {**get_config(args.config), "drop_rate": 0.0}
-        model = GPTModel(cfg, kernels=args.kernels)
-        print(f"note: no --weights given, generating from random {args.config} weights",
-              file=sys.stderr)
+        model = GPTModel({**get_config(args.config), "drop_rate": 0.0}, kernels=args.kernels)
     model.to(device).eval()
     enc = tokenizer()
-    idx = torch.tensor([enc.encode(args.prompt, allowed_special="all")], device=device)
+    ids = enc.encode(args.prompt, allowed_special="all")
+    if not ids:
+        raise ValueError("the prompt is empty: give some text to continue")
+    idx = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = generate_tokens(model, idx, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator,
+                             use_cache=not args.no_cache)  # checks the arguments: nothing printed yet
+    if not args.weights:
+        print(f"note: no --weights given, generating from random {args.config} weights",
+              file=sys.stderr)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(args.prompt, end="", flush=True)
     start, n = time.perf_counter(), 0
-    for token in generate_tokens(model, idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator,
-                                 use_cache=not args.no_cache):
+    for token in tokens:
         n += 1
         print(utf8.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
     seconds = time.perf_counter() - start
@@ -111,10 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. Any bad input (of any subcommand) prints one line to stderr and exits 2;
+    a reader that stops early (``| head``) ends the run quietly."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's exit flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass

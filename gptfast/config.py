@@ -1,5 +1,7 @@
 """Model configurations: the chapter's plain dicts, for the four GPT-2 sizes."""
 
+import numbers
+
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # BPE vocabulary of the GPT-2 tokenizer
     "context_length": 1024,  # maximum number of input tokens
@@ -37,7 +39,10 @@ def get_config(name: str) -> dict:
 
 
 def check_config(cfg: dict) -> dict:
-    """Validate a chapter-style config dict: exactly the known keys, sensible values."""
+    """Validate a chapter-style config dict: exactly the known keys, sensible values.
+
+    Returns a copy with plain Python values (numpy numbers are accepted and converted).
+    """
     if not isinstance(cfg, dict):
         raise TypeError(f"cfg must be a dict like GPT_CONFIG_124M, got {type(cfg).__name__}")
     unknown, missing = set(cfg) - REQUIRED_KEYS, REQUIRED_KEYS - set(cfg)
@@ -45,13 +50,20 @@ def check_config(cfg: dict) -> dict:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}; known keys: {sorted(REQUIRED_KEYS)}")
     if missing:
         raise ValueError(f"config is missing key(s) {sorted(missing)}")
+    out = dict(cfg)
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
-            raise ValueError(f"config[{key!r}] must be a positive int, got {cfg[key]!r}")
-    if cfg["emb_dim"] % cfg["n_heads"]:
+        value = cfg[key]
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
+        out[key] = int(value)
+    if out["emb_dim"] % out["n_heads"]:
         raise ValueError(
-            f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']})"
+            f"emb_dim ({out['emb_dim']}) must be divisible by n_heads ({out['n_heads']})"
         )
-    if not 0.0 <= cfg["drop_rate"] < 1.0:
-        raise ValueError(f"config['drop_rate'] must be in [0, 1), got {cfg['drop_rate']!r}")
-    return cfg
+    rate = cfg["drop_rate"]
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"config['drop_rate'] must be a number in [0, 1), got {rate!r}")
+    out["drop_rate"] = float(rate)
+    if not isinstance(cfg["qkv_bias"], bool):
+        raise ValueError(f"config['qkv_bias'] must be True or False, got {cfg['qkv_bias']!r}")
+    return out

@@ -10,7 +10,14 @@ window (prefill), exactly as the uncached loop does.
 On CUDA the one-token decode step is captured once as a CUDA graph with static inputs (token,
 per-row position) and replayed, which removes the per-kernel launch cost that dominates batch-1
 decoding.
+
+Each decoder owns its cache (``model.new_cache``) and installs it on the model only while its
+own forward calls (and its graph capture) run, putting back whatever was installed before; a
+captured graph reads and writes the tensors of the cache it was captured with. So several
+decoders on one model, stepped in any interleaving, never see each other's keys and values.
 """
+
+import contextlib
 
 import torch
 
@@ -33,7 +40,8 @@ class KVCacheDecoder:
     """
 
     def __init__(self, model, batch_size, context_size, cuda_graph=None, prompt_lens=None):
-        self.model = model.setup_cache(batch_size, max_len=context_size)
+        self.model = model
+        self.cache = model.new_cache(batch_size, max_len=context_size)
         self.context_size = context_size
         self.prompt_lens = prompt_lens
         self.pos = 0  # columns of idx in the cache
@@ -46,7 +54,8 @@ class KVCacheDecoder:
         if self.pos == 0 or n > self.context_size or n != self.pos + 1:
             window = idx[:, -self.context_size:]  # prefill (again, once cropping shifts positions)
             self.pos = window.shape[1]
-            logits = self.model(window, start_pos=0)
+            with self._installed():
+                logits = self.model(window, start_pos=0)
             if self.prompt_lens is None:
                 return logits[:, -1]
             self.row_pos = self.prompt_lens.clone()  # where each row's next token goes
@@ -60,9 +69,11 @@ class KVCacheDecoder:
 
     def _decode(self, token, start):
         if not self.cuda_graph:
-            return self.model(token, start_pos=start)[:, -1]
+            with self._installed():
+                return self.model(token, start_pos=start)[:, -1]
         if self.graph is None:
-            self._capture(token, start)
+            with self._installed():
+                self._capture(token, start)
         self.static_token.copy_(token)
         _assign(self.static_pos, start)
         self.graph.replay()
@@ -88,9 +99,18 @@ class KVCacheDecoder:
         with torch.cuda.graph(self.graph):
             self.static_logits = step()
 
+    @contextlib.contextmanager
+    def _installed(self):
+        """This decoder's cache on the model for the duration, then the previous one again."""
+        previous = self.model.kv_cache
+        self.model.set_cache(self.cache)
+        try:
+            yield
+        finally:
+            self.model.set_cache(previous)
+
     def close(self):
-        self.model.reset_cache()
-        self.graph = None
+        self.cache = self.graph = None
 
 
 def _assign(static, value):

@@ -1,6 +1,9 @@
 """Text generation: the chapter's greedy loop, and sampling with temperature and top-k."""
 
+import math
+import numbers
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -30,27 +33,41 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of each row, a (batch, 1) tensor per step (see ``generate``).
 
-    Arguments are checked when this is called, before the first token is computed.
+    Arguments are checked when this is called, before the first token is computed. Each stream
+    owns its KV cache: several streams on one model may be consumed in any interleaving.
     """
-    context_size = _check_args(model, idx, max_new_tokens, context_size, temperature, top_k)
-    return _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
-                         generator, use_cache and hasattr(model, "setup_cache"), cuda_graph)
+    steps, context_size, sampling = _check_args(
+        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, cuda_graph)
+    if use_cache not in (True, False):
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+    use_cache = bool(use_cache) and hasattr(model, "new_cache")
+    return _token_stream(model, idx, steps, context_size, sampling, use_cache, cuda_graph)
 
 
-def _token_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
-                  use_cache, cuda_graph):
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is picked (checked arguments of ``generate``)."""
+
+    temperature: float
+    top_k: int | None
+    eos_id: int | None
+    generator: torch.Generator | None
+
+
+def _token_stream(model, idx, max_new_tokens, context_size, sampling, use_cache, cuda_graph):
     if use_cache and max_new_tokens:
         next_logits = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph)
     else:
         next_logits = uncached(model, context_size)
     try:
-        yield from _sample(next_logits, idx, max_new_tokens, temperature, top_k, eos_id, generator)
+        yield from _sample(next_logits, idx, max_new_tokens, sampling)
     finally:
         if use_cache and max_new_tokens:
             next_logits.close()
 
 
-def _sample(next_logits, idx, max_new_tokens, temperature, top_k, eos_id, generator):
+def _sample(next_logits, idx, max_new_tokens, sampling: Sampling):
+    top_k, eos_id = sampling.top_k, sampling.eos_id
     done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         with torch.no_grad():
@@ -58,9 +75,9 @@ def _sample(next_logits, idx, max_new_tokens, temperature, top_k, eos_id, genera
         if top_k is not None:
             kth_largest = torch.topk(logits, top_k).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, -torch.inf)
-        if temperature > 0.0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+        if sampling.temperature > 0.0:
+            probs = torch.softmax(logits / sampling.temperature, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=sampling.generator)
         else:
             idx_next = torch.argmax(logits, dim=-1, keepdim=True)
         if eos_id is not None:  # finished rows keep emitting eos_id
@@ -86,7 +103,7 @@ def generate(
     cropped to their last ``context_size`` tokens, as in the chapter.
 
     ``use_cache`` (default) keeps keys and values in a KV cache so each step runs one token
-    (models without ``setup_cache`` always recompute); the tokens are those of the uncached
+    (models without ``new_cache`` always recompute); the tokens are those of the uncached
     loop. ``cuda_graph`` (default: on for CUDA models) replays the decode step as a CUDA graph.
     """
     new = list(generate_tokens(
@@ -102,28 +119,32 @@ def generate_batch(
 ) -> list[torch.Tensor]:
     """Generate after several prompts of different lengths at once, with the KV cache.
 
-    ``prompts``: a list of 1-D token-id tensors (or lists). Returns, per prompt, a 1-D tensor:
-    the prompt and its new tokens (cut after ``eos_id`` when the row emits it). The prompts are
-    right-padded into one batch; each row predicts from its own last token and continues at its
-    own positions, so greedy results equal generating each prompt alone. Rows that would outgrow
-    the context (and need the chapter's cropping at different steps) are generated one by one.
+    ``prompts``: a list of 1-D integer token-id tensors (or lists of ints). Returns, per prompt,
+    a 1-D tensor: the prompt and its new tokens (cut after ``eos_id`` when the row emits it). The
+    prompts are right-padded into one batch; each row predicts from its own last token and
+    continues at its own positions, so greedy results equal generating each prompt alone. Rows
+    that would outgrow the context (and need the chapter's cropping at different steps) are
+    generated one by one.
     """
+    if not all(hasattr(model, a) for a in ("cfg", "tok_emb", "new_cache")):
+        raise TypeError(
+            f"generate_batch needs a GPTModel (with .cfg and a KV cache), got {type(model).__name__}"
+        )
     device = model.tok_emb.weight.device
-    rows = [torch.as_tensor(p, dtype=torch.long, device=device).flatten() for p in prompts]
-    if not rows or any(r.numel() == 0 for r in rows):
-        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    rows = _prompt_rows(prompts, device)
     lens = [r.numel() for r in rows]
-    args = (temperature, top_k, eos_id, generator)
-    if max(lens) + max_new_tokens > model.cfg["context_length"]:
-        return [generate(model, r[None], max_new_tokens, None, *args, True, cuda_graph)[0] for r in rows]
     idx = torch.zeros(len(rows), max(lens), dtype=torch.long, device=device)
     for b, r in enumerate(rows):
         idx[b, :lens[b]] = r
-    context_size = _check_args(model, idx, max_new_tokens, None, temperature, top_k)
+    steps, context_size, sampling = _check_args(
+        model, idx, max_new_tokens, None, temperature, top_k, eos_id, generator, cuda_graph)
+    if max(lens) + steps > context_size:
+        args = (temperature, top_k, eos_id, generator, True, cuda_graph)
+        return [generate(model, r[None], steps, None, *args)[0] for r in rows]
     decoder = KVCacheDecoder(model, len(rows), context_size, cuda_graph,
                              prompt_lens=torch.tensor(lens, device=device))
     try:
-        new = list(_sample(decoder, idx, max_new_tokens, *args))
+        new = list(_sample(decoder, idx, steps, sampling))
     finally:
         decoder.close()
     new = torch.cat(new, 1) if new else idx[:, :0]
@@ -135,25 +156,77 @@ def generate_batch(
     return out
 
 
-def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k) -> int:
+def _prompt_rows(prompts, device) -> list[torch.Tensor]:
+    """Each prompt as a 1-D int64 tensor; never a silent cast of floats, strings or 2-D input."""
+    what = "prompts must be a non-empty list of non-empty 1-D token-id sequences"
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{what} (encode text first), got {type(prompts).__name__}")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            if p.dtype not in (torch.int64, torch.int32) or p.dim() != 1:
+                raise ValueError(f"{what}: prompts[{i}] is a {p.dtype} tensor of shape {tuple(p.shape)}")
+            rows.append(p.to(device=device, dtype=torch.long))
+            continue
+        if not isinstance(p, (list, tuple)) or not all(_is_int(t) for t in p):
+            raise TypeError(f"{what}: prompts[{i}] is {p!r:.60}, not a sequence of ints")
+        rows.append(torch.tensor([int(t) for t in p], dtype=torch.long, device=device))
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise ValueError(what)
+    return rows
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
+                cuda_graph) -> tuple[int, int, Sampling]:
+    """Every argument of ``generate`` checked (numpy scalars accepted), before any state changes."""
     cfg = getattr(model, "cfg", None)
+    if not callable(model):
+        raise TypeError(f"model must be a torch module (callable), got {type(model).__name__}")
     if context_size is None:
         if cfg is None:
             raise ValueError("context_size is required for models without a .cfg dict")
         context_size = cfg["context_length"]
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+    if not _is_int(context_size) or context_size <= 0:
+        raise ValueError(f"context_size must be a positive int, got {context_size!r}")
+    if cfg is not None and context_size > cfg["context_length"]:
+        raise ValueError(
+            f"context_size {context_size} exceeds the model's context length {cfg['context_length']}"
+        )
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or 0 in idx.shape:
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a non-empty (batch, n) tensor of token ids, got {shape}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must hold int64 or int32 token ids, got {idx.dtype}")
+    weight = getattr(getattr(model, "tok_emb", None), "weight", None)
+    if weight is not None and weight.device != idx.device:
+        raise ValueError(f"idx is on {idx.device} but the model is on {weight.device}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if context_size <= 0:
-        raise ValueError(f"context_size must be positive, got {context_size}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= (cfg or {}).get("vocab_size", top_k):
-        raise ValueError(f"top_k must be between 1 and the vocabulary size, got {top_k}")
+    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and a finite number, got {temperature!r}")
+    vocab = (cfg or {}).get("vocab_size")
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= (vocab or top_k)):
+        raise ValueError(f"top_k must be between 1 and the vocabulary size ({vocab}), an int, got {top_k!r}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < (vocab or eos_id + 1)):
+        raise ValueError(f"eos_id must be a token id (an int in [0, {vocab})), got {eos_id!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != idx.device.type:
+            raise ValueError(f"generator is on {generator.device}, the tokens on {idx.device}")
+    if cuda_graph not in (None, True, False):
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+    if cuda_graph and idx.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {idx.device}")
     if cfg is not None:
         from gptfast.model import check_token_range
 
         check_token_range(idx, cfg["vocab_size"])
-    return context_size
+    sampling = Sampling(float(temperature), None if top_k is None else int(top_k),
+                        None if eos_id is None else int(eos_id), generator)
+    return int(max_new_tokens), int(context_size), sampling

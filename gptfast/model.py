@@ -8,7 +8,7 @@ checkpoints load here and ``torch.manual_seed(s)`` gives bit-identical initial w
 """
 
 import contextlib
-import functools
+import numbers
 
 import torch
 import torch.nn as nn
@@ -112,9 +112,18 @@ class KVCache:
         self.v.scatter_(2, index, v.to(self.v.dtype))
 
 
-@functools.lru_cache(maxsize=4)
-def _chapter_mask(context_length, dtype, device):
-    return torch.triu(torch.ones(context_length, context_length, dtype=dtype, device=device), 1)
+class ModelCache:
+    """One generation's KV cache: a ``KVCache`` per layer, made by ``GPTModel.new_cache``.
+
+    It belongs to whoever made it; ``GPTModel.set_cache`` installs it on the model (each layer
+    then appends to its own ``KVCache``), so several generations on one model each keep their own.
+    """
+
+    def __init__(self, layers: list[KVCache]):
+        self.layers = layers
+        self.batch_size, heads, self.max_len, head_dim = layers[0].k.shape
+        self.layout = (len(layers), heads, head_dim)
+        self.dtype, self.device = layers[0].k.dtype, layers[0].k.device
 
 
 class MultiHeadAttention(nn.Module):
@@ -188,9 +197,10 @@ class MultiHeadAttention(nn.Module):
         return attn_weights @ values
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # The chapter's persistent buffer comes first, as in its state_dict (one shared tensor).
-        w = self.W_query.weight
-        destination[prefix + "mask"] = _chapter_mask(self.context_length, w.dtype, w.device)
+        # The chapter's persistent buffer comes first, as in its state_dict: a new tensor each
+        # time, as each layer of each model owns its buffer there.
+        w, n = self.W_query.weight, self.context_length
+        destination[prefix + "mask"] = torch.ones(n, n, dtype=w.dtype, device=w.device).triu(1)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _drop_chapter_mask(self, module, state_dict, prefix, *args):
@@ -245,8 +255,7 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg, kernels="auto"):
         super().__init__()
-        check_config(cfg)
-        self.cfg = dict(cfg)
+        cfg = self.cfg = check_config(cfg)
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
@@ -255,6 +264,7 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         for i, block in enumerate(self.trf_blocks):
             block.name = f"trf_blocks.{i}"
+        self.kv_cache: ModelCache | None = None  # see setup_cache
         self.use_kernels(kernels)
 
     def use_kernels(self, kernels: str) -> "GPTModel":
@@ -265,36 +275,69 @@ class GPTModel(nn.Module):
                 module.kernels = kernels
         return self
 
-    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None) -> "GPTModel":
-        """Allocate a KV cache per layer for ``batch_size`` rows of up to ``max_len`` tokens.
+    def new_cache(self, batch_size, max_len=None, dtype=None, device=None) -> ModelCache:
+        """A KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: the context).
 
-        ``dtype`` defaults to the autocast dtype when autocast is on, else the weights' dtype.
-        While a cache is set, ``model(ids, start_pos=...)`` appends to it (see ``forward``).
+        ``dtype`` defaults to the autocast dtype when autocast is on, else the weights' dtype;
+        ``device`` to the weights'. The model is not changed: install it with ``set_cache``.
         """
-        max_len = max_len or self.cfg["context_length"]
-        if not 0 < max_len <= self.cfg["context_length"]:
-            raise ValueError(f"max_len must be in [1, {self.cfg['context_length']}], got {max_len}")
+        ctx = self.cfg["context_length"]
+        batch_size = _as_int("batch_size", batch_size)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+        max_len = ctx if max_len is None else _as_int("max_len", max_len)
+        if not 0 < max_len <= ctx:
+            raise ValueError(f"max_len must be in [1, {ctx}] (or None for the context), got {max_len}")
         weight = self.tok_emb.weight
-        device = torch.device(device) if device is not None else weight.device
+        try:
+            device = torch.device(device) if device is not None else weight.device
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from exc
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
-        for block in self.trf_blocks:
-            att = block.att
-            att.cache = KVCache(batch_size, att.num_heads, max_len, att.head_dim, dtype, device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        return ModelCache([
+            KVCache(batch_size, b.att.num_heads, max_len, b.att.head_dim, dtype, device)
+            for b in self.trf_blocks
+        ])
+
+    def set_cache(self, cache: ModelCache | None) -> "GPTModel":
+        """Install ``cache`` (from ``new_cache``; None removes it): ``model(ids, start_pos=...)``
+        then appends to it. Generation installs its own cache around each of its steps and puts
+        back the one that was there, so streams on one model never share a cache."""
+        if cache is not None:
+            if not isinstance(cache, ModelCache):
+                what = type(cache).__name__
+                raise TypeError(f"cache must be a ModelCache from model.new_cache(), got {what}")
+            att = self.trf_blocks[0].att
+            if cache.layout != (len(self.trf_blocks), att.num_heads, att.head_dim):
+                raise ValueError("cache was made by a model of another shape (layers, heads, head_dim)")
+        self.kv_cache = cache
+        for i, block in enumerate(self.trf_blocks):
+            block.att.cache = None if cache is None else cache.layers[i]
         return self
 
+    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None) -> "GPTModel":
+        """Allocate and install a KV cache (``new_cache`` then ``set_cache``); returns the model.
+
+        While a cache is set, ``model(ids, start_pos=...)`` appends to it (see ``forward``). On a
+        bad argument it raises before anything changes: the previous cache stays installed.
+        """
+        return self.set_cache(self.new_cache(batch_size, max_len, dtype, device))
+
     def reset_cache(self) -> None:
-        """Free the KV caches."""
-        for block in self.trf_blocks:
-            block.att.cache = None
+        """Remove the installed KV cache (freed unless its owner still holds it)."""
+        self.set_cache(None)
 
     def forward(self, in_idx, start_pos=None):
         """Logits for token ids ``in_idx`` (batch, seq_len).
 
         With a KV cache (``setup_cache``), ``start_pos`` gives the position of ``in_idx[:, 0]``:
-        an int, or a (batch,) tensor of per-row positions; the keys and values of the new tokens
-        are written to the cache there and attention covers every cached position up to them.
+        an int, or a (batch,) (or 0-d) integer tensor of per-row positions; the keys and values
+        of the new tokens are written to the cache there and attention covers every cached
+        position up to them. A tensor's values are checked for CPU input only (no host sync).
         """
         x = self.hidden_states(in_idx, start_pos)
         with label("out_head"):
@@ -302,7 +345,7 @@ class GPTModel(nn.Module):
 
     def hidden_states(self, in_idx, start_pos=None):
         """The final norm's output (batch, seq_len, emb_dim): the forward up to the output head."""
-        self._check_ids(in_idx, start_pos)
+        start_pos = self._check_ids(in_idx, start_pos)
         batch_size, seq_len = in_idx.shape
         positions = torch.arange(seq_len, device=in_idx.device)
         if start_pos is not None:
@@ -349,21 +392,66 @@ class GPTModel(nn.Module):
                 f"{self.cfg['context_length']}; crop the input (generate() does)"
             )
         if start_pos is not None:
-            cache = self.trf_blocks[0].att.cache
-            if cache is None:
-                raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-            if cache.k.shape[0] != in_idx.shape[0]:
-                raise ValueError(f"the KV cache holds {cache.k.shape[0]} rows, got a batch of {in_idx.shape[0]}")
-            if isinstance(start_pos, int) and not 0 <= start_pos <= cache.k.shape[2] - in_idx.shape[1]:
-                raise ValueError(
-                    f"tokens at positions {start_pos}..{start_pos + in_idx.shape[1] - 1} do not fit the "
-                    f"KV cache of {cache.k.shape[2]} positions"
-                )
+            start_pos = self._check_start_pos(in_idx, start_pos)
         # Checking values reads the data back; on CUDA that would sync every forward, so the
         # range check runs for CPU inputs only (generate() checks prompts wherever they are).
         # Under torch.compile it is skipped too: a data-dependent .item() would break the graph.
         if in_idx.device.type == "cpu" and in_idx.numel() and not torch.compiler.is_compiling():
             check_token_range(in_idx, self.cfg["vocab_size"])
+        return start_pos
+
+    def _check_start_pos(self, in_idx, start_pos):
+        """``start_pos`` as an int or a (batch,) tensor that fits the installed cache."""
+        cache = self.kv_cache
+        if cache is None:
+            raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
+        (b, t), max_len = in_idx.shape, cache.max_len
+        if cache.batch_size != b:
+            raise ValueError(f"the KV cache holds {cache.batch_size} rows, got a batch of {b}")
+        if cache.device != in_idx.device:
+            raise ValueError(f"the KV cache is on {cache.device}, the token ids on {in_idx.device}")
+        if not torch.compiler.is_compiling():
+            autocast = torch.is_autocast_enabled(in_idx.device.type)
+            dtype = torch.get_autocast_dtype(in_idx.device.type) if autocast else self.tok_emb.weight.dtype
+            if cache.dtype != dtype:
+                raise ValueError(
+                    f"the KV cache holds {cache.dtype} but the model computes in {dtype}: make the "
+                    "cache with dtype=None (the compute dtype) or the same dtype"
+                )
+        if not isinstance(start_pos, (int, torch.Tensor)) or isinstance(start_pos, bool):
+            if not isinstance(start_pos, numbers.Integral) or isinstance(start_pos, bool):
+                raise TypeError(f"start_pos must be an int or an integer tensor, got {start_pos!r}")
+            start_pos = int(start_pos)
+        if isinstance(start_pos, int):
+            if not 0 <= start_pos <= max_len - t:
+                raise ValueError(
+                    f"tokens at positions {start_pos}..{start_pos + t - 1} do not fit the "
+                    f"KV cache of {max_len} positions"
+                )
+            return start_pos
+        if start_pos.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"a start_pos tensor must be int64 or int32, got {start_pos.dtype}")
+        if start_pos.device != in_idx.device:
+            raise ValueError(f"start_pos is on {start_pos.device}, the token ids on {in_idx.device}")
+        if start_pos.dim() == 0:
+            start_pos = start_pos.expand(b)
+        if tuple(start_pos.shape) != (b,):
+            raise ValueError(f"a start_pos tensor must have shape ({b},) or (), got {tuple(start_pos.shape)}")
+        if start_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = start_pos.min().item(), start_pos.max().item()
+            if lo < 0 or hi > max_len - t:
+                raise ValueError(
+                    f"start_pos {lo if lo < 0 else hi}: tokens at positions from there on "
+                    f"({t} of them) do not fit the KV cache of {max_len} positions"
+                )
+        return start_pos
+
+
+def _as_int(name, value) -> int:
+    """An int from an int-like value (numpy integers too), never from a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def check_token_range(ids: torch.Tensor, vocab_size: int) -> None:

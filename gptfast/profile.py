@@ -204,6 +204,8 @@ def profile_model(config="tiny", *, batch=1, seq_len=None, mode="forward", kerne
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_options(cfg, batch, seq_len, mode, kernels, dtype, device, wait, warmup, active,
                   new_tokens, top)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out must name a directory (for trace.json), but {out} is a file")
     amp = autocast_for(dtype, device)
     torch.manual_seed(seed)
     model = GPTModel(cfg, kernels=kernels).to(device)

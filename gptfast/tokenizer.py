@@ -45,14 +45,36 @@ def tokenizer() -> tiktoken.Encoding:
 
 
 def text_to_token_ids(text: str, enc: tiktoken.Encoding | None = None):
-    """Encode text to a (1, n) int64 tensor, as the book's helper does."""
+    """Encode text to a (1, n) int64 tensor, as the book's helper does ("" gives (1, 0))."""
     import torch
 
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     enc = enc or tokenizer()
-    return torch.tensor(enc.encode(text, allowed_special={END_OF_TEXT})).unsqueeze(0)
+    return torch.tensor(enc.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.long).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids, enc: tiktoken.Encoding | None = None) -> str:
-    """Decode a (1, n) or (n,) tensor of ids back to text."""
+    """Decode a (1, n) or (n,) tensor of ids (or a list of ints) back to text."""
+    import torch
+
     enc = enc or tokenizer()
-    return enc.decode(token_ids.squeeze(0).tolist())
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        if token_ids.dim() > 2 or (token_ids.dim() == 2 and token_ids.shape[0] != 1):
+            raise ValueError(
+                f"token_ids must have shape (1, n) or (n,), got {tuple(token_ids.shape)}; "
+                "decode each row of a batch separately"
+            )
+        ids = token_ids.reshape(-1).tolist()
+    elif isinstance(token_ids, (list, tuple)):
+        ids = list(token_ids)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise TypeError("token_ids must be a tensor or a list of ints")
+    else:
+        raise TypeError(f"token_ids must be a tensor or a list of ints, got {type(token_ids).__name__}")
+    bad = [t for t in ids if not 0 <= t < enc.n_vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range for the vocabulary of {enc.n_vocab}")
+    return enc.decode(ids)

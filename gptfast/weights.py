@@ -5,7 +5,9 @@ of ``nn.Linear``) and fuses the query/key/value projections into one ``c_attn``;
 shares the token embedding ``wte``. ``hf_to_chapter`` maps such a state_dict to this model's keys.
 """
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,19 +20,43 @@ _HF_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of olde
 
 
 def read_checkpoint(path) -> dict[str, torch.Tensor]:
-    """A state_dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``)."""
+    """A state_dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``).
+
+    Any file that is not such a state_dict (truncated, garbage, a pickled module, a dict of
+    non-tensors) raises a ValueError naming the file.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # each format fails its own way (EOFError, SafetensorError, ...)
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (.pth/.pt/.bin)"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable {kind} weights file ({detail:.200})") from exc
     if isinstance(state, dict) and "model_state_dict" in state:  # the book's training checkpoints
         state = state["model_state_dict"]
+    return check_tensors(state, str(path))
+
+
+def check_tensors(state, where: str) -> dict[str, torch.Tensor]:
+    """``state`` as a dict of str -> tensor, or a ValueError naming ``where`` and the bad entry."""
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
+        raise ValueError(f"{where}: expected a state_dict (a dict of tensors), found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where}: expected a state_dict of tensors, but {key!r} holds {type(value).__name__}"
+            )
     return state
 
 
@@ -76,8 +102,18 @@ def hf_to_chapter(state: dict) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: GPTModel, source) -> GPTModel:
-    """Load a path or state_dict (Hugging Face GPT-2 or chapter format) into ``model``, in place."""
-    state = read_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
+    """Load a path or state_dict (Hugging Face GPT-2 or chapter format) into ``model``, in place.
+
+    Every mismatch is found before the model changes: on error its weights are as they were.
+    """
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"model must be a GPTModel, got {type(model).__name__}")
+    if isinstance(source, (str, os.PathLike)):
+        with _named(source):
+            return load_weights(model, read_checkpoint(source))
+    if not isinstance(source, dict):
+        raise TypeError(f"source must be a path or a state_dict, got {type(source).__name__}")
+    state = check_tensors(dict(source), "state_dict")
     if is_hf_gpt2(state):
         state = hf_to_chapter(state)
     check_state_dict(model, state)
@@ -85,13 +121,38 @@ def load_weights(model: GPTModel, source) -> GPTModel:
     return model
 
 
+@contextlib.contextmanager
+def _named(path):
+    """Prefix the ValueErrors raised inside with the file they are about (once)."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _layer_count(keys) -> int:
+    return len({k.split(".")[1] for k in keys if k.startswith("trf_blocks.")})
+
+
 def check_state_dict(model: GPTModel, state: dict) -> None:
     """Raise naming the first missing, unexpected or mis-shaped key (the ``mask`` keys are optional)."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".att.mask")}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    expected = {k: v.shape for k, v in tensors}  # the state_dict's keys, less the masks it builds
     given = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    if "tok_emb.weight" not in given:
+        raise ValueError(
+            "checkpoint is not a GPT-2 of the chapter's (or Hugging Face's) layout: it has no "
+            f"'tok_emb.weight' (keys: {sorted(given)[:5]})"
+        )
+    ours, theirs = _layer_count(expected), _layer_count(given)
+    if ours != theirs:
+        raise ValueError(f"checkpoint has {theirs} transformer blocks, the model's n_layers is {ours}")
     for key, shape in expected.items():
         if key not in given:
-            hint = " (cfg['qkv_bias'] is True but the checkpoint has no q/k/v bias)" if "W_" in key else ""
+            bias = key.endswith(("W_query.bias", "W_key.bias", "W_value.bias"))
+            hint = " (cfg['qkv_bias'] is True but the checkpoint has no q/k/v bias)" if bias else ""
             raise ValueError(f"checkpoint is missing {key!r} of shape {tuple(shape)}{hint}")
         if given[key].shape != shape:
             raise ValueError(
@@ -106,6 +167,12 @@ def check_state_dict(model: GPTModel, state: dict) -> None:
 
 def infer_config(state: dict, drop_rate: float = 0.0, n_heads: int | None = None) -> dict:
     """The config a chapter-format state_dict was made with (heads from the GPT-2 size table)."""
+    for key in ("tok_emb.weight", "pos_emb.weight"):
+        if key not in state or state[key].dim() != 2:
+            raise ValueError(
+                f"checkpoint is not a GPT-2 of the chapter's (or Hugging Face's) layout: no 2-D "
+                f"{key!r} (keys: {sorted(state)[:5]})"
+            )
     vocab, width = state["tok_emb.weight"].shape
     if n_heads is None and width not in HEADS_BY_WIDTH:
         raise ValueError(f"cannot infer n_heads for emb_dim {width}; pass cfg explicitly")
@@ -127,11 +194,24 @@ def load_gpt2(path, cfg: dict | None = None, kernels: str = "auto", drop_rate: f
     when there is one. Dropout defaults to 0 (inference).
     """
     state = read_checkpoint(path)
-    n_heads = None
-    if is_hf_gpt2(state):
-        state = hf_to_chapter(state)
-        hf_config = Path(path).with_name("config.json")
-        if hf_config.is_file():
-            n_heads = json.loads(hf_config.read_text()).get("n_head")
-    cfg = cfg or infer_config(state, drop_rate, n_heads)
-    return load_weights(GPTModel(cfg, kernels=kernels), state)
+    with _named(path):
+        n_heads = None
+        if is_hf_gpt2(state):
+            state = hf_to_chapter(state)
+            hf_config = Path(path).with_name("config.json")
+            if hf_config.is_file():
+                n_heads = _hf_heads(hf_config)
+        cfg = cfg or infer_config(state, drop_rate, n_heads)
+        return load_weights(GPTModel(cfg, kernels=kernels), state)
+
+
+def _hf_heads(config_file: Path) -> int | None:
+    """``n_head`` from a Hugging Face config.json (None when it has none)."""
+    try:
+        hf = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file}: not a readable JSON config ({exc})") from exc
+    n_heads = hf.get("n_head") if isinstance(hf, dict) else None
+    if n_heads is not None and (not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0):
+        raise ValueError(f"{config_file}: n_head must be a positive int, got {n_heads!r}")
+    return n_heads

@@ -6,6 +6,7 @@ entry point as a ``gptfast::`` op for torch.compile (see the kernels package doc
 """
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,31 @@ def check_float(op: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def once_differentiable(op: str):
+    """Decorate an autograd backward that is itself not differentiable: differentiating its
+    outputs again (double backward, e.g. ``create_graph=True`` then ``.backward()``) raises an
+    error naming ``op``, not one from deep inside the dispatcher."""
+    message = f"{op}: double backward (a gradient of its gradient) is not supported".encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return outputs
+            if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads) and not any(
+                    isinstance(t, torch.Tensor) and t.requires_grad for t in ctx.saved_tensors):
+                return outputs
+            error = torch._C._functions.DelayedError(message, len(outputs))
+            tensors = [None if o is None else o.detach().requires_grad_() for o in outputs]
+            return error(*tensors)
+
+        return wrapper
+
+    return decorate
 
 
 def library_op(name: str, forward: Callable, fake: Callable, setup_context: Callable | None = None,

@@ -25,12 +25,15 @@ host, so dropout cannot run inside a captured CUDA graph: that raises an error.
 """
 
 import math
+import numbers
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETING, Launch, check_device, check_float, library_op, on_device
+from kernels._common import (
+    INTERPRETING, Launch, check_device, check_float, library_op, on_device, once_differentiable,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -607,6 +610,7 @@ def _attention_setup(ctx, inputs, output):
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
 
 
+@once_differentiable("attention")
 def _attention_backward(ctx, do, _dlse2):
     q, k, v, o, lse2, seed = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
@@ -636,6 +640,8 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
             )
     check_device(op, q=q, k=k, v=v)
     check_float(op, q=q, k=k, v=v)
+    if causal not in (True, False):
+        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
@@ -657,9 +663,9 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
         )
     if Tk == 0 and Tq > 0 and B * H > 0:
         raise ValueError(f"{op}: {Tq} queries but no keys (k/v have seq_len 0)")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if dropout_p > 0 and Tq * Tk > MAX_DROPOUT_SCORES:
         raise ValueError(
@@ -703,6 +709,9 @@ def attention(
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _check_inputs(q, k, v, causal, scale, dropout_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        what = type(generator).__name__
+        raise TypeError(f"attention: generator must be a torch.Generator or None, got {what}")
     seed = _draw_seed(generator) if dropout_p > 0 else None
     return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)[0]
 

@@ -27,6 +27,7 @@ gptfast::layer_norm_backward (see kernels/__init__.py).
 
 import functools
 import math
+import numbers
 
 import torch
 import triton
@@ -480,6 +481,13 @@ _add_layer_norm = library_op("add_layer_norm", _add_layer_norm_forward, _add_lay
 
 def _check(op, x, residual, weight, bias, eps) -> None:
     """Every input problem named in Python, before any launch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if op == "add_layer_norm" and not isinstance(residual, torch.Tensor):
+        raise TypeError(
+            f"{op}: residual must be a torch.Tensor shaped like x, got {type(residual).__name__} "
+            "(without a residual, call layer_norm)"
+        )
     for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -497,8 +505,9 @@ def _check(op, x, residual, weight, bias, eps) -> None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (n,):
             raise ValueError(f"{op}: {name} must have shape ({n},) like the last dimension of x, got {tuple(p.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
+    # Any finite eps, as torch's: eps = 0 on a constant row gives NaN there, as torch does.
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be a finite number, got {eps!r}")
 
 
 def _contiguous(p):

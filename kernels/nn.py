@@ -45,6 +45,8 @@ def swap_layer_norms(module: nn.Module) -> nn.Module:
     hooks and training flag; only its class changes (``LayerNorm`` adds no state). Subclasses
     of nn.LayerNorm are left alone, as their forward may differ. Returns ``module``.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"swap_layer_norms: module must be a torch.nn.Module, got {type(module).__name__}")
     for sub in module.modules():
         if type(sub) is nn.LayerNorm:
             sub.__class__ = LayerNorm

@@ -296,12 +296,12 @@ def test_rejects_bad_widths():
         layer_norm(torch.tensor(1.0, device=DEVICE))
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, math.nan, math.inf, "1e-5", True])
+@pytest.mark.parametrize("eps", [math.nan, math.inf, "1e-5", True])  # 0 and < 0: as torch
 def test_rejects_bad_eps(eps):
     x = torch.randn(2, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number"):
         layer_norm(x, eps=eps)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number"):
         add_layer_norm(x, x, eps=eps)
 
 
