@@ -30,7 +30,6 @@ sync per forward (not per layer; transformers' own SDPA mask does a similar one 
 all-ones masks). A forward without a padding mask does none.
 """
 
-import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -73,9 +72,6 @@ from transformers import masking_utils  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
-
-
-_KERNEL_TAKES_LENGTHS = "key_lens" in inspect.signature(kernels.attention).parameters
 
 
 class FallbackWarning(UserWarning):
@@ -251,11 +247,6 @@ def gptfast_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     key, value = key[:, :, :width], value[:, :, :width]
     lengths = {}
     if padding.side is not None:
-        if not _KERNEL_TAKES_LENGTHS:
-            raise NotImplementedError(
-                "gptfast attention: padding masks need the padding-aware kernels.attention "
-                "(key_lens/query_lens, issue 14 item 1), which this kernels package lacks; "
-                "run unpadded batches or attn_implementation='sdpa'")
         lengths = dict(key_lens=padding.key_lens, padding=padding.side,
                        query_lens=padding.query_lens(query.shape[2], width))
     out = kernels.attention(query, key, value, causal=padding.causal, scale=scaling,
