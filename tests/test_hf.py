@@ -68,15 +68,15 @@ def load(cls, path, attn, dtype=torch.float32):
     return cls.from_pretrained(path, attn_implementation=attn, dtype=dtype).to(DEVICE).eval()
 
 
-def three(cls, path, via="from_pretrained"):
-    """(float64 eager, fp32 eager, fp32 ours) of the same weights; ours loaded with
-    attn_implementation="gptfast" or patched by apply()."""
+def three(cls, path, via="from_pretrained", dtype=torch.float32):
+    """(float64 eager, eager, ours) of the same weights, the last two in ``dtype``; ours loaded
+    with attn_implementation="gptfast" or patched by apply()."""
     ref = load(cls, path, "eager", torch.float64)
-    eager = load(cls, path, "eager")
+    eager = load(cls, path, "eager", dtype)
     if via == "from_pretrained":
-        ours = load(cls, path, "gptfast")
+        ours = load(cls, path, "gptfast", dtype)
     else:
-        ours = load(cls, path, "eager")
+        ours = load(cls, path, "eager", dtype)
         hf.apply(ours)
     return ref, eager, ours
 
@@ -86,6 +86,11 @@ def fresh_warnings():
     hf._warned.clear()  # each test sees its own first fallback warning
     yield
     hf._warned.clear()
+
+
+def token_ids(shape, low=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, tuple(shape), generator=g).to(DEVICE)
 
 
 def padding_mask(lengths, T, side):
@@ -108,12 +113,18 @@ def outputs_and_grads(model, ids, mask, valid):
     return picked.detach(), grads
 
 
-def assert_model_agrees(models, ids, mask, valid):
+def slack(ref, dtype):
+    """ATOL in fp32; one unit in the last place at the reference's largest value in fp16/bf16."""
+    return ATOL if dtype == torch.float32 else torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def assert_model_agrees(models, ids, mask, valid, dtype=torch.float32):
     ref, eager, ours = (outputs_and_grads(m, ids, mask, valid) for m in models)
-    assert_agrees(ours[0], eager[0], ref[0], atol=ATOL, what="outputs")
+    assert ours[0].dtype == dtype
+    assert_agrees(ours[0], eager[0], ref[0], atol=slack(ref[0], dtype), what="outputs")
     assert ours[1].keys() == eager[1].keys() == ref[1].keys()
-    for name in ref[1]:
-        assert_agrees(ours[1][name], eager[1][name], ref[1][name], atol=ATOL, what=f"grad {name}")
+    for name, r in ref[1].items():
+        assert_agrees(ours[1][name], eager[1][name], r, atol=slack(r, dtype), what=f"grad {name}")
 
 
 def kernel_calls(monkeypatch):
@@ -144,7 +155,7 @@ def test_from_pretrained_runs_our_kernel_and_matches_eager(gpt2_dir, monkeypatch
     models = three(GPT2LMHeadModel, gpt2_dir)
     assert models[2].config._attn_implementation == "gptfast"
     calls = kernel_calls(monkeypatch)
-    ids = torch.randint(0, VOCAB, (2, 13), device=DEVICE)
+    ids = token_ids((2, 13))
     valid = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
     assert_model_agrees(models, ids, None, valid)
     assert len(calls) == 2 and all(c["causal"] for c in calls)  # one per layer
@@ -153,7 +164,7 @@ def test_from_pretrained_runs_our_kernel_and_matches_eager(gpt2_dir, monkeypatch
 def test_set_attn_implementation_switches_both_ways(gpt2_dir):
     eager = load(GPT2LMHeadModel, gpt2_dir, "eager")
     model = copy.deepcopy(eager)
-    ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
+    ids = token_ids((2, 9))
     model.set_attn_implementation("gptfast")
     assert model.config._attn_implementation == "gptfast"
     with torch.no_grad():
@@ -189,7 +200,7 @@ def test_dropout_follows_the_model_config_in_training_only(tmp_path, monkeypatch
     GPT2LMHeadModel(gpt2_config(attn_pdrop=0.25)).save_pretrained(tmp_path)
     model = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="gptfast").to(DEVICE)
     calls = kernel_calls(monkeypatch)
-    ids = torch.randint(0, VOCAB, (1, 8), device=DEVICE)
+    ids = token_ids((1, 8))
     model.train()(ids)
     model.eval()(ids)
     assert [c["dropout_p"] for c in calls] == [0.25, 0.25, 0.0, 0.0]
@@ -237,7 +248,7 @@ def test_gpt2_padded_batch_matches_eager(gpt2_dir, side, via, monkeypatch):
     models = three(GPT2LMHeadModel, gpt2_dir, via)
     calls = kernel_calls(monkeypatch)
     T, lengths = 13, [13, 7, 1, 10]
-    ids = torch.randint(1, VOCAB, (len(lengths), T), device=DEVICE)
+    ids = token_ids((len(lengths), T), low=1)
     mask = padding_mask(lengths, T, side)
     with warnings.catch_warnings():
         warnings.simplefilter("error", hf.FallbackWarning)  # no fallback on a plain padding mask
@@ -245,11 +256,20 @@ def test_gpt2_padded_batch_matches_eager(gpt2_dir, side, via, monkeypatch):
     assert calls and all(c["padding"] == side and c["key_lens"].tolist() == lengths for c in calls)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpt2_padded_batch_in_half_precision_matches_eager(gpt2_dir, dtype):
+    models = three(GPT2LMHeadModel, gpt2_dir, dtype=dtype)
+    T, lengths = 13, [13, 7, 1, 10]
+    ids = token_ids((len(lengths), T), low=1)
+    mask = padding_mask(lengths, T, "left")
+    assert_model_agrees(models, ids, mask, mask.bool(), dtype)
+
+
 def test_bert_padded_batch_matches_eager_at_every_position(bert_dir, monkeypatch):
     models = three(BertModel, bert_dir)
     calls = kernel_calls(monkeypatch)
     T, lengths = 11, [11, 4, 8]
-    ids = torch.randint(1, VOCAB, (len(lengths), T), device=DEVICE)
+    ids = token_ids((len(lengths), T), low=1)
     mask = padding_mask(lengths, T, "right")
     everywhere = torch.ones_like(mask, dtype=torch.bool)  # padded queries attend the real keys
     assert_model_agrees(models, ids, mask, everywhere)
@@ -259,7 +279,7 @@ def test_bert_padded_batch_matches_eager_at_every_position(bert_dir, monkeypatch
 def test_bert_after_apply_matches_eager(bert_dir):
     models = three(BertModel, bert_dir, via="apply")
     assert type(models[2].embeddings.LayerNorm) is kernels.LayerNorm
-    ids = torch.randint(1, VOCAB, (2, 9), device=DEVICE)
+    ids = token_ids((2, 9), low=1)
     mask = padding_mask([9, 5], 9, "left")
     assert_model_agrees(models, ids, mask, mask.bool())
 
@@ -269,7 +289,7 @@ def test_gpt2_generate_with_left_padded_prompts_matches_eager(gpt2_dir, cache):
     eager = load(GPT2LMHeadModel, gpt2_dir, "eager")
     ours = load(GPT2LMHeadModel, gpt2_dir, "gptfast")
     lengths, T = [6, 3, 5], 6
-    ids = torch.randint(1, VOCAB, (3, T), device=DEVICE)
+    ids = token_ids((3, T), low=1)
     mask = padding_mask(lengths, T, "left")
     ids = ids.masked_fill(mask == 0, 0)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
@@ -295,7 +315,7 @@ def test_arbitrary_4d_mask_falls_back_to_sdpa_with_one_warning(gpt2_dir, monkeyp
         return torch.zeros(keep.shape, dtype=dtype, device=DEVICE).masked_fill(
             ~keep, torch.finfo(dtype).min)
 
-    ids = torch.randint(0, VOCAB, (2, T), device=DEVICE)
+    ids = token_ids((2, T))
     with pytest.warns(hf.FallbackWarning, match="4-D attention mask") as record:
         got = ours(ids, attention_mask=additive(torch.float32)).logits
         ours(ids, attention_mask=additive(torch.float32))
@@ -314,7 +334,7 @@ def test_inexpressible_padding_falls_back_to_sdpa(gpt2_dir, rows, reason, monkey
     ref, eager, ours = three(GPT2LMHeadModel, gpt2_dir)
     calls = kernel_calls(monkeypatch)
     mask = torch.tensor(rows, device=DEVICE)
-    ids = torch.randint(1, VOCAB, mask.shape, device=DEVICE)
+    ids = token_ids(mask.shape, low=1)
     with pytest.warns(hf.FallbackWarning, match=reason):
         got = ours(ids, attention_mask=mask).logits
     assert calls == []
