@@ -226,6 +226,11 @@ def gptfast_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if kwargs.get(name) is not None:
             raise ValueError(f"gptfast attention: {name} is not supported (use 'eager' or 'sdpa')")
     padding = getattr(attention_mask, "_gptfast", None)
+    if attention_mask is not None and padding is None and attention_mask.dim() != 4:
+        raise ValueError(
+            f"gptfast attention: a {attention_mask.dim()}-D attention mask that transformers' "
+            "mask functions did not make (the model does not build its masks through "
+            "masking_utils); only 4-D masks can be handed to SDPA as they are")
     fallback = None
     if kwargs.get("position_bias") is not None:
         fallback = "a position bias (relative attention)"

@@ -344,6 +344,13 @@ def test_inexpressible_padding_falls_back_to_sdpa(gpt2_dir, rows, reason, monkey
     assert_agrees(got.detach()[valid], want[valid], exact[valid], atol=ATOL, what="logits")
 
 
+def test_a_raw_2d_mask_reaching_the_attention_function_is_refused():
+    q = torch.randn(2, 2, 4, 16, device=DEVICE)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)  # not from gptfast_mask: no tag
+    with pytest.raises(ValueError, match="2-D attention mask"):
+        hf.gptfast_attention(torch.nn.Module(), q, q, q, mask)
+
+
 def test_fallback_can_be_made_an_error(gpt2_dir):
     ours = load(GPT2LMHeadModel, gpt2_dir, "gptfast")
     mask = torch.tensor([[1, 0, 1, 1]], device=DEVICE)
