@@ -140,8 +140,8 @@ class HFLogits(nn.Module):
         self.hf = hf
         self.chapter_names = frozenset(chapter_names)
 
-    def forward(self, idx):
-        return self.hf(input_ids=idx).logits
+    def forward(self, idx, attention_mask=None):
+        return self.hf(input_ids=idx, attention_mask=attention_mask).logits
 
     def to_chapter(self, named: dict) -> dict:
         """Tensors named as this module's parameters (e.g. gradients), renamed and reshaped as
@@ -152,15 +152,18 @@ class HFLogits(nn.Module):
         return {k: v for k, v in mapped.items() if k in self.chapter_names}
 
 
-def hf_gpt2(model) -> HFLogits:
-    """Hugging Face GPT-2 (``attn_implementation="sdpa"``) of the chapter model's size, built
-    offline from a ``GPT2Config``, holding the chapter model's weights: untied output head (as
-    the chapter's), tanh GELU, eps 1e-5, its dropout rates. Skips if transformers is missing
-    or cannot build it."""
+def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
+    """Hugging Face GPT-2 of the chapter model's size, built offline from a ``GPT2Config``,
+    holding the chapter model's weights: untied output head (as the chapter's), tanh GELU, eps
+    1e-5, its dropout rates. ``attn_implementation``: "sdpa", "eager", or "gptfast" (our
+    attention through ``gptfast.hf``, and every LayerNorm swapped for ``kernels.LayerNorm``).
+    Skips if transformers is missing or cannot build it."""
     try:
         from transformers import AutoModelForCausalLM, GPT2Config
     except ImportError:
         pytest.skip("transformers is not installed (pip install transformers)")
+    if attn_implementation == "gptfast":
+        pytest.importorskip("gptfast.hf", reason="gptfast.hf needs transformers >=5.17,<6")
     cfg = model.cfg
     config = GPT2Config(
         vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
@@ -172,9 +175,10 @@ def hf_gpt2(model) -> HFLogits:
     weight = model.tok_emb.weight
     try:
         with torch.device(weight.device):
-            hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     except Exception as exc:  # noqa: BLE001 - an old or broken install must not fail us
-        pytest.skip(f"transformers cannot build GPT-2 with SDPA: {type(exc).__name__}: {exc}")
+        pytest.skip(f"transformers cannot build GPT-2 with {attn_implementation}: "
+                    f"{type(exc).__name__}: {exc}")
     hf.to(weight.dtype).train(model.training)
     missing, unexpected = hf.load_state_dict(
         chapter_to_hf(model.state_dict(), cfg["n_layers"]), strict=False
@@ -182,6 +186,10 @@ def hf_gpt2(model) -> HFLogits:
     params = {name for name, _ in hf.named_parameters()}
     if set(missing) & params or unexpected:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")
+    if attn_implementation == "gptfast":
+        from kernels import swap_layer_norms
+
+        swap_layer_norms(hf)
     return HFLogits(hf, (name for name, _ in model.named_parameters()))
 
 

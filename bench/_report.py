@@ -14,12 +14,13 @@ OP_TITLES = {
     "add_layer_norm": "Fused residual add + LayerNorm",
     "attention": "Attention",
     "model": "GPT model",
+    "model_padded": "GPT model, padded batch (lengths 25% to 100% of T; real tokens counted)",
     "generation": "Greedy generation",
     "linear_cross_entropy": "Fused linear + cross-entropy",
 }
 METRICS = {
     "layer_norm": "GB/s", "add_layer_norm": "GB/s", "attention": "TFLOP/s", "model": "TFLOP/s",
-    "generation": "GB/s", "linear_cross_entropy": "TFLOP/s",
+    "model_padded": "TFLOP/s", "generation": "GB/s", "linear_cross_entropy": "TFLOP/s",
 }
 NO_GPU_NOTE = (
     "**No GPU timings were taken**: no CUDA device was available. The agreement cases ran at "
@@ -71,7 +72,7 @@ def _same_tokens(r):
 
 def columns(op, metric) -> list[tuple]:
     """(header, alignment, cell function) of each column of an op's table."""
-    if op == "model":
+    if op in ("model", "model_padded"):
         return _HEAD + [
             ("speedup", "--:", _field("speedup", ".2f")),
             ("tokens/s", "--:", _field("tokens_per_s", ".0f")),

@@ -27,7 +27,7 @@ from kernels.testing import agreement, max_err
 RECORDS: list[dict] = []  # every case of this session, for the summary
 LIMITS: dict = {}  # device limits measured this session (empty without CUDA)
 EAGER_MS: dict[tuple, float] = {}  # (op, shape, dtype, mode) -> baseline's CUDA-event ms
-BASELINE = {"model": "torch"}  # the provider each op's speedup is measured against
+BASELINE = {"model": "torch", "model_padded": "hf-sdpa"}  # each op's speedup baseline
 BENCH_MARK = pytest.mark.benchmark(timer=sync_timer)
 
 ROUND_MS = 2.0  # a pedantic round lasts at least this long (many launches per sync)

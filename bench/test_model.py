@@ -18,8 +18,20 @@ weights:
            as each attention's math, every transformer block torch.compile'd (regional
            compilation: one compiled block serves all layers, so the compile costs one block's
            time instead of the whole model's; embeddings, final norm and head run eager)
-  hf       Hugging Face ``GPT2LMHeadModel``, ``attn_implementation="sdpa"``, built offline from a
-           ``GPT2Config`` of the same size with our weights (untied head, like the chapter's)
+  hf-eager, hf-sdpa  Hugging Face ``GPT2LMHeadModel`` with ``attn_implementation="eager"`` /
+           ``"sdpa"``, built offline from a ``GPT2Config`` of the same size with our weights
+           (untied head, like the chapter's)
+  hf-gptfast  the same with ``attn_implementation="gptfast"`` (``gptfast.hf``: our flash
+           attention) and every LayerNorm swapped for ``kernels.LayerNorm``
+
+Padded batch (op ``model_padded``): the same B x T batch right-padded, the rows' lengths spread
+evenly from 25% to 100% of T (the fine-tuning case), with the tokenizer-style 2-D attention
+mask; the loss covers the real tokens only (targets -100 at the padding). Providers: hf-sdpa
+(SDPA with the mask transformers builds: the speedup baseline) and hf-gptfast (per-row lengths,
+padded key tiles never read). Counted work, tokens/s and MFU use the real tokens only (each row
+charged the FLOPs of its own length). Agreement: the logits of the first two rows' real tokens
+(the two shortest) and the gradients of their loss, against the chapter model run on each of
+those rows alone at its own length (float64, and eager bf16).
 
 tokens/s = B·T / the step's CUDA-event time. TFLOP/s counts ``model_flops_per_token`` (PaLM /
 nanoGPT: 6·N + 12·L·d·T per token for a training step, a third of it for the forward;
@@ -65,8 +77,12 @@ pytestmark = BENCH_MARK
 OP = "model"
 SIZES = ("124M", "355M")
 BATCHES = ((8, 1024), (2, 512))  # (B, T)
-PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "compile", "hf")  # the baseline first
+PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "compile", "hf-eager",
+             "hf-sdpa", "hf-gptfast")  # the baseline first
 FUSED_LOSS = ("triton-loss",)  # providers whose training loss is GPTModel.loss
+PADDED = "model_padded"
+PADDED_PROVIDERS = ("hf-sdpa", "hf-gptfast")  # the baseline (bench._runner.BASELINE) first
+OURS = ("triton", "triton-loss", "triton-compile", "hf-gptfast")
 MODES = ("fwd", "train")
 CHECKED = 2  # sequences compared with float64
 EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
@@ -74,13 +90,27 @@ EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
 
 def gpu_cases(quick: bool) -> list[Case]:
     sizes = [("124M", 8, 1024)] if quick else [(s, B, T) for s in SIZES for B, T in BATCHES]
-    return [
-        Case(OP, p, f"{size} B{B} T{T}", {"config": size, "B": B, "T": T}, "bf16", mode)
-        for size, B, T in sizes
-        for mode in MODES
-        for p in PROVIDERS
-        if not (p in FUSED_LOSS and mode == "fwd")  # the same forward as triton's
-    ]
+    cases = []
+    for size, B, T in sizes:
+        params = {"config": size, "B": B, "T": T}
+        for mode in MODES:
+            cases += [Case(OP, p, f"{size} B{B} T{T}", params, "bf16", mode, ours=p in OURS)
+                      for p in PROVIDERS
+                      if not (p in FUSED_LOSS and mode == "fwd")]  # the same forward as triton's
+            cases += [Case(PADDED, p, f"{size} B{B} T{T} padded", params, "bf16", mode,
+                           ours=p in OURS) for p in PADDED_PROVIDERS]
+    return cases
+
+
+def padded_lengths(B: int, T: int) -> list[int]:
+    """Row lengths spread evenly from 25% to 100% of T, shortest first."""
+    return [round(T / 4 + (T - T / 4) * b / max(B - 1, 1)) for b in range(B)]
+
+
+def right_padding(lengths, T, device) -> torch.Tensor:
+    """The tokenizer's (B, T) attention mask of right-padded rows (1 = real token)."""
+    pos = torch.arange(T, device=device)
+    return (pos < torch.tensor(lengths, device=device)[:, None]).long()
 
 
 def config(name: str) -> dict:
@@ -101,11 +131,12 @@ def build(provider: str, cfg, device):
     if provider in ("triton", "triton-loss", "triton-compile"):
         require_model_kernels()
         model.use_kernels("triton")
+        model.fused_loss = provider == "triton-loss"  # read by values() and step_fn()
         return compile_blocks(model) if provider == "triton-compile" else model
     if provider == "compile":
         return compile_blocks(use_sdpa(model))
-    if provider == "hf":
-        return hf_gpt2(model)
+    if provider.startswith("hf-"):
+        return hf_gpt2(model, attn_implementation=provider.removeprefix("hf-"))
     if provider != "torch":
         raise ValueError(f"unknown provider {provider!r}")
     return model
@@ -119,24 +150,25 @@ def matmul_params(cfg) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name not in EMBEDDINGS)
 
 
-def values(model, idx, targets, mode, amp, fused=False):
-    """Logits of the first CHECKED rows and, for ``train``, their loss and every parameter's
-    gradient (one flat vector, parameters in name order, named as the chapter model's).
-    ``fused``: the loss is ``model.loss`` over those rows (the logits then carry no graph)."""
+def values(model, idx, targets, mode, amp, lengths=None):
+    """Logits of the first CHECKED rows (their real tokens, given ``lengths``) and, for
+    ``train``, their loss and every parameter's gradient (one flat vector, parameters in name
+    order, named as the chapter model's). A ``triton-loss`` model (``model.fused_loss``) takes
+    its loss from ``model.loss`` over those rows (the logits then carry no graph)."""
     ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     if mode == "fwd":
         with torch.no_grad(), ctx:
-            return {"logits": model(idx)[:CHECKED]}
+            return {"logits": checked_logits(model, idx, lengths)[0]}
     named = dict(model.named_parameters())
-    if fused:
+    if getattr(model, "fused_loss", False):
         with torch.no_grad(), ctx:
-            logits = model(idx)[:CHECKED]
+            logits = model(idx)[:CHECKED].flatten(0, 1)
         with ctx:
             loss = model.loss(idx[:CHECKED], targets[:CHECKED])
     else:
         with ctx:
-            logits = model(idx)[:CHECKED]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:CHECKED].flatten())
+            logits, positions = checked_logits(model, idx, lengths)
+        loss = F.cross_entropy(logits.float(), targets.flatten()[positions.to(idx.device)])
     grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     if hasattr(model, "to_chapter"):
         grads = model.to_chapter(grads)
@@ -144,37 +176,41 @@ def values(model, idx, targets, mode, amp, fused=False):
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": flat}
 
 
-def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, fused=False):
+def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, lengths=None):
     """``model`` on the whole batch vs the chapter model (same dtype, then float64) on the
-    checked rows."""
-    vals = values(model, idx, targets, mode, amp, fused)
+    checked rows (each at its own length, given ``lengths``)."""
+    vals = values(model, idx, targets, mode, amp, lengths)
     base = chapter_model(cfg, idx.device)
-    sub = idx[:CHECKED], targets[:CHECKED]
-    eager = values(base, *sub, mode, amp)
-    ref = values(base.double(), *sub, mode, amp=False)
+    sub = (idx, targets) if lengths else (idx[:CHECKED], targets[:CHECKED])
+    eager = values(base, *sub, mode, amp, lengths)
+    ref = values(base.double(), *sub, mode, False, lengths)
     return compare(vals, eager, ref, dtype)
 
 
-def step_fn(model, idx, targets, mode, fused=False):
-    """The callable a case times: an inference forward, or a whole training step (``fused``:
-    its loss from ``model.loss``)."""
+def step_fn(model, idx, targets, mode, mask=None):
+    """The callable a case times: an inference forward, or a whole training step (its loss from
+    ``model.loss`` for a ``triton-loss`` model). ``mask``: a
+    padded batch's attention mask (Hugging Face providers), whose padding the loss skips."""
     amp = torch.autocast(idx.device.type, dtype=torch.bfloat16)
+    args = () if mask is None else (mask,)
+    if mask is not None:
+        targets = targets.masked_fill(mask == 0, -100)
     if mode == "fwd":
 
         def forward():
             with torch.no_grad(), amp:
-                return model(idx)
+                return model(idx, *args)
 
         return forward
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=idx.is_cuda)
 
     def train_step():
         with amp:
-            if fused:
+            if getattr(model, "fused_loss", False):
                 loss = model.loss(idx, targets)
             else:
-                logits = model(idx)
-        if not fused:
+                logits = model(idx, *args)
+        if not getattr(model, "fused_loss", False):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
         opt.step()
@@ -183,11 +219,11 @@ def step_fn(model, idx, targets, mode, fused=False):
     return train_step
 
 
-def annotate(benchmark, record, B, T, peak_bytes):
+def annotate(benchmark, record, tokens, peak_bytes):
     """Add tokens/s, MFU and peak memory to a record written by run_gpu_case."""
     ms = record.get("ms")
     record.update(
-        tokens_per_s=B * T / ms * 1e3 if ms else None,
+        tokens_per_s=tokens / ms * 1e3 if ms else None,
         mfu=record.get("pct_limit"),
         peak_gib=peak_bytes / 2**30 if peak_bytes is not None else None,
     )
@@ -198,34 +234,66 @@ def test_model(benchmark, case, device_limits, device):
     p = case.params
     cfg, B, T = config(p["config"]), p["B"], p["T"]
     model = build(case.provider, cfg, device)
-    fused = case.provider in FUSED_LOSS
     g = torch.Generator(device=device).manual_seed(0)
     idx, targets = (
         torch.randint(0, cfg["vocab_size"], (B, T), generator=g, device=device) for _ in range(2)
     )
+    lengths = padded_lengths(B, T) if case.op == PADDED else None
+    mask = right_padding(lengths, T, device) if lengths else None
     peak = {}
 
     def timed(name):
         if name != case.provider:  # the baseline, when it was not run before this case
-            return step_fn(build(name, cfg, device), idx, targets, case.mode)
-        fn = step_fn(model, idx, targets, case.mode, fused)
+            return step_fn(build(name, cfg, device), idx, targets, case.mode, mask)
+        fn = step_fn(model, idx, targets, case.mode, mask)
         peak["bytes"] = peak_memory(fn)
         return fn
 
-    flops = model_flops_per_token(matmul_params(cfg), cfg["n_layers"], cfg["emb_dim"], T, case.mode)
+    n = matmul_params(cfg)
+    flops = sum(model_flops_per_token(n, cfg["n_layers"], cfg["emb_dim"], t, case.mode) * t
+                for t in (lengths or [T] * B))
     written = len(RECORDS)
     try:
         run_gpu_case(
             benchmark,
             case,
             timed=timed,
-            check=lambda: check(model, cfg, idx, targets, case.mode, fused=fused),
+            check=lambda: check(model, cfg, idx, targets, case.mode, lengths=lengths),
             metric="TFLOP/s",
-            amount=flops * B * T,
+            amount=flops,
         )
     finally:  # also when our provider's agreement failed the case after recording it
         if len(RECORDS) > written:
-            annotate(benchmark, RECORDS[-1], B, T, peak.get("bytes"))
+            annotate(benchmark, RECORDS[-1], sum(lengths or [T] * B), peak.get("bytes"))
+
+
+TINY = {"vocab_size": 97, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
+
+
+@INTERPRETER_ONLY
+def test_model_padded_interpreter(benchmark):
+    """hf-gptfast on a tiny right-padded batch (3 x 15, lengths 25%..100%) in fp32: logits of
+    the first two rows' real tokens and their loss's gradients, against the chapter model run
+    on each row alone, under the Triton interpreter on CPU."""
+    provider = "hf-gptfast"
+    tiny = {**config("124M"), **TINY}
+    model = build(provider, tiny, "cpu")
+    g = torch.Generator().manual_seed(0)
+    idx, targets = (torch.randint(0, 97, (3, 15), generator=g) for _ in range(2))
+    lengths = padded_lengths(3, 15)
+    case = Case(PADDED, provider, "tiny B3 T15 padded", {"B": 3, "T": 15, "config": "tiny"},
+                "fp32", "train", ours=True)
+    run_interpreter_case(
+        benchmark,
+        case,
+        run=lambda: values(model, idx, targets, "train", False, lengths),
+        check=lambda vals: compare(
+            vals,
+            *(values(m, idx, targets, "train", False, lengths)
+              for m in (chapter_model(tiny, "cpu"), chapter_model(tiny, "cpu").double())),
+            torch.float32,
+        ),
+    )
 
 
 @INTERPRETER_ONLY
@@ -233,9 +301,7 @@ def test_model(benchmark, case, device_limits, device):
 def test_model_interpreter(benchmark, provider):
     """A tiny GPT (2 layers, head dim 16, odd length) in fp32, training-step gradients of the
     first two of three sequences, under the Triton interpreter on CPU."""
-    fused = provider in FUSED_LOSS
-    tiny = {**config("124M"), "vocab_size": 97, "context_length": 32, "emb_dim": 64,
-            "n_heads": 4, "n_layers": 2}
+    tiny = {**config("124M"), **TINY}
     model = build(provider, tiny, "cpu")
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(0, 97, (3, 23), generator=g) for _ in range(2))
@@ -243,7 +309,7 @@ def test_model_interpreter(benchmark, provider):
     run_interpreter_case(
         benchmark,
         case,
-        run=lambda: values(model, idx, targets, "train", amp=False, fused=fused),
+        run=lambda: values(model, idx, targets, "train", amp=False),
         check=lambda vals: compare(
             vals,
             *(values(m, idx[:CHECKED], targets[:CHECKED], "train", amp=False)

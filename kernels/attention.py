@@ -7,6 +7,10 @@ materialising the Tq x Tk score matrix. One difference from SDPA: the causal mas
 to the bottom-right corner (as for a KV cache), i.e. query i attends keys j <= i + (Tk - Tq).
 For Tq == Tk this is the usual lower-triangular mask; SDPA's ``is_causal`` aligns it top-left.
 
+Padded batches: optional per-row ``key_lens`` / ``query_lens`` (right or left padding) restrict
+each batch row to its valid windows, read by the kernels from device memory (no host sync); the
+causal mask is aligned bottom-right on those windows; padded positions are never read.
+
 Numerics: scores, the online softmax and all accumulators are fp32; ``tl.dot`` operands stay in
 the input dtype (fp16/bf16 tensor cores; fp32 inputs use exact "ieee" fp32 products, no TF32).
 The forward keeps the per-row log-sum-exp (fp32) so that the backward recomputes the attention
@@ -81,11 +85,11 @@ def _dropout_keep(key, rows, cols, Tk, dropout_p):
 
 
 @triton.jit
-def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D,
+def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D,
                    MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """K and V rows ``cols`` (= start_n + arange), zero past Tk (MASKED) and past the head dim."""
+    """K and V rows ``cols`` (= start_n + arange), zero past k_hi (MASKED) and past the head dim."""
     if MASKED:
-        mask = cols[:, None] < Tk
+        mask = cols[:, None] < k_hi
         if not EVEN_D:
             mask = mask & (offs_d[None, :] < D)
         k = tl.load(k_ptrs + start_n * stride_kn, mask=mask, other=0.0)
@@ -100,21 +104,43 @@ def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, 
 
 
 @triton.jit
-def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _window(Lens, off_b, T, HAS_LENS: tl.constexpr, LEFT: tl.constexpr):
+    """[lo, hi): the valid positions of batch row ``off_b`` among T, read from its length on
+    the device (clamped to [0, T]); all T without lengths. Left padding: the last n positions."""
+    lo = 0
+    hi = T
+    if HAS_LENS:
+        n = tl.minimum(tl.maximum(tl.load(Lens + off_b), 0), T).to(tl.int32)
+        if LEFT:
+            lo = T - n
+        else:
+            hi = n
+    return lo, hi
+
+
+@triton.jit
+def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, split in two ranges.
 
-    Keys [0, n_full) need no mask (fully visible, inside Tk); keys [n_full, n_end) are the
-    diagonal / boundary tiles that need the causal and length mask. Causal tiles above the
-    diagonal (keys no row of the tile may see) are skipped altogether.
+    Key tiles start at the first valid key k_lo. Keys [k_lo, n_full) are seen by every valid
+    row of the tile and need no mask; [n_full, n_end) are the diagonal / boundary tiles that
+    need the causal and length mask. Causal tiles above the diagonal (keys no valid row may
+    see), padded keys, and tiles without a valid query row are skipped altogether. Causal is
+    aligned bottom-right on the valid windows: row i sees keys j <= i + (k_hi - q_hi).
     """
+    r_lo = tl.maximum(start_m, q_lo)  # the tile's valid rows: [r_lo, r_hi)
+    r_hi = tl.minimum(start_m + BLOCK_M, q_hi)
     if CAUSAL:
-        shift = Tk - Tq  # bottom-right alignment: row i sees keys j <= i + shift
-        n_end = tl.minimum(Tk, start_m + BLOCK_M + shift)
-        n_full = (start_m + shift + 1) // BLOCK_N * BLOCK_N
+        shift = k_hi - q_hi
+        seen_by_all = tl.minimum(r_lo + shift + 1, k_hi)
+        n_end = tl.minimum(k_hi, r_hi + shift)
     else:
-        n_end = Tk
-        n_full = Tk // BLOCK_N * BLOCK_N
-    return n_full, n_end
+        seen_by_all = k_hi
+        n_end = k_hi
+    n_full = k_lo + tl.maximum(seen_by_all - k_lo, 0) // BLOCK_N * BLOCK_N
+    n_end = tl.where(r_lo < r_hi, n_end, k_lo)
+    return tl.minimum(n_full, n_end), n_end
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,25 +151,32 @@ def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    Tq, Tk, D, qk_scale, key, dropout_p,
+    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Online-softmax update of one query tile with the key tiles [lo, hi)."""
+    """Online-softmax update of one query tile with the key tiles [lo, hi).
+
+    In MASKED tiles a row may have seen no key yet (padding, or a query before every valid
+    key): its running max stays -inf and its exponentials are taken against 0 instead.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D, MASKED, EVEN_D)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
         # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         if MASKED:
-            visible = cols[None, :] < Tk
+            visible = cols[None, :] < k_hi
             if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = m_new
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
         if DROPOUT:
             p = tl.where(_dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p), p, 0.0)
@@ -156,16 +189,18 @@ def _fwd_tiles(
 # while K/V stream through in BLOCK_N-key tiles, so Q is read once and K/V once per query tile
 # (Tq/BLOCK_M times); the Tq x Tk scores never leave the chip. Writes O once plus one fp32
 # log-sum-exp per row. Causal programs skip key tiles above the diagonal and mask only the
-# diagonal tiles; the heaviest (last) query tiles are scheduled first.
+# diagonal tiles; the heaviest (last) query tiles are scheduled first. With per-row lengths
+# only the valid windows are read (padded query rows are written as zeros, LSE +inf).
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, O, LSE2,
+    Q, K, V, O, LSE2, QL, KL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq, Tk, D, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -175,6 +210,8 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    q_lo, q_hi = _window(QL, off_b, Tq, HAS_QL, LEFT)
+    k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
     q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -183,33 +220,43 @@ def _fwd_kernel(
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
     v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    q_mask = offs_m[:, None] < Tq
+    row_ok = (offs_m >= q_lo) & (offs_m < q_hi)
+    d_ok = offs_d[None, :] < D
+    q_mask = row_ok[:, None]
     if not EVEN_D:
-        q_mask = q_mask & (offs_d[None, :] < D)
+        q_mask = q_mask & d_ok
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
     key = _philox_key(seed, off_bh)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full, n_end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    shift = k_hi - q_hi
+    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, 0, n_full,
-        Tq, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
+        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        Tq, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    o = acc / l_i[:, None]
-    lse2 = m_i + tl.log2(l_i)  # log-sum-exp of the scaled scores in base 2, as exp2 uses it
+    live = row_ok & (l_i > 0.0)  # a valid row that saw at least one key
+    l_safe = tl.where(live, l_i, 1.0)
+    o = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
+    # log-sum-exp of the scaled scores in base 2, as exp2 uses it; +inf gives weights 0.
+    lse2 = tl.where(live, m_i + tl.log2(l_safe), float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
     o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, lse2, mask=offs_m < Tq)
+    in_t = offs_m < Tq
+    o_mask = in_t[:, None]
+    if not EVEN_D:
+        o_mask = o_mask & d_ok
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, lse2, mask=in_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,21 +293,22 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-    offs_n, offs_d, lo, hi, Tq, Tk, D, qk_scale, key, dropout_p,
+    offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
 
     With P^T the (keys x queries) weights: dV += (P^T * Z/(1-p)) dO, dP^T = V dO^T * Z/(1-p),
     dS^T = P^T * (dP^T - delta), dK += dS^T Q (times the scale, applied once at the end).
-    Rows past Tq load q = dO = lse = delta = 0, which makes their dS and dO zero: they add
-    nothing, so the length boundary needs no mask on the weights. DIAGONAL tiles (causal)
-    mask the weights of keys a query may not see.
+    Rows outside [q_lo, q_hi) load q = dO = lse = delta = 0, which makes their dS and dO zero:
+    they add nothing, so the query window needs no mask on the weights. DIAGONAL tiles
+    (causal) mask the weights of keys a query may not see, and hold the query that sees only
+    the first valid key: its weight is exactly 1, so its dS is exactly 0 (see _single_key).
     """
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < Tq
+        row_ok = (rows >= q_lo) & (rows < q_hi)
         qo_mask = row_ok[:, None]
         if not EVEN_D:
             qo_mask = qo_mask & (offs_d[None, :] < D)
@@ -271,7 +319,7 @@ def _dkdv_tiles(
         s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
         if DIAGONAL:
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), p_t, 0.0)
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
         dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
         if DROPOUT:
             keep = _dropout_keep(key, rows[None, :], offs_n[:, None], Tk, dropout_p)
@@ -281,6 +329,8 @@ def _dkdv_tiles(
         else:
             dv = _mma(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
+        if DIAGONAL:
+            ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
         dk = _mma(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
@@ -289,10 +339,11 @@ def _dkdv_tiles(
 # accumulators stay in registers while Q, dO (BLOCK_M rows), LSE and delta stream through; each
 # program writes its dK/dV tile once, with no atomics (deterministic). Causal programs start at
 # the first query tile that sees the key tile and mask only the diagonal query tiles. Reads Q
-# and dO Tk/BLOCK_N times in total.
+# and dO Tk/BLOCK_N times in total; with per-row lengths only the valid windows (padded keys
+# get zero gradients).
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, Delta, DK, DV,
+    Q, K, V, DO, LSE2, Delta, DK, DV, QL, KL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -300,6 +351,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -309,8 +361,11 @@ def _bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    q_lo, q_hi = _window(QL, off_b, Tq, HAS_QL, LEFT)
+    k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
-    kv_mask = offs_n[:, None] < Tk
+    key_ok = (offs_n >= k_lo) & (offs_n < k_hi)
+    kv_mask = key_ok[:, None]
     if not EVEN_D:
         kv_mask = kv_mask & (offs_d[None, :] < D)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
@@ -328,33 +383,44 @@ def _bwd_dkdv_kernel(
     key = _philox_key(seed, off_bh)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_full = 0
+    c_lo = tl.maximum(start_n, k_lo)  # the tile's valid keys: [c_lo, c_hi)
+    c_hi = tl.minimum(start_n + BLOCK_N, k_hi)
+    m_end = tl.where(c_lo < c_hi, q_hi, 0)  # no valid key: no query tile to visit
+    shift = k_hi - q_hi
+    m_full = q_lo // BLOCK_M * BLOCK_M
     if CAUSAL:
-        # Row i sees keys j <= i + shift: the tile's first key is seen from row start_n - shift,
-        # its last from row start_n + BLOCK_N - 1 - shift; query tiles in between are diagonal.
-        shift = Tk - Tq
-        m_lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        # Row i sees keys j <= i + shift: the tile's first valid key is seen from row
+        # c_lo - shift on, all of its keys by rows past c_hi - 1 - shift (that row itself
+        # stays diagonal: it may be the one that sees only the first key); in between:
+        # diagonal tiles.
+        m_lo = tl.maximum(c_lo - shift, q_lo) // BLOCK_M * BLOCK_M
+        m_full = tl.maximum(tl.cdiv(tl.maximum(c_hi - shift, 0), BLOCK_M) * BLOCK_M, m_lo)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-            offs_n, offs_d, m_lo, tl.minimum(m_full, Tq), Tq, Tk, D, qk_scale, key, dropout_p,
-            True, DROPOUT, EVEN_D, BLOCK_M,
+            offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
+            qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, BLOCK_M,
         )
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, m_full, Tq, Tq, Tk, D, qk_scale, key, dropout_p,
+        offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
         False, DROPOUT, EVEN_D, BLOCK_M,
     )
 
+    # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
+    dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
     out_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out_mask = offs_n[:, None] < Tk
+    if not EVEN_D:
+        out_mask = out_mask & (offs_d[None, :] < D)
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    Tq, Tk, D, qk_scale, key, dropout_p,
+    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -362,13 +428,13 @@ def _dq_tiles(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, Tk, D, MASKED, EVEN_D)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            visible = cols[None, :] < Tk
+            visible = cols[None, :] < k_hi
             if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(visible, p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if DROPOUT:
@@ -379,12 +445,22 @@ def _dq_tiles(
     return dq
 
 
+@triton.jit
+def _single_key(rows, k_lo, k_hi, shift, CAUSAL: tl.constexpr):
+    """Whether each query row sees exactly one key. Its softmax weight is then exactly 1 and
+    the gradient of its score exactly 0 (dS = P (dP - delta) with delta = P dP = dP); the
+    kernels write that 0 instead of the fp32 rounding residue of dP - rowsum(dO * O)."""
+    if CAUSAL:
+        return tl.minimum(k_hi, rows + shift + 1) - k_lo == 1
+    return (k_hi - k_lo == 1) | (rows < 0)
+
+
 # Blocking: one program per (BLOCK_M queries, batch*head). Q, dO, LSE, delta and the fp32 dQ
 # accumulator stay in registers while K/V stream through in BLOCK_N-key tiles (same key ranges
 # as the forward); dQ is written once, with no atomics. Reads K and V Tq/BLOCK_M times in total.
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, Delta, DQ,
+    Q, K, V, DO, LSE2, Delta, DQ, QL, KL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -392,6 +468,7 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -401,15 +478,17 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    q_lo, q_hi = _window(QL, off_b, Tq, HAS_QL, LEFT)
+    k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
-    qo_mask = offs_m[:, None] < Tq
+    row_ok = (offs_m >= q_lo) & (offs_m < q_hi)
+    qo_mask = row_ok[:, None]
     if not EVEN_D:
         qo_mask = qo_mask & (offs_d[None, :] < D)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
     q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
     do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
-    row_ok = offs_m < Tq
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
@@ -420,18 +499,23 @@ def _bwd_dq_kernel(
 
     key = _philox_key(seed, off_bh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full, n_end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    shift = k_hi - q_hi
+    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, 0, n_full,
-        Tq, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
+        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        Tq, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
+    dq = tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
+    out_mask = offs_m[:, None] < Tq
+    if not EVEN_D:
+        out_mask = out_mask & (offs_d[None, :] < D)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh
     tl.store(dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
+             dq.to(DQ.dtype.element_ty), mask=out_mask)
 
 
 # Blocking: one program per (BLOCK_M x BLOCK_N weights, batch*head); evaluates the same RNG as
@@ -493,7 +577,17 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _forward(q, k, v, causal, scale, dropout_p, seed):
+def _lengths(query_lens, key_lens, left, device) -> tuple:
+    """The kernels' length arguments: (QL, KL) pointers (an empty stand-in where a length is
+    absent: the kernels do not read it) and their flags."""
+    stand_in = torch.empty(0, dtype=torch.int32, device=device)
+    flags = dict(HAS_QL=query_lens is not None, HAS_KL=key_lens is not None, LEFT=left)
+    ql = query_lens if query_lens is not None else stand_in
+    kl = key_lens if key_lens is not None else stand_in
+    return (ql, kl), flags
+
+
+def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
@@ -503,17 +597,19 @@ def _forward(q, k, v, causal, scale, dropout_p, seed):
     block_d = _block_d(D)
     cfg = _fwd_launch(block_d, q.dtype)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
+    lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
     _fwd_kernel[grid](
-        q, k, v, o, lse2, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse2, *lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d, **len_flags,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse2
 
 
-def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, need_dkdv):
+def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left,
+              need_dq, need_dkdv):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
@@ -523,7 +619,8 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, nee
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
     block_d = _block_d(D)
     even_d = D == block_d
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d)
+    lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
+    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d, **len_flags)
 
     pre = _preprocess_launch()
     delta = torch.empty_like(lse2)
@@ -534,7 +631,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, nee
     if need_dkdv:
         cfg = _dkdv_launch(block_d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
-            q, k, v, do, lse2, delta, dk, dv,
+            q, k, v, do, lse2, delta, dk, dv, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -543,7 +640,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, nee
     if need_dq:
         cfg = _dq_launch(block_d, q.dtype)
         _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            q, k, v, do, lse2, delta, dq,
+            q, k, v, do, lse2, delta, dq, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -574,50 +671,54 @@ def _seed_value(seed: torch.Tensor | None) -> int:
 @torch.library.custom_op("gptfast::attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  o: torch.Tensor, lse2: torch.Tensor, causal: bool, scale: float, dropout_p: float,
-                 seed: torch.Tensor | None, need_dq: bool, need_dkdv: bool
+                 seed: torch.Tensor | None, query_lens: torch.Tensor | None,
+                 key_lens: torch.Tensor | None, left: bool, need_dq: bool, need_dkdv: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for is an empty placeholder."""
     with on_device(q.device):
         dq, dk, dv = _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, _seed_value(seed),
-                               need_dq, need_dkdv)
+                               query_lens, key_lens, left, need_dq, need_dkdv)
     return (dq if need_dq else q.new_empty(0), dk if need_dkdv else k.new_empty(0),
             dv if need_dkdv else v.new_empty(0))
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, need_dq, need_dkdv):
+def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left, need_dq,
+      need_dkdv):
     def grad(t, needed):
         return t.new_empty(t.shape) if needed else t.new_empty(0)
     return grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv)
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                       scale: float, dropout_p: float, seed: torch.Tensor | None
+                       scale: float, dropout_p: float, seed: torch.Tensor | None,
+                       query_lens: torch.Tensor | None, key_lens: torch.Tensor | None, left: bool
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     with on_device(q.device):
-        return _forward(q, k, v, causal, scale, dropout_p, _seed_value(seed))
+        return _forward(q, k, v, causal, scale, dropout_p, _seed_value(seed), query_lens, key_lens,
+                        left)
 
 
-def _attention_fake(q, k, v, causal, scale, dropout_p, seed):
+def _attention_fake(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, causal, scale, dropout_p, seed = inputs
+    q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left = inputs
     o, lse2 = output
     ctx.mark_non_differentiable(lse2)
-    ctx.save_for_backward(q, k, v, o, lse2, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.save_for_backward(q, k, v, o, lse2, seed, query_lens, key_lens)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.left = causal, scale, dropout_p, left
 
 
 @once_differentiable("attention")
 def _attention_backward(ctx, do, _dlse2):
-    q, k, v, o, lse2, seed = ctx.saved_tensors
+    q, k, v, o, lse2, seed, query_lens, key_lens = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     dq, dk, dv = _backward_op(do, q, k, v, o, lse2, ctx.causal, ctx.scale, ctx.dropout_p, seed,
-                              need_q, need_k or need_v)
+                              query_lens, key_lens, ctx.left, need_q, need_k or need_v)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _attention = library_op("attention", _attention_forward, _attention_fake, _attention_setup,
@@ -673,6 +774,27 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
         )
 
 
+def _check_lengths(q, k, key_lens, query_lens, padding) -> None:
+    """Per-row lengths: (batch,) int32/int64 tensors on q's device. Their values are checked
+    only for CPU tensors: reading GPU ones would synchronise (the kernels clamp to [0, T])."""
+    op = "attention"
+    if padding not in ("right", "left"):
+        raise ValueError(f"{op}: padding must be 'right' or 'left', got {padding!r}")
+    for name, lens, T in (("key_lens", key_lens, k.shape[2]), ("query_lens", query_lens, q.shape[2])):
+        if lens is None:
+            continue
+        if not isinstance(lens, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(lens).__name__}")
+        if lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be int32 or int64, got {lens.dtype}")
+        if lens.shape != (q.shape[0],):
+            raise ValueError(f"{op}: {name} must have shape (batch,) = ({q.shape[0]},), got {tuple(lens.shape)}")
+        if lens.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {lens.device}")
+        if lens.device.type == "cpu" and lens.numel() and not (0 <= lens.min() and lens.max() <= T):
+            raise ValueError(f"{op}: {name} must be in [0, {T}], got values {lens.min().item()}..{lens.max().item()}")
+
+
 def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
@@ -691,6 +813,9 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    key_lens: torch.Tensor | None = None,
+    query_lens: torch.Tensor | None = None,
+    padding: str = "right",
 ) -> torch.Tensor:
     """Flash attention: ``dropout(softmax(q @ k^T * scale + mask)) @ v``, differentiable.
 
@@ -705,6 +830,15 @@ def attention(
     ``dropout_p``: probability of dropping each attention weight (kept ones scaled by
     1/(1-p)); the kernel seed is drawn from ``generator`` (default: torch's CPU generator), so
     seeded runs repeat. No RNG state is consumed when dropout_p == 0.
+
+    ``key_lens`` / ``query_lens``: optional (batch,) int32/int64 tensors on q's device, the
+    number of valid keys / queries of each batch row (None: all). ``padding="right"``: the
+    valid ones are the first n positions (fine-tuning batches); ``"left"``: the last n (HF's
+    left-padded prompts and their cached decode steps). The causal mask is aligned bottom-right
+    on each row's valid windows (its last valid query sees every valid key). Padded query rows
+    return zeros, as does a valid query with no visible key; padded positions are never read
+    and get zero gradients. GPU lengths are read by the kernels (no host synchronisation);
+    CPU ones are checked to lie in [0, T].
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
@@ -712,8 +846,11 @@ def attention(
     if generator is not None and not isinstance(generator, torch.Generator):
         what = type(generator).__name__
         raise TypeError(f"attention: generator must be a torch.Generator or None, got {what}")
+    _check_lengths(q, k, key_lens, query_lens, padding)
     seed = _draw_seed(generator) if dropout_p > 0 else None
-    return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed)[0]
+    key_lens, query_lens = (None if n is None else n.to(torch.int32) for n in (key_lens, query_lens))
+    return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed, query_lens,
+                      key_lens, padding == "left")[0]
 
 
 def attention_dropout_mask(
@@ -759,6 +896,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "*fp32"
         elif name == "Mask":
             sig[name] = "*i8"
+        elif name in ("QL", "KL"):
+            sig[name] = "*i32"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         else:
@@ -784,7 +923,8 @@ def aot_configs():
     The heuristics pick one tile config per (kernel, dtype, BLOCK_D); every one of them is
     listed, for BLOCK_D 16, 32, 64 and 128 and fp16, bf16, fp32, compiled as launches with a
     contiguous head dim are (Triton specializes strides equal to 1). The flags (CAUSAL,
-    DROPOUT, EVEN_D) only add register-level masking and RNG code and do not change shared
+    DROPOUT, EVEN_D, and the length flags HAS_QL, HAS_KL, LEFT) only add register-level
+    masking, window and RNG code and do not change shared
     memory (checked on D=64: equal with all flags on and off), so they are rotated over the
     head-dim buckets instead of multiplied in: CAUSAL and EVEN_D take both values for every
     (kernel, dtype). Dropout (Philox, most of the compile time) is compiled once per kernel,
@@ -795,9 +935,11 @@ def aot_configs():
     """
     if INTERPRETING:
         raise RuntimeError("aot_configs() describes GPU launches; call it with TRITON_INTERPRET unset")
-    # BLOCK_D -> (CAUSAL, DROPOUT, EVEN_D); BLOCK_D=16 is always even (head_dim >= 16).
-    rotation = {16: (False, False, True), 32: (True, False, False),
-                64: (True, True, True), 128: (False, False, False)}
+    # BLOCK_D -> (CAUSAL, DROPOUT, EVEN_D, (HAS_QL, HAS_KL, LEFT)); BLOCK_D=16 is always even
+    # (head_dim >= 16). The lengths only add scalar window code and masks.
+    no_lens, right_both, left_keys = (False, False, False), (True, True, False), (False, True, True)
+    rotation = {16: (False, False, True, no_lens), 32: (True, False, False, right_both),
+                64: (True, True, True, left_keys), 128: (False, False, False, no_lens)}
     configs = []
 
     def add(name, fn, dtype, launch, constexprs):
@@ -814,18 +956,20 @@ def aot_configs():
                 ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
                 ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype)))
 
-    def flags(launch, block_d, causal, dropout, even_d):
-        return dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=even_d,
-                    BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d)
+    def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
+        has_ql, has_kl, left = lens
+        return dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=even_d, HAS_QL=has_ql, HAS_KL=has_kl,
+                    LEFT=left, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d)
 
     for dtype, tname in _TRITON_DTYPE.items():
-        for block_d, (causal, dropout, even_d) in rotation.items():
+        for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
             for kname, fn, launch in attention_kernels(dtype, block_d):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
-                    f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}",
-                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d))
+                    f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
+                    f"-lens{''.join(str(int(f)) for f in lens)}",
+                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens))
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))

@@ -277,6 +277,114 @@ def test_dropout_is_unbiased():
 
 
 # ------------------------------------------------------------------------------------------
+# Padding (per-row key/query lengths)
+# ------------------------------------------------------------------------------------------
+
+
+def valid_windows(lens, T, B, left):
+    """(lo, hi) per batch row: the valid positions [lo, hi) for lengths ``lens`` (None: all)."""
+    n = torch.full((B,), T) if lens is None else lens.cpu().long()
+    return (T - n, torch.full((B,), T)) if left else (torch.zeros(B, dtype=torch.long), n)
+
+
+def padded_mask(B, Tq, Tk, causal, key_lens, query_lens, left):
+    """(B, 1, Tq, Tk) bool: which key each query sees; causal aligned on the valid windows."""
+    q_lo, q_hi = valid_windows(query_lens, Tq, B, left)
+    k_lo, k_hi = valid_windows(key_lens, Tk, B, left)
+    i, j = torch.arange(Tq)[None, :, None], torch.arange(Tk)[None, None, :]
+    mask = (i >= q_lo[:, None, None]) & (i < q_hi[:, None, None])
+    mask = mask & (j >= k_lo[:, None, None]) & (j < k_hi[:, None, None])
+    if causal:
+        mask = mask & (j <= i + (k_hi - q_hi)[:, None, None])
+    return mask[:, None].to(DEVICE)
+
+
+def eager_masked_attention(q, k, v, mask, keep=None, dropout_p=0.0):
+    """Masked softmax attention; a row that sees no key gives zeros (and zero gradients)."""
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    any_key = mask.any(-1, keepdim=True)
+    s = torch.where(any_key, s.masked_fill(~mask, float("-inf")), torch.zeros_like(s))
+    w = torch.softmax(s, dim=-1) * any_key
+    if keep is not None:
+        w = w * keep.to(w.dtype) / (1.0 - dropout_p)
+    return w @ v
+
+
+def assert_padded_rule(Tq, Tk, d, dtype, causal, padding, key_lens, query_lens, dropout_p=0.0, H=2):
+    """The flash rule against eager masked softmax and float64, exact zeros at padded
+    positions, and padded positions never read (NaN there changes nothing)."""
+    B = len(key_lens if key_lens is not None else query_lens)
+    left = padding == "left"
+    kl = None if key_lens is None else torch.tensor(key_lens, device=DEVICE)
+    ql = None if query_lens is None else torch.tensor(query_lens, device=DEVICE, dtype=torch.int32)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    q, do = (torch.randn(B, H, Tq, d, generator=gen, device=DEVICE).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, H, Tk, d, generator=gen, device=DEVICE).to(dtype) for _ in range(2))
+    mask = padded_mask(B, Tq, Tk, causal, kl, ql, left)
+    q_ok = mask.new_zeros(B, 1, Tq, 1) | valid_rows(ql, Tq, B, left)
+    k_ok = mask.new_zeros(B, 1, Tk, 1) | valid_rows(kl, Tk, B, left)
+
+    keep, kwargs = None, dict(causal=causal, key_lens=kl, query_lens=ql, padding=padding)
+    if dropout_p > 0:
+        keep = attention_dropout_mask(dropout_seed(torch.Generator().manual_seed(9)), B, H, Tq, Tk,
+                                      dropout_p, device=DEVICE)
+        kwargs.update(dropout_p=dropout_p, generator=torch.Generator().manual_seed(9))
+    nan = float("nan")
+    poisoned = [t.masked_fill(~ok, nan) for t, ok in ((q, q_ok), (k, k_ok), (v, k_ok))]
+    kernel = out_and_grads(lambda *a: attention(*a, **kwargs), poisoned, do.masked_fill(~q_ok, nan))
+    ref_fn = lambda *a: eager_masked_attention(*a, mask, keep, dropout_p)  # noqa: E731
+    eager = out_and_grads(ref_fn, (q, k, v), do * q_ok)
+    ref = out_and_grads(ref_fn, [t.double() for t in (q, k, v)], (do * q_ok).double())
+    for name, a, e, r, ok in zip(("out", "dq", "dk", "dv"), kernel, eager, ref, (q_ok, q_ok, k_ok, k_ok)):
+        assert not a.masked_select(~ok).any(), f"{name}: padded positions must be exactly 0"
+        assert_agrees(a, e, r, atol=slack(r, dtype), what=f"{name} ({dtype}, causal={causal}, {padding})")
+    no_key = ~mask.any(-1, keepdim=True)
+    assert not kernel[0].masked_select(no_key).any(), "a query that sees no key returns zeros"
+
+
+def valid_rows(lens, T, B, left):
+    lo, hi = valid_windows(lens, T, B, left)
+    t = torch.arange(T)[None, :]
+    return ((t >= lo[:, None]) & (t < hi[:, None]))[:, None, :, None].to(DEVICE)
+
+
+# (Tq, Tk, head_dim, dtype, causal, padding, key_lens, query_lens): lengths 0, 1, T and odd
+# ones across the interpreter's tile edges (16 / 32); queries before every valid key (right
+# padding with more queries than keys); one query over a left-padded cache (a decode step).
+PADDED_CASES = [
+    (37, 37, 32, F16, True, "right", [37, 1, 0, 20], [37, 1, 5, 20]),
+    (37, 37, 32, BF16, True, "left", [37, 1, 0, 20], [37, 1, 5, 20]),
+    (33, 50, 48, F32, False, "right", [50, 1, 17, 0], [33, 0, 9, 3]),
+    (33, 50, 48, F16, False, "left", [50, 1, 17, 0], [33, 0, 9, 3]),
+    (40, 40, 16, F32, True, "right", [40, 10, 7, 1], [40, 25, 7, 1]),
+    (20, 45, 64, BF16, True, "left", [45, 3, 30, 1], None),
+    (33, 33, 24, F16, False, "right", None, [33, 17, 1, 0]),
+    (1, 30, 64, F16, True, "left", [30, 1, 17, 0], None),
+]
+
+
+@pytest.mark.parametrize("tq,tk,d,dtype,causal,padding,key_lens,query_lens", PADDED_CASES)
+def test_padded_flash_rule(tq, tk, d, dtype, causal, padding, key_lens, query_lens):
+    assert_padded_rule(tq, tk, d, dtype, causal, padding, key_lens, query_lens)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_padded_dropout_uses_the_exported_mask(padding):
+    """Dropout with padding: the kernels apply attention_dropout_mask's mask (absolute
+    positions) inside each row's valid window, forward and backward."""
+    assert_padded_rule(35, 35, 32, F16, True, padding, [35, 18, 1, 0], [35, 18, 1, 3], dropout_p=0.3)
+
+
+def test_full_lengths_are_no_padding():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 37, 32, generator=gen, device=DEVICE) for _ in range(3))
+    full = torch.full((2,), 37, device=DEVICE)
+    for padding in ("right", "left"):
+        out = attention(q, k, v, key_lens=full, query_lens=full, padding=padding)
+        assert torch.equal(out, attention(q, k, v))
+
+
+# ------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------
 
@@ -306,6 +414,23 @@ def _t(*shape, dtype=F32, device=DEVICE):
 def test_clear_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         attention(*args, **kwargs)
+
+
+_x = _t(2, 2, 8, 32)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"key_lens": [8, 8]}, TypeError, "key_lens must be a torch.Tensor or None"),
+    ({"key_lens": torch.tensor([8.0, 8.0])}, TypeError, "key_lens must be int32 or int64"),
+    ({"query_lens": torch.tensor([8, 8, 8])}, ValueError, r"query_lens must have shape \(batch,\) = \(2,\)"),
+    ({"key_lens": torch.tensor([8, 9])}, ValueError, r"key_lens must be in \[0, 8\]"),
+    ({"query_lens": torch.tensor([-1, 3])}, ValueError, r"query_lens must be in \[0, 8\]"),
+    ({"key_lens": torch.tensor([8, 8], device="meta")}, ValueError, "key_lens must be on q's device"),
+    ({"padding": "middle"}, ValueError, "padding must be 'right' or 'left'"),
+])
+def test_clear_length_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        attention(_x, _x, _x, **kwargs)
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):

@@ -288,18 +288,20 @@ def test_compiled_dropout_with_eager_rng_matches_eager():
     assert_no_graph_breaks()
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_opcheck_attention(dropout_p):
+@pytest.mark.parametrize("dropout_p,padded", [(0.0, False), (0.25, False), (0.0, True)])
+def test_opcheck_attention(dropout_p, padded):
     (q, k, v), do = attention_inputs(tq=5, tk=9, d=16, dtype=torch.float32)
     seed = torch.tensor([1234]) if dropout_p else None
+    lens = (torch.tensor([3], dtype=torch.int32, device=DEVICE),) * 2 if padded else (None, None)
     torch.library.opcheck(torch.ops.gptfast.attention.default,
                           (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25,
-                           dropout_p, seed))
+                           dropout_p, seed, *lens, False))
     q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no backward
-    o, lse2 = torch.ops.gptfast.attention(q, k, v, True, 0.25, dropout_p, seed)
+    o, lse2 = torch.ops.gptfast.attention(q, k, v, True, 0.25, dropout_p, seed, *lens, False)
     for need_dq, need_dkdv in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(torch.ops.gptfast.attention_backward.default,
-                              (do, q, k, v, o, lse2, True, 0.25, dropout_p, seed, need_dq, need_dkdv))
+                              (do, q, k, v, o, lse2, True, 0.25, dropout_p, seed, *lens, False,
+                               need_dq, need_dkdv))
 
 
 # ---- the model -------------------------------------------------------------------------------
