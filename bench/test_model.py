@@ -150,6 +150,23 @@ def matmul_params(cfg) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name not in EMBEDDINGS)
 
 
+def checked_logits(model, idx, lengths=None):
+    """(logits, positions) of the first CHECKED rows: all T positions, or with ``lengths`` the
+    real tokens of each row, (N, vocab) and a (N,) index into the flattened (B, T) batch. A
+    Hugging Face provider runs the padded batch with its mask; the chapter model (the
+    reference) runs each checked row alone at its own length."""
+    if lengths is None:
+        return model(idx)[:CHECKED].flatten(0, 1), torch.arange(CHECKED * idx.shape[1])
+    T = idx.shape[1]
+    if hasattr(model, "hf"):
+        logits = model(idx, attention_mask=right_padding(lengths, T, idx.device))
+        rows = [logits[b, : lengths[b]] for b in range(CHECKED)]
+    else:
+        rows = [model(idx[b : b + 1, : lengths[b]])[0] for b in range(CHECKED)]
+    positions = torch.cat([b * T + torch.arange(lengths[b]) for b in range(CHECKED)])
+    return torch.cat(rows), positions
+
+
 def values(model, idx, targets, mode, amp, lengths=None):
     """Logits of the first CHECKED rows (their real tokens, given ``lengths``) and, for
     ``train``, their loss and every parameter's gradient (one flat vector, parameters in name

@@ -112,6 +112,16 @@ class KVCache:
         self.v.scatter_(2, index, v.to(self.v.dtype))
 
 
+class CacheSlot:
+    """Where a model's installed ``ModelCache`` lives, shared by its attention layers, so that
+    installing a cache (once per generation step, see ``GPTModel.set_cache``) is one assignment."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self):
+        self.cache: ModelCache | None = None
+
+
 class ModelCache:
     """One generation's KV cache: a ``KVCache`` per layer, made by ``GPTModel.new_cache``.
 
@@ -147,8 +157,14 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.kernels = "torch"
-        self.cache: KVCache | None = None  # set by GPTModel.setup_cache
+        self.slot, self.layer = CacheSlot(), 0  # the model's slot and this layer's index in it
         self.register_load_state_dict_pre_hook(self._drop_chapter_mask)
+
+    @property
+    def cache(self) -> KVCache | None:
+        """This layer's part of the installed KV cache (None without one)."""
+        installed = self.slot.cache
+        return None if installed is None else installed.layers[self.layer]
 
     def forward(self, x, start_pos=None):
         b, num_tokens, _ = x.shape
@@ -262,9 +278,10 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.cache_slot = CacheSlot()  # the installed KV cache, see set_cache
         for i, block in enumerate(self.trf_blocks):
             block.name = f"trf_blocks.{i}"
-        self.kv_cache: ModelCache | None = None  # see setup_cache
+            block.att.slot, block.att.layer = self.cache_slot, i
         self.use_kernels(kernels)
 
     def use_kernels(self, kernels: str) -> "GPTModel":
@@ -311,13 +328,16 @@ class GPTModel(nn.Module):
             if not isinstance(cache, ModelCache):
                 what = type(cache).__name__
                 raise TypeError(f"cache must be a ModelCache from model.new_cache(), got {what}")
-            att = self.trf_blocks[0].att
-            if cache.layout != (len(self.trf_blocks), att.num_heads, att.head_dim):
+            cfg = self.cfg
+            if cache.layout != (cfg["n_layers"], cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"]):
                 raise ValueError("cache was made by a model of another shape (layers, heads, head_dim)")
-        self.kv_cache = cache
-        for i, block in enumerate(self.trf_blocks):
-            block.att.cache = None if cache is None else cache.layers[i]
+        self.cache_slot.cache = cache
         return self
+
+    @property
+    def kv_cache(self) -> ModelCache | None:
+        """The installed KV cache (None without one)."""
+        return self.cache_slot.cache
 
     def setup_cache(self, batch_size, max_len=None, dtype=None, device=None) -> "GPTModel":
         """Allocate and install a KV cache (``new_cache`` then ``set_cache``); returns the model.
