@@ -260,8 +260,8 @@ def _split_launch(q_len: int, block_d: int = 64, dtype: torch.dtype = torch.floa
     """The split kernel's tiles: the device's tuning table if it has this shape class, else
     the static choice. One query: a 1-row block (elementwise math) over 32-key tiles (16 keys
     at BLOCK_D=128: at most 2048 elements, 16 per thread) in 3 cp.async stages; more queries:
-    16-row blocks (tl.dot's minimum) over 64-key tiles (32 for fp32 at BLOCK_D=128, whose
-    FMA dot would spill on sm_80) in 2 stages. None of these spills (sm_80/90, triton 3.6/3.9)."""
+    16-row blocks (tl.dot's minimum) over 64-key tiles (fp32, whose exact FMA dot spills on
+    bigger tiles: 32 keys, 16 at BLOCK_D=128) in 2 stages. None of these spills (sm_80/90, triton 3.6/3.9)."""
     block_m = 1 if q_len == 1 else 16
     tuned = tuning.lookup(SPLIT_KERNEL, _shape_class(dtype, block_d, block_m), device)
     if tuned is not None:
@@ -270,7 +270,9 @@ def _split_launch(q_len: int, block_d: int = 64, dtype: torch.dtype = torch.floa
         return Launch(block_m, 16, 4, 1)
     if block_m == 1:
         return Launch(1, 16 if block_d == 128 else 32, 4, 3)
-    return Launch(16, 32 if dtype == torch.float32 and block_d == 128 else 64, 4, 2)
+    if dtype == torch.float32:
+        return Launch(16, 16 if block_d == 128 else 32, 4, 2)
+    return Launch(16, 64, 4, 2)
 
 
 # Launches a tuning table may pick (bench/tune.py sweeps them): (block_n, num_warps,
