@@ -12,8 +12,10 @@ Flash-decoding: with one query per (batch, head), the classic one-program-per-he
 most SMs idle. The keys are split into ``num_splits`` contiguous chunks, one program per
 (batch*head, chunk, query block), each writing an unnormalised partial output with its own
 running max and sum (fp32); a second small kernel merges the chunks with the log-sum-exp rule.
-When one chunk suffices (many heads, short cache), the first kernel normalises and writes the
-output directly and the merge is skipped. More than 16 queries run as several 16-query blocks,
+The split plan gives every SM a program while batch*heads is below the SM count (see
+``_chunk_tiles``), and depends on shapes only. When one chunk suffices (many heads, short
+cache), the first kernel normalises and writes the output directly and the merge is skipped.
+Launch tiles may come from the device's tuning table (kernels/tuning.py). More than 16 queries run as several 16-query blocks,
 each reading the keys it sees (for a long prompt, ``kernels.attention.attention`` is the tool).
 
 Numerics: scores, the online softmax, the partial outputs and the merge are fp32. One query
@@ -141,7 +143,10 @@ def _attend_block(
 # fp32), i.e. num_splits * (D + 2) * 4 bytes per row in total, far below the K/V traffic of
 # cache_len * D * 2 * itemsize bytes per head; with one chunk (DIRECT) it writes the normalised
 # output instead. BLOCK_M == 1 (one query) uses elementwise products and sums; BLOCK_M >= 16
-# uses tl.dot. The lengths are not specialised on (they change every decode step).
+# uses tl.dot. Both key loops are software-pipelined (NUM_STAGES tiles in flight: cp.async into
+# shared memory on sm_80/sm_90 when the head dim is 16-byte aligned). The merge reads the
+# partials in a fixed order: bitwise deterministic. The lengths are not specialised on (they
+# change every decode step).
 @triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
 def _split_kernel(
     Q, K, V, O, Acc, Max, Sum, Lens,
