@@ -45,6 +45,8 @@ _FWD_TILE = (4096, 16)
 _BWD_TILE = (2048, 8)
 _WARPS_PER_SM = 24  # resident warps per SM that sizes the persistent backward grid (see _bwd_kernel)
 _BWD_STAGES = 3  # row tiles of the backward in flight per program (cp.async; see _bwd_kernel)
+_BWD_PREFETCH_BYTES = 64 * 1024  # ... within this much shared memory per program (3 per SM fit
+# an A100's 164 KB): 3 stages up to 2048-wide fp32 tiles, fewer for wider rows (1 at 8192)
 _SUM_TILE = 4096  # elements per [BLOCK_G, BLOCK_N] tile of the partial-sum reduction
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -301,8 +303,11 @@ def _bwd_plan(n: int, dtype: torch.dtype = torch.float16, device=None) -> tuple[
         return dict(WHOLE_ROW=True, BLOCK_N=block, ROWS=tuned["rows"],
                     NUM_STAGES=tuned["num_stages"]), tuned["num_warps"]
     rows, warps = _tile(block or _WIDE_BLOCK, _BWD_TILE)
+    # Shared memory: NUM_STAGES - 1 prefetched tiles of x, dy and ds in fp32 (the widest case).
+    stage_bytes = rows * (block or _WIDE_BLOCK) * 3 * 4
+    stages = max(1, min(_BWD_STAGES, 1 + _BWD_PREFETCH_BYTES // stage_bytes))
     return dict(WHOLE_ROW=block is not None, BLOCK_N=block or _WIDE_BLOCK, ROWS=rows,
-                NUM_STAGES=_BWD_STAGES), warps
+                NUM_STAGES=stages), warps
 
 
 # Tiles a tuning table may pick (bench/tune.py sweeps them) at GPT-2's widths (768..1600 pad to
@@ -618,10 +623,11 @@ def _configs(t: str, p: str, residual: bool, widths, has_w=True, has_b=True):
     types = _types(t, p)
     affine = dict(HAS_W=has_w, HAS_B=has_b)
     tag = f"{t}/{p}/{'add' if residual else 'plain'}/w{has_w:d}b{has_b:d}"
+    dtype = {v: k for k, v in _TRITON_DTYPE.items()}[t]
     for n in widths:
-        yield _fwd_config(t, p, residual, n, _fwd_plan(n), affine, tag)
-        yield _bwd_config(t, p, residual, n, _bwd_plan(n), affine, tag)
-        tile, warps = _bwd_plan(n)
+        yield _fwd_config(t, p, residual, n, _fwd_plan(n, dtype), affine, tag)
+        yield _bwd_config(t, p, residual, n, _bwd_plan(n, dtype), affine, tag)
+        tile, warps = _bwd_plan(n, dtype)
         if not tile["WHOLE_ROW"]:
             yield _config(f"_bwd_row_sums_kernel/{t}/{p}/w{has_w:d}", _bwd_row_sums_kernel, types,
                           dict(HAS_W=has_w, BLOCK_N=tile["BLOCK_N"]), warps, n=n)

@@ -367,6 +367,15 @@ def test_backward_plan_keeps_enough_bytes_in_flight(n):
     assert tile["NUM_STAGES"] > 1 and in_flight >= 29_000, f"N={n}: {in_flight} bytes in flight per SM"
 
 
+def test_backward_prefetch_fits_shared_memory():
+    """The prefetched fp32 x/dy/ds tiles (NUM_STAGES - 1 of them) stay within the budget that
+    keeps 3 programs per SM on an A100; the widest rows are not pipelined."""
+    for n in [256, 768, 1600, 2048, 4096, 8192, 8193, 65536]:
+        tile, _ = ln._bwd_plan(n)
+        assert (tile["NUM_STAGES"] - 1) * tile["ROWS"] * tile["BLOCK_N"] * 3 * 4 <= ln._BWD_PREFETCH_BYTES
+    assert ln._bwd_plan(8192)[0]["NUM_STAGES"] == 1 and ln._bwd_plan(1600)[0]["NUM_STAGES"] == 3
+
+
 def test_tuned_plans_agree_and_stay_deterministic():
     """Every tunable backward tile of a class runs here (interpreter) and gives the same
     bitwise-deterministic gradients as twice itself, within the rule of the reference."""
