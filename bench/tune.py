@@ -72,7 +72,8 @@ def _layer_norm_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shap
         g = torch.Generator().manual_seed(n)
         rows = 3 if dry else 8 * 1024  # GPT-2 training: batch 8 x 1024 tokens
         x, r, dy = (torch.randn(rows, n, generator=g).to(device, dtype) for _ in range(3))
-        w, b = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype), torch.randn(n, generator=g).to(device, dtype)
+        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype)
+        b = torch.randn(n, generator=g).to(device, dtype)
 
         if backward:  # the backward kernels alone, on the sum s the forward stored
             _, s, mean, rstd = ln._forward(x, r, w, b, _EPS)
@@ -134,7 +135,8 @@ def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print) -> d
                     bad = [a for s in shapes for out, e, r in zip(s.run(), s.eager, s.ref)
                            if not (a := agreement(out, e, r, 2.0, s.slack))["ok"]]
                     if bad:
-                        log(f"{kernel} {cls} {config}: REJECTED, error {bad[0]['err']:.3g} > {bad[0]['bound']:.3g}")
+                        worst = bad[0]
+                        log(f"{kernel} {cls} {config}: REJECTED, error {worst['err']:.3g} > {worst['bound']:.3g}")
                         continue
                     ms = sum(timer(s.run) for s in shapes)
                 log(f"{kernel} {cls} {config}: {ms * 1e3:.1f} us")

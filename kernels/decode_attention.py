@@ -15,8 +15,9 @@ running max and sum (fp32); a second small kernel merges the chunks with the log
 The split plan gives every SM a program while batch*heads is below the SM count (see
 ``_chunk_tiles``), and depends on shapes only. When one chunk suffices (many heads, short
 cache), the first kernel normalises and writes the output directly and the merge is skipped.
-Launch tiles may come from the device's tuning table (kernels/tuning.py). More than 16 queries run as several 16-query blocks,
-each reading the keys it sees (for a long prompt, ``kernels.attention.attention`` is the tool).
+Launch tiles may come from the device's tuning table (kernels/tuning.py). More than 16
+queries run as several 16-query blocks, each reading the keys it sees (for a long prompt,
+``kernels.attention.attention`` is the tool).
 
 Numerics: scores, the online softmax, the partial outputs and the merge are fp32. One query
 (Tq == 1) uses fp32 elementwise products and sums (no tensor cores: 1-row matrix products
@@ -264,9 +265,10 @@ def _split_launch(q_len: int, block_d: int = 64, dtype: torch.dtype = torch.floa
                   device: torch.device | None = None) -> Launch:
     """The split kernel's tiles: the device's tuning table if it has this shape class, else
     the static choice. One query: a 1-row block (elementwise math) over 32-key tiles (16 keys
-    at BLOCK_D=128: at most 2048 elements, 16 per thread) in 3 cp.async stages; more queries:
-    16-row blocks (tl.dot's minimum) over 64-key tiles (fp32, whose exact FMA dot spills on
-    bigger tiles: 32 keys, 16 at BLOCK_D=128) in 2 stages. None of these spills (sm_80/90, triton 3.6/3.9)."""
+    at BLOCK_D=128: at most 2048 elements, 16 per thread) in 3 cp.async stages. More queries:
+    16-row blocks (tl.dot's minimum) over 64-key tiles in 2 stages; fp32's exact FMA dot
+    spills there, so it takes 32 keys (16 at BLOCK_D=128). No spills on sm_80/sm_90 under
+    triton 3.6 and 3.9."""
     block_m = 1 if q_len == 1 else 16
     tuned = tuning.lookup(SPLIT_KERNEL, _shape_class(dtype, block_d, block_m), device)
     if tuned is not None:
