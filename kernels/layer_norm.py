@@ -313,7 +313,8 @@ def _bwd_plan(n: int, dtype: torch.dtype = torch.float16, device=None) -> tuple[
 # Tiles a tuning table may pick (bench/tune.py sweeps them) at GPT-2's widths (768..1600 pad to
 # 1024 and 2048), for bf16 activations and fp32 ones (autocast keeps LayerNorm in fp32); each
 # is compiled by aot_configs(). Forward: ROWS x BLOCK_N tiles of 8 or 16 elements per thread.
-# Backward: the static tile with 1-3 stages, and 4 or 8 elements per thread with 2 stages.
+# Backward: the static tile with 1-3 stages, and 4 or 8 elements per thread with 2 stages
+# (at most 16 warps: a 32-warp program has 64 registers per thread, and spills).
 def _tuning_space(block: int) -> tuple[list[dict], list[dict]]:
     fwd, bwd = [], []
     for rows in (1, 2, 4):
@@ -321,9 +322,11 @@ def _tuning_space(block: int) -> tuple[list[dict], list[dict]]:
             fwd.append(dict(rows=rows, num_warps=rows * block // (32 * per_thread)))
     rows, warps = _tile(block, _BWD_TILE)
     bwd += [dict(rows=rows, num_warps=warps, num_stages=s) for s in (1, 2, 3)]
-    for rows, per_thread in ((1, 8), (2, 4), (4, 8)):
-        config = dict(rows=rows, num_warps=rows * block // (32 * per_thread), num_stages=2)
-        bwd += [config] if config not in bwd else []
+    for rows in (1, 2, 4):
+        for per_thread in (4, 8):
+            warps = rows * block // (32 * per_thread)  # 32 warps cap registers at 64: spills
+            config = dict(rows=rows, num_warps=warps, num_stages=2)
+            bwd += [config] if warps <= 16 and config not in bwd else []
     return fwd, bwd
 
 
