@@ -269,11 +269,12 @@ def _row_block(n: int) -> int | None:
     return block if block <= _FUSED_MAX_BLOCK else None
 
 
-def _tile(block_n: int, tile: tuple[int, int]) -> tuple[int, int]:
-    """(ROWS, num_warps) of a [ROWS, block_n] register tile of ``tile`` = (elements, per thread)."""
+def _tile(block_n: int, tile: tuple[int, int], max_warps: int = 32) -> tuple[int, int]:
+    """(ROWS, num_warps) of a [ROWS, block_n] register tile of ``tile`` = (elements, per thread),
+    at most ``max_warps`` warps (more elements per thread beyond)."""
     elements, per_thread = tile
     rows = max(1, elements // block_n)
-    return rows, min(32, rows * block_n // (32 * per_thread))
+    return rows, min(max_warps, rows * block_n // (32 * per_thread))
 
 
 def _shape_class(dtype: torch.dtype, block_n: int) -> str:
@@ -302,7 +303,8 @@ def _bwd_plan(n: int, dtype: torch.dtype = torch.float16, device=None) -> tuple[
     if tuned is not None:
         return dict(WHOLE_ROW=True, BLOCK_N=block, ROWS=tuned["rows"],
                     NUM_STAGES=tuned["num_stages"]), tuned["num_warps"]
-    rows, warps = _tile(block or _WIDE_BLOCK, _BWD_TILE)
+    # At most 16 warps: 32 would cap registers at 64 per thread, and the 8192-wide tile spills.
+    rows, warps = _tile(block or _WIDE_BLOCK, _BWD_TILE, max_warps=16)
     # Shared memory: NUM_STAGES - 1 prefetched tiles of x, dy and ds in fp32 (the widest case).
     stage_bytes = rows * (block or _WIDE_BLOCK) * 3 * 4
     stages = max(1, min(_BWD_STAGES, 1 + _BWD_PREFETCH_BYTES // stage_bytes))
