@@ -15,8 +15,10 @@
 #   bench_model  the quick generation and whole-model benchmarks (bench/test_generation.py,
 #            bench/test_model.py): OUTDIR/bench_model.log, OUTDIR/bench_model.json,
 #            OUTDIR/results-model/ (summary)
+#   tune     OUTDIR/tune.log, OUTDIR/configs/<device>.json: bench/tune.py's tuning table, to commit
+#            as kernels/configs/<device>.json (GPU_CHECK_TUNE=0 skips it; on CPU a dry run)
 #   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
-# Each step has its own timeout (8 minutes in all: 80 + 150 + 120 + 100 + 30 s); a failing or
+# Each step has its own timeout (12 minutes in all: 80 + 150 + 120 + 100 + 240 + 30 s); a failing or
 # timed-out step does not stop the others, and a benchmark step cut short keeps the summary of
 # the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
 # step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
@@ -24,8 +26,8 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
-# GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _PROFILE (seconds; default
-# 80 / 150 / 120 / 100 / 30).
+# GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _TUNE / _PROFILE (seconds;
+# default 80 / 150 / 120 / 100 / 240 / 30), GPU_CHECK_TUNE (default 1).
 set -u -o pipefail
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -117,6 +119,19 @@ step bench "${GPU_CHECK_TIMEOUT_BENCH:-120}" "$PY" -m pytest bench --benchmark-o
 step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-100}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
     --benchmark-only --quick -q -rfEs -p no:cacheprovider \
     --results-dir "$OUTDIR/results-model" --benchmark-json "$OUTDIR/bench_model.json"
+
+# --- (b2) the per-device tuning table (bench/tune.py) ------------------------------------------
+# Sweeps the tunable launch configs at GPT-2 shapes (agreement-checked) and writes
+# OUTDIR/configs/<device name>.json, to commit as kernels/configs/<device name>.json.
+# GPU_CHECK_TUNE=0 skips it; on CPU it is a dry run in the interpreter (plumbing only).
+if [ "${GPU_CHECK_TUNE:-1}" != 0 ]; then
+    if [ "$CUDA" = 1 ]; then
+        step tune "${GPU_CHECK_TIMEOUT_TUNE:-240}" "$PY" -m bench.tune --out-dir "$OUTDIR/configs"
+    else
+        step tune "${GPU_CHECK_TIMEOUT_TUNE:-240}" env TRITON_INTERPRET=1 "$PY" -m bench.tune \
+            --dry-run --out-dir "$OUTDIR/configs"
+    fi
+fi
 
 # --- (c) a short profile ----------------------------------------------------------------------
 if "$PY" -m gptfast profile --help >/dev/null 2>&1; then

@@ -12,9 +12,12 @@ Flash-decoding: with one query per (batch, head), the classic one-program-per-he
 most SMs idle. The keys are split into ``num_splits`` contiguous chunks, one program per
 (batch*head, chunk, query block), each writing an unnormalised partial output with its own
 running max and sum (fp32); a second small kernel merges the chunks with the log-sum-exp rule.
-When one chunk suffices (many heads, short cache), the first kernel normalises and writes the
-output directly and the merge is skipped. More than 16 queries run as several 16-query blocks,
-each reading the keys it sees (for a long prompt, ``kernels.attention.attention`` is the tool).
+The split plan gives every SM a program while batch*heads is below the SM count (see
+``_chunk_tiles``), and depends on shapes only. When one chunk suffices (many heads, short
+cache), the first kernel normalises and writes the output directly and the merge is skipped.
+Launch tiles may come from the device's tuning table (kernels/tuning.py). More than 16
+queries run as several 16-query blocks, each reading the keys it sees (for a long prompt,
+``kernels.attention.attention`` is the tool).
 
 Numerics: scores, the online softmax, the partial outputs and the merge are fp32. One query
 (Tq == 1) uses fp32 elementwise products and sums (no tensor cores: 1-row matrix products
@@ -34,11 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels._common import INTERPRETING, Launch, check_device, check_float, library_op, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # most key chunks per (batch, head) that the heuristic picks
+MAX_SPLITS = 128  # most key chunks per (batch, head) that the heuristic picks
 _PROGRAMS_PER_SM = 4  # split until about this many programs per SM ...
 _MIN_CHUNK_TILES = 2  # ... but give each chunk at least this many key tiles
 _INTERPRETER_SPLITS = 3  # CPU interpreter: a few chunks, so that the merge is always exercised
@@ -63,19 +67,22 @@ def _mma(a, b, acc):
 
 @triton.jit
 def _attend_one(
-    q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N: tl.constexpr,
+    q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Online softmax of one query (q: [BLOCK_D]) over the keys [lo, hi), all of them visible.
 
-    Elementwise products and sums on 1-D blocks: the scores live in the K tile's row layout,
-    so p[:, None] * v needs no layout conversion; the running max and sum are scalars.
+    Each of the BLOCK_N key slots keeps its own running max, sum and [BLOCK_D] output over the
+    keys lo + slot, lo + slot + BLOCK_N, ...: the loop body is elementwise plus the q.k sum
+    over D (within a warp), with no cross-warp reduction per tile; the slots are merged once
+    at the end. Slots that saw no key keep max -inf, sum 0, output 0.
     """
     offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros(q.shape, dtype=tl.float32)
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, q.shape[0]], dtype=tl.float32)
     q = q.to(tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         key_ok = start_n + offs_n < hi
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -84,19 +91,22 @@ def _attend_one(
         v_ptrs += BLOCK_N * stride_vn
         # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
         s = tl.where(key_ok, tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile holds a visible key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_new = tl.maximum(m_i, s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot without keys yet
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         m_i = m_new
-    return acc, l_i, m_i
+    m_all = tl.max(m_i, 0)
+    w = tl.exp2(m_i - tl.where(m_all == float("-inf"), 0.0, m_all))
+    return tl.sum(acc * w[:, None], 0), tl.sum(l_i * w, 0), m_all
 
 
 @triton.jit
 def _attend_block(
     q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, offs_m, shift, lo, hi, qk_scale,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Online softmax of a query block (q: [BLOCK_M, BLOCK_D]) over the keys [lo, hi), with
     the causal mask: row i sees keys j <= i + shift. Scores and P @ V use tl.dot."""
@@ -105,7 +115,7 @@ def _attend_block(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, q.shape[1]], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < hi) & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -134,7 +144,10 @@ def _attend_block(
 # fp32), i.e. num_splits * (D + 2) * 4 bytes per row in total, far below the K/V traffic of
 # cache_len * D * 2 * itemsize bytes per head; with one chunk (DIRECT) it writes the normalised
 # output instead. BLOCK_M == 1 (one query) uses elementwise products and sums; BLOCK_M >= 16
-# uses tl.dot. The lengths are not specialised on (they change every decode step).
+# uses tl.dot. Both key loops are software-pipelined (NUM_STAGES tiles in flight: cp.async into
+# shared memory on sm_80/sm_90 when the head dim is 16-byte aligned). The merge reads the
+# partials in a fixed order: bitwise deterministic. The lengths are not specialised on (they
+# change every decode step).
 @triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
 def _split_kernel(
     Q, K, V, O, Acc, Max, Sum, Lens,
@@ -143,7 +156,7 @@ def _split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, Tq, D, seq_len, chunk, num_splits, qk_scale,
     PER_ROW: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     off_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -175,6 +188,7 @@ def _split_kernel(
     if BLOCK_M == 1:  # Tq == 1: the query sees every key below n_keys, hi <= n_keys
         acc, l_i, m_i = _attend_one(
             tl.sum(q, 0), k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N,
+            NUM_STAGES,
         )
         acc = acc[None, :]
         l_i = l_i + tl.zeros([1], dtype=tl.float32)
@@ -182,6 +196,7 @@ def _split_kernel(
     else:
         acc, l_i, m_i = _attend_block(
             q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, offs_m, shift, lo, hi, qk_scale, BLOCK_N,
+            NUM_STAGES,
         )
 
     rows = off_bh.to(tl.int64) * Tq + offs_m  # row of (batch*head, query) in the outputs
@@ -237,13 +252,44 @@ def _merge_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _split_launch(q_len: int) -> Launch:
-    """One query: a 1-row block (elementwise math); more: 16-row blocks (tl.dot's minimum)."""
+SPLIT_KERNEL = "decode_attention.split"  # its name in the per-device tuning tables
+DEFAULT_SM_COUNT = 132  # an H100/H200 (SXM): what plans assume on a machine without a GPU
+
+
+def _shape_class(dtype: torch.dtype, block_d: int, block_m: int) -> str:
+    """The tuning tables' shape class of a split launch, e.g. "bf16-d64-q1"."""
+    return f"{_TRITON_DTYPE[dtype]}-d{block_d}-q{block_m}"
+
+
+def _split_launch(q_len: int, block_d: int = 64, dtype: torch.dtype = torch.float16,
+                  device: torch.device | None = None) -> Launch:
+    """The split kernel's tiles: the device's tuning table if it has this shape class, else
+    the static choice. One query: a 1-row block (elementwise math) over 32-key tiles (16 keys
+    at BLOCK_D=128: at most 2048 elements, 16 per thread) in 3 cp.async stages. More queries:
+    16-row blocks (tl.dot's minimum) over 64-key tiles in 2 stages; fp32's exact FMA dot
+    spills there, so it takes 32 keys (16 at BLOCK_D=128). No spills on sm_80/sm_90 under
+    triton 3.6 and 3.9."""
     block_m = 1 if q_len == 1 else 16
+    tuned = tuning.lookup(SPLIT_KERNEL, _shape_class(dtype, block_d, block_m), device)
+    if tuned is not None:
+        return Launch(block_m, tuned["block_n"], tuned["num_warps"], tuned["num_stages"])
     if INTERPRETING:  # short key tiles so that small test caches still span several tiles
         return Launch(block_m, 16, 4, 1)
-    return Launch(block_m, 64, 4, 2)
+    if block_m == 1:
+        return Launch(1, 16 if block_d == 128 else 32, 4, 3)
+    if dtype == torch.float32:
+        return Launch(16, 16 if block_d == 128 else 32, 4, 2)
+    return Launch(16, 64, 4, 2)
 
+
+# Launches a tuning table may pick (bench/tune.py sweeps them): (block_n, num_warps,
+# num_stages) per shape class, each one compiled by aot_configs(). GPT-2's decode: D=64, bf16.
+TUNING_SPACE = {
+    "bf16-d64-q1": [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in (
+        (16, 4, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 3), (64, 8, 3),
+    )],
+}
+tuning.register(SPLIT_KERNEL, TUNING_SPACE)
 
 _MERGE_LAUNCH = Launch(1, 0, 4, 1)
 
@@ -255,31 +301,46 @@ class _Plan:
     chunk: int  # keys per split, a whole number of key tiles
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+@functools.cache
+def _sm_count(device: torch.device | None) -> int:
+    """SMs of a CUDA device; DEFAULT_SM_COUNT for any other (planning without a GPU)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def _chunk_tiles(programs: int, tiles: int, sms: int) -> int:
+    """Key tiles per chunk for ``programs`` (batch*head, query block) rows of ``tiles`` tiles.
+
+    About _PROGRAMS_PER_SM programs per SM with chunks of at least _MIN_CHUNK_TILES tiles; but
+    while fewer programs than SMs would result, chunks shrink down to one tile until every SM
+    gets one (batch-1 decode: 12 heads x 1024 keys -> 192 programs on 132 SMs); at most
+    MAX_SPLITS chunks. Rounded down to whole tiles, so that at least the wanted count results.
+    """
+    splits = min(triton.cdiv(_PROGRAMS_PER_SM * sms, programs), tiles // _MIN_CHUNK_TILES)
+    splits = max(splits, min(triton.cdiv(sms, programs), tiles), 1)
+    return max(tiles // min(splits, MAX_SPLITS), triton.cdiv(tiles, MAX_SPLITS))
 
 
 def _plan(
-    batch_heads: int, q_len: int, max_len: int, device: torch.device, num_splits: int | None = None
+    batch_heads: int, q_len: int, max_len: int, device: torch.device | None,
+    num_splits: int | None = None, *, block_d: int = 64, dtype: torch.dtype = torch.float16,
 ) -> _Plan:
     """How to split the keys [0, max_len) of each (batch, head) across programs.
 
-    Default: enough chunks that batch*heads*query_blocks*chunks reaches about
-    _PROGRAMS_PER_SM programs per SM, each chunk at least _MIN_CHUNK_TILES key tiles long, at
-    most MAX_SPLITS chunks. In the CPU interpreter: _INTERPRETER_SPLITS chunks. ``num_splits``
-    overrides the count; chunks are rounded up to whole key tiles, so fewer may result.
+    Default: ``_chunk_tiles`` with the device's SM count (DEFAULT_SM_COUNT off CUDA); in the
+    CPU interpreter: _INTERPRETER_SPLITS chunks. ``num_splits`` overrides the count; chunks
+    are rounded up to whole key tiles, so fewer may result. The plan depends only on shapes,
+    never on the lengths' values, so a captured CUDA graph replays it for every length.
     """
-    launch = _split_launch(q_len)
+    launch = _split_launch(q_len, block_d, dtype, device)
     tiles = triton.cdiv(max_len, launch.block_n)
-    if num_splits is None:
-        if INTERPRETING:
-            num_splits = _INTERPRETER_SPLITS
-        else:
-            programs = batch_heads * triton.cdiv(q_len, launch.block_m)
-            wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device.index), programs)
-            num_splits = min(wanted, triton.cdiv(tiles, _MIN_CHUNK_TILES), MAX_SPLITS)
-    chunk = triton.cdiv(tiles, min(num_splits, tiles)) * launch.block_n
+    if num_splits is None and not INTERPRETING:
+        programs = batch_heads * triton.cdiv(q_len, launch.block_m)
+        chunk_tiles = _chunk_tiles(programs, tiles, _sm_count(device))
+    else:
+        chunk_tiles = triton.cdiv(tiles, min(num_splits or _INTERPRETER_SPLITS, tiles))
+    chunk = chunk_tiles * launch.block_n
     return _Plan(launch, triton.cdiv(max_len, chunk), chunk)
 
 
@@ -289,7 +350,8 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     if o.numel() == 0:
         return o
-    plan = _plan(B * H, Tq, max_len, q.device, num_splits)
+    block_d = max(16, triton.next_power_of_2(D))
+    plan = _plan(B * H, Tq, max_len, q.device, num_splits, block_d=block_d, dtype=q.dtype)
     cfg, S = plan.launch, plan.num_splits
     direct = S == 1
     if direct:  # the partial buffers are not used: pass the output in their place
@@ -298,14 +360,13 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
         acc = torch.empty((B * H * Tq, S, D), device=q.device, dtype=torch.float32)
         m = torch.empty((B * H * Tq, S), device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
-    block_d = max(16, triton.next_power_of_2(D))
     grid = (B * H, S, triton.cdiv(Tq, cfg.block_m))
     _split_kernel[grid](
         q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         H, Tq, D, max_len, plan.chunk, S, scale * LOG2E,
         PER_ROW=lens is not None, DIRECT=direct,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:
@@ -479,15 +540,47 @@ def _signature(fn, pointers: dict, constexprs: dict) -> dict:
     return sig
 
 
+def _divisibility(fn, signature: dict, aligned_d: bool) -> dict:
+    """The divisibility hints a typical launch gets from the JIT, as ``ASTSource`` attrs:
+    16-byte aligned pointers and strides (a contiguous cache with D a multiple of 8), D itself
+    a multiple of 16 only if ``aligned_d``. Without them the compiler cannot vectorise the key
+    loads nor turn them into cp.async, and compiles code that no real launch runs."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name.startswith("stride") or (name == "D" and aligned_d)
+    }
+
+
+def _split_config(t: str, block_d: int, cfg: Launch, flags: bool) -> dict:
+    part = "*" + t if flags else "*fp32"  # DIRECT passes the output here
+    pointers = {"Q": "*" + t, "K": "*" + t, "V": "*" + t, "O": "*" + t,
+                "Acc": part, "Max": part, "Sum": part, "Lens": "*i32" if flags else "*" + t}
+    unit = {f"stride_{x}d": 1 for x in "qkv"}  # contiguous head dims: Triton specialises 1
+    constexprs = dict(unit, PER_ROW=flags, DIRECT=flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_D=block_d, NUM_STAGES=cfg.num_stages)
+    signature = _signature(_split_kernel, pointers, constexprs)
+    return {
+        "name": f"split-{t}-d{block_d}-m{cfg.block_m}n{cfg.block_n}-w{cfg.num_warps}"
+                f"s{cfg.num_stages}-flags_{'on' if flags else 'off'}",
+        "fn": _split_kernel, "signature": signature,
+        "attrs": _divisibility(_split_kernel, signature, aligned_d=block_d != 32),
+        "constexprs": constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+    }
+
+
 def aot_configs():
-    """Every config the GPU heuristics can pick, for a compile check.
+    """Every config the GPU heuristics, and a tuning table, can pick, for a compile check.
 
     Split kernel: per dtype, head-dim bucket (BLOCK_D 16, 32, 64, 128) and query block (1 and
-    16 rows). The PER_ROW and DIRECT flags only switch a scalar load and the epilogue's stores
-    (no shared memory), so they are not multiplied in: they are both on for BLOCK_D 16 and 64
-    and both off for 32 and 128, which compiles every code path with every dtype and query
-    block. Pointer types follow the launcher: in DIRECT launches the unused partial-buffer
-    pointers are the output, without PER_ROW the unused Lens pointer too.
+    16 rows), as a contiguous cache launches it (unit head-dim strides, 16-byte alignment). The
+    PER_ROW and DIRECT flags only switch a scalar load and the epilogue's stores (no shared
+    memory), so they are not multiplied in: they are both on for BLOCK_D 16 and 64 and both off
+    for 32 and 128, which compiles every code path with every dtype and query block. D is a
+    multiple of 16 (vectorised, unmasked head dims) except in the BLOCK_D=32 bucket, which
+    compiles the masked head-dim path (e.g. D=24: element-wise loads, no cp.async). Pointer types follow the
+    launcher: in DIRECT launches the unused partial-buffer pointers are the output, without
+    PER_ROW the unused Lens pointer too. Then every config of TUNING_SPACE, in its class.
     Merge kernel: per dtype and head-dim bucket.
     """
     if INTERPRETING:
@@ -496,23 +589,20 @@ def aot_configs():
     for dtype, t in _TRITON_DTYPE.items():
         for block_d in (16, 32, 64, 128):
             flags = block_d in (16, 64)
-            for cfg in (_split_launch(1), _split_launch(2)):
-                part = "*" + t if flags else "*fp32"  # DIRECT passes the output here
-                pointers = {"Q": "*" + t, "K": "*" + t, "V": "*" + t, "O": "*" + t,
-                            "Acc": part, "Max": part, "Sum": part, "Lens": "*i32" if flags else "*" + t}
-                constexprs = dict(PER_ROW=flags, DIRECT=flags, BLOCK_M=cfg.block_m,
-                                  BLOCK_N=cfg.block_n, BLOCK_D=block_d)
-                configs.append({
-                    "name": f"split-{t}-d{block_d}-m{cfg.block_m}n{cfg.block_n}-w{cfg.num_warps}"
-                            f"s{cfg.num_stages}-flags_{'on' if flags else 'off'}",
-                    "fn": _split_kernel, "signature": _signature(_split_kernel, pointers, constexprs),
-                    "constexprs": constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                })
+            for q_len in (1, 2):
+                configs.append(_split_config(t, block_d, _split_launch(q_len, block_d, dtype), flags))
             pointers = {"Acc": "*fp32", "Max": "*fp32", "Sum": "*fp32", "O": "*" + t}
             constexprs = dict(BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d)
+            signature = _signature(_merge_kernel, pointers, constexprs)
             configs.append({
-                "name": f"merge-{t}-d{block_d}", "fn": _merge_kernel,
-                "signature": _signature(_merge_kernel, pointers, constexprs), "constexprs": constexprs,
+                "name": f"merge-{t}-d{block_d}", "fn": _merge_kernel, "signature": signature,
+                "attrs": _divisibility(_merge_kernel, signature, aligned_d=block_d != 32),
+                "constexprs": constexprs,
                 "num_warps": _MERGE_LAUNCH.num_warps, "num_stages": _MERGE_LAUNCH.num_stages,
             })
-    return configs
+    for cls, space in TUNING_SPACE.items():
+        t, d, q = cls.split("-")
+        for tuned in space:
+            launch = Launch(int(q[1:]), tuned["block_n"], tuned["num_warps"], tuned["num_stages"])
+            configs.append(_split_config(t, int(d[1:]), launch, flags=True))
+    return list({c["name"]: c for c in configs}.values())

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels._common import check_device, check_float, library_op, on_device
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
@@ -43,8 +44,12 @@ _WIDE_BLOCK = 4096  # column block of the looping kernels for wider rows
 # values per element (x, dy, xhat, w*dy, dx, two accumulators), the forward ~3.
 _FWD_TILE = (4096, 16)
 _BWD_TILE = (2048, 8)
-_WARPS_PER_SM = 16  # resident warps per SM that sizes the persistent backward grid
+_WARPS_PER_SM = 24  # resident warps per SM that sizes the persistent backward grid (see _bwd_kernel)
+_BWD_STAGES = 3  # row tiles of the backward in flight per program (cp.async; see _bwd_kernel)
+_BWD_PREFETCH_BYTES = 64 * 1024  # ... within this much shared memory per program (3 per SM fit
+# an A100's 164 KB): 3 stages up to 2048-wide fp32 tiles, fewer for wider rows (1 at 8192)
 _SUM_TILE = 4096  # elements per [BLOCK_G, BLOCK_N] tile of the partial-sum reduction
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # Forward, whole rows in registers (padded width BLOCK_N <= 8192). Each program normalizes ROWS
@@ -169,18 +174,24 @@ def _bwd_row_sums_kernel(
 
 
 # Backward dx and partial dweight/dbias, persistent: grid (G, C). Program (g, c) owns the
-# rows_per_program consecutive rows of group g (G ~ 16 warps per SM in all) and column block c
+# rows_per_program consecutive rows of group g (G ~ 24 warps per SM in all) and column block c
 # (C = 1 when the row fits in registers; then c1, c2 are row sums of the tile, else they come from
 # the row-sums kernel). It walks its rows ROWS at a time, reading x and dy (and the sum's grad)
 # once and writing dx once, and accumulates dy*xhat and dy in fp32 register tiles. At the end it
 # writes one fp32 row of partials per parameter: 8*N bytes per program, against ~6*N*rows of
 # main traffic per program in fp16 (dozens of rows per program at GPT-2 sizes).
+# Latency: the row loop is software-pipelined (NUM_STAGES=3: the x/dy/ds tiles of the next two
+# iterations are in flight as cp.async copies into shared memory while one is computed). At
+# 80 registers/thread (sm_80/90) an SM holds 3 programs of 8 warps (24 warps, the grid's size):
+# at N=768 in bf16 that is 3 programs x 2 tiles x 2 rows x 768 x 2 tensors x 2 B = 37 KB of
+# loads in flight per SM (55 KB with ds), at N=1600 (1 row) 38 KB, against the ~29 KB an H200
+# needs (4.8 TB/s / 132 SMs x ~0.8 us). Before: 2 programs, unpipelined, ~12 KB.
 @triton.jit
 def _bwd_kernel(
     X, DY, DS, DX, W, MEAN, RSTD, SUMS, PART_W, PART_B,
     M, N, stride_x, stride_dy, stride_ds, rows_per_program,
     HAS_DSUM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    WHOLE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    WHOLE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,7 +202,7 @@ def _bwd_kernel(
     acc_b = tl.zeros([ROWS, BLOCK_N], tl.float32)
     first = group * rows_per_program
     last = tl.minimum(first + rows_per_program, M)
-    for start in range(first, last, ROWS):
+    for start in tl.range(first, last, ROWS, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < last
         mask = row_ok[:, None] & col_ok[None, :]
@@ -259,27 +270,77 @@ def _row_block(n: int) -> int | None:
     return block if block <= _FUSED_MAX_BLOCK else None
 
 
-def _tile(block_n: int, tile: tuple[int, int]) -> tuple[int, int]:
-    """(ROWS, num_warps) of a [ROWS, block_n] register tile of ``tile`` = (elements, per thread)."""
+def _tile(block_n: int, tile: tuple[int, int], max_warps: int = 32) -> tuple[int, int]:
+    """(ROWS, num_warps) of a [ROWS, block_n] register tile of ``tile`` = (elements, per thread),
+    at most ``max_warps`` warps (more elements per thread beyond)."""
     elements, per_thread = tile
     rows = max(1, elements // block_n)
-    return rows, min(32, rows * block_n // (32 * per_thread))
+    return rows, min(max_warps, rows * block_n // (32 * per_thread))
 
 
-def _fwd_plan(n: int) -> tuple[object, dict, int]:
-    """(kernel, tile constexprs, num_warps) of the forward for rows of n elements."""
+def _shape_class(dtype: torch.dtype, block_n: int) -> str:
+    """The tuning tables' shape class: activation dtype and padded width, e.g. "bf16-1024"."""
+    return f"{_TRITON_DTYPE[dtype]}-{block_n}"
+
+
+def _fwd_plan(n: int, dtype: torch.dtype = torch.float16, device=None) -> tuple[object, dict, int]:
+    """(kernel, tile constexprs, num_warps) of the forward for rows of n elements: the device's
+    tuning table for this shape class, else the static tile."""
     block = _row_block(n)
     if block is None:
         return _fwd_wide_kernel, dict(BLOCK_N=_WIDE_BLOCK), _tile(_WIDE_BLOCK, _FWD_TILE)[1]
+    tuned = tuning.lookup(FWD_KERNEL, _shape_class(dtype, block), device)
+    if tuned is not None:
+        return _fwd_rows_kernel, dict(BLOCK_N=block, ROWS=tuned["rows"]), tuned["num_warps"]
     rows, warps = _tile(block, _FWD_TILE)
     return _fwd_rows_kernel, dict(BLOCK_N=block, ROWS=rows), warps
 
 
-def _bwd_plan(n: int) -> tuple[dict, int]:
-    """(tile constexprs, num_warps) of the backward kernels for rows of n elements."""
+def _bwd_plan(n: int, dtype: torch.dtype = torch.float16, device=None) -> tuple[dict, int]:
+    """(tile constexprs, num_warps) of the backward kernels for rows of n elements: the
+    device's tuning table for this shape class (whole rows only), else the static tile."""
     block = _row_block(n)
-    rows, warps = _tile(block or _WIDE_BLOCK, _BWD_TILE)
-    return dict(WHOLE_ROW=block is not None, BLOCK_N=block or _WIDE_BLOCK, ROWS=rows), warps
+    tuned = None if block is None else tuning.lookup(BWD_KERNEL, _shape_class(dtype, block), device)
+    if tuned is not None:
+        return dict(WHOLE_ROW=True, BLOCK_N=block, ROWS=tuned["rows"],
+                    NUM_STAGES=tuned["num_stages"]), tuned["num_warps"]
+    # At most 16 warps: 32 would cap registers at 64 per thread, and the 8192-wide tile spills.
+    rows, warps = _tile(block or _WIDE_BLOCK, _BWD_TILE, max_warps=16)
+    # Shared memory: NUM_STAGES - 1 prefetched tiles of x, dy and ds in fp32 (the widest case).
+    stage_bytes = rows * (block or _WIDE_BLOCK) * 3 * 4
+    stages = max(1, min(_BWD_STAGES, 1 + _BWD_PREFETCH_BYTES // stage_bytes))
+    return dict(WHOLE_ROW=block is not None, BLOCK_N=block or _WIDE_BLOCK, ROWS=rows,
+                NUM_STAGES=stages), warps
+
+
+# Tiles a tuning table may pick (bench/tune.py sweeps them) at GPT-2's widths (768..1600 pad to
+# 1024 and 2048), for bf16 activations and fp32 ones (autocast keeps LayerNorm in fp32); each
+# is compiled by aot_configs(). Forward: ROWS x BLOCK_N tiles of 8 or 16 elements per thread.
+# Backward: the static tile with 1-3 stages, and 4 or 8 elements per thread with 2 stages
+# (at most 16 warps: a 32-warp program has 64 registers per thread, and spills).
+def _tuning_space(block: int) -> tuple[list[dict], list[dict]]:
+    fwd, bwd = [], []
+    for rows in (1, 2, 4):
+        for per_thread in (8, 16):
+            fwd.append(dict(rows=rows, num_warps=rows * block // (32 * per_thread)))
+    rows, warps = _tile(block, _BWD_TILE)
+    bwd += [dict(rows=rows, num_warps=warps, num_stages=s) for s in (1, 2, 3)]
+    for rows in (1, 2, 4):
+        for per_thread in (4, 8):
+            warps = rows * block // (32 * per_thread)  # 32 warps cap registers at 64: spills
+            config = dict(rows=rows, num_warps=warps, num_stages=2)
+            bwd += [config] if warps <= 16 and config not in bwd else []
+    return fwd, bwd
+
+
+FWD_KERNEL, BWD_KERNEL = "layer_norm.fwd", "layer_norm.bwd"  # names in the tuning tables
+TUNING_SPACE = {FWD_KERNEL: {}, BWD_KERNEL: {}}
+for _t in ("bf16", "fp32"):
+    for _block in (1024, 2048):
+        TUNING_SPACE[FWD_KERNEL][f"{_t}-{_block}"], TUNING_SPACE[BWD_KERNEL][f"{_t}-{_block}"] = (
+            _tuning_space(_block))
+for _kernel, _space in TUNING_SPACE.items():
+    tuning.register(_kernel, _space)
 
 
 def _sum_plan(n: int, device) -> dict:
@@ -325,7 +386,7 @@ def _forward(x, residual, weight, bias, eps):
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if m > 0:
-        kernel, tile, warps = _fwd_plan(n)
+        kernel, tile, warps = _fwd_plan(n, dtype, x.device)
         tensors = (xr, rr, _or(s, y), y, _or(weight, y), _or(bias, y), mean, rstd)
         flags = dict(HAS_RESIDUAL=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None)
         with on_device(x.device):
@@ -347,7 +408,7 @@ def _backward(dy, dsum, xn, weight, bias, mean, rstd):
     db = None if bias is None else torch.empty(n, dtype=bias.dtype, device=xn.device)
     if m == 0:
         return dx, _zero(dw), _zero(db)
-    tile, warps = _bwd_plan(n)
+    tile, warps = _bwd_plan(n, xn.dtype, xn.device)
     col_blocks = triton.cdiv(n, tile["BLOCK_N"])
     groups, per_program = _bwd_groups(m, col_blocks, tile["ROWS"], warps, xn.device)
     has_w, has_b = weight is not None, bias is not None
@@ -363,6 +424,7 @@ def _backward(dy, dsum, xn, weight, bias, mean, rstd):
             xn, dyr, dsr, dx, _or(weight, dx), mean, rstd, sums, partials[0], partials[1],
             m, n, xn.stride(0), dyr.stride(0), dsr.stride(0), per_program,
             HAS_DSUM=dsum is not None, HAS_W=has_w, HAS_B=has_b, **tile, num_warps=warps,
+            num_stages=tile["NUM_STAGES"],
         )
         if has_w or has_b:
             sum_tile = _sum_plan(n, xn.device)
@@ -542,8 +604,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
 
-def _config(name, fn, types, constexprs, num_warps):
-    """One AOT record: pointers typed by ``types`` (default: the activation dtype, key "*")."""
+def _config(name, fn, types, constexprs, num_warps, num_stages=3, n=768):
+    """One AOT record: pointers typed by ``types`` (default: the activation dtype, key "*"), with
+    the divisibility hints a launch at width ``n`` gets (16-byte aligned pointers and row
+    strides; N itself when a multiple of 16), so that loads vectorise as they will on the GPU."""
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -554,7 +618,12 @@ def _config(name, fn, types, constexprs, num_warps):
             signature[arg] = "*" + types.get(arg, types["*"])
         else:
             signature[arg] = "i32"
-    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps}
+    aligned = {a for a in fn.arg_names if signature[a].startswith("*") or a.startswith("stride")}
+    if n % 16 == 0:
+        aligned.add("N")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "attrs": attrs,
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _plan_widths() -> list[int]:
@@ -565,20 +634,37 @@ def _plan_widths() -> list[int]:
 def _configs(t: str, p: str, residual: bool, widths, has_w=True, has_b=True):
     """Launch configs of the plans for ``widths``: activations of type t, parameters of type p,
     with the residual (and its grad) or without, with or without weight and bias."""
-    types = {"*": t, "W": p, "B": p, "MEAN": "fp32", "RSTD": "fp32", "SUMS": "fp32", "PART_W": "fp32", "PART_B": "fp32"}
+    types = _types(t, p)
     affine = dict(HAS_W=has_w, HAS_B=has_b)
     tag = f"{t}/{p}/{'add' if residual else 'plain'}/w{has_w:d}b{has_b:d}"
+    dtype = {v: k for k, v in _TRITON_DTYPE.items()}[t]
     for n in widths:
-        kernel, tile, warps = _fwd_plan(n)
-        yield _config(f"{kernel.__name__}/{tag}/{tile['BLOCK_N']}", kernel, types,
-                      dict(HAS_RESIDUAL=residual, **affine, **tile), warps)
-        tile, warps = _bwd_plan(n)
-        kind = "whole" if tile["WHOLE_ROW"] else "wide"
-        yield _config(f"_bwd_kernel/{tag}/{kind}/{tile['BLOCK_N']}", _bwd_kernel, types,
-                      dict(HAS_DSUM=residual, **affine, **tile), warps)
+        yield _fwd_config(t, p, residual, n, _fwd_plan(n, dtype), affine, tag)
+        yield _bwd_config(t, p, residual, n, _bwd_plan(n, dtype), affine, tag)
+        tile, warps = _bwd_plan(n, dtype)
         if not tile["WHOLE_ROW"]:
             yield _config(f"_bwd_row_sums_kernel/{t}/{p}/w{has_w:d}", _bwd_row_sums_kernel, types,
-                          dict(HAS_W=has_w, BLOCK_N=tile["BLOCK_N"]), warps)
+                          dict(HAS_W=has_w, BLOCK_N=tile["BLOCK_N"]), warps, n=n)
+
+
+def _types(t: str, p: str) -> dict:
+    return {"*": t, "W": p, "B": p, "MEAN": "fp32", "RSTD": "fp32", "SUMS": "fp32", "PART_W": "fp32",
+            "PART_B": "fp32"}
+
+
+def _fwd_config(t, p, residual, n, plan, affine, tag):
+    kernel, tile, warps = plan
+    rows = f"/r{tile['ROWS']}" if "ROWS" in tile else ""
+    return _config(f"{kernel.__name__}/{tag}/{tile['BLOCK_N']}{rows}w{warps}", kernel, _types(t, p),
+                   dict(HAS_RESIDUAL=residual, **affine, **tile), warps, n=n)
+
+
+def _bwd_config(t, p, residual, n, plan, affine, tag):
+    tile, warps = plan
+    kind = "whole" if tile["WHOLE_ROW"] else "wide"
+    return _config(f"_bwd_kernel/{tag}/{kind}/{tile['BLOCK_N']}/r{tile['ROWS']}w{warps}s{tile['NUM_STAGES']}",
+                   _bwd_kernel, _types(t, p), dict(HAS_DSUM=residual, **affine, **tile), warps,
+                   tile["NUM_STAGES"], n=n)
 
 
 def _sum_config(p: str, block_n: int, has_b=True):
@@ -593,7 +679,9 @@ def aot_configs():
     in, sum's grad in: the most registers), and every reduction tile for fp32 parameters. The
     other flag and dtype variants only drop code or change a pointer type; they are compiled at
     GPT-2 small's width (and some at the looping path): plain layer_norm, fp32 parameters with
-    bf16 activations, weight only, neither weight nor bias, fp16/bf16 parameter grads."""
+    bf16 activations, weight only, neither weight nor bias, fp16/bf16 parameter grads. Then
+    every tile of TUNING_SPACE, in its class, with the residual. Records are named by their
+    tile (ROWS, warps, stages); duplicates compile once."""
     configs = [_sum_config("fp32", block_n) for block_n in (32, 64, 128, 256, 512, 1024)]
     configs += [_sum_config(p, 32) for p in ("fp16", "bf16")] + [_sum_config("fp16", 32, has_b=False)]
     for t in ("fp32", "fp16", "bf16"):
@@ -606,4 +694,16 @@ def aot_configs():
         kernel, tile, warps = _fwd_plan(768)
         configs.append(_config(f"{kernel.__name__}/{t}+fp32/add/768", kernel, {"*": "fp32", "X": t},
                                dict(HAS_RESIDUAL=True, HAS_W=True, HAS_B=True, **tile), warps))
+    affine, tag = dict(HAS_W=True, HAS_B=True), "add/w1b1"  # named like the defaults: no twins
+    for cls, space in TUNING_SPACE[FWD_KERNEL].items():  # what a tuning table may pick
+        t, block = cls.split("-")
+        for c in space:
+            plan = (_fwd_rows_kernel, dict(BLOCK_N=int(block), ROWS=c["rows"]), c["num_warps"])
+            configs.append(_fwd_config(t, t, True, int(block), plan, affine, f"{t}/{t}/{tag}"))
+    for cls, space in TUNING_SPACE[BWD_KERNEL].items():
+        t, block = cls.split("-")
+        for c in space:
+            plan = (dict(WHOLE_ROW=True, BLOCK_N=int(block), ROWS=c["rows"], NUM_STAGES=c["num_stages"]),
+                    c["num_warps"])
+            configs.append(_bwd_config(t, t, True, int(block), plan, affine, f"{t}/{t}/{tag}"))
     return list({c["name"]: c for c in configs}.values())

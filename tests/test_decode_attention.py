@@ -11,7 +11,9 @@ import math
 
 import pytest
 import torch
+import triton
 
+from kernels import tuning
 from kernels.decode_attention import decode_attention
 from kernels.testing import assert_agrees, max_err
 
@@ -142,14 +144,115 @@ def test_split_plan_covers_the_cache():
 def test_gpu_split_heuristic(monkeypatch):
     """The CUDA heuristic (with an H100's 132 SMs): split batch-1 decode, not big batches."""
     monkeypatch.setattr(dec, "INTERPRETING", False)
-    monkeypatch.setattr(dec, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(dec, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     one = dec._plan(1 * 12, 1, 4096, cuda)
-    assert one.launch.block_n == 64 and 8 <= one.num_splits <= dec.MAX_SPLITS
-    assert 12 * one.num_splits >= 132 and one.chunk >= dec._MIN_CHUNK_TILES * 64
+    assert one.launch == dec.Launch(1, 32, 4, 3) and 8 <= one.num_splits <= dec.MAX_SPLITS
+    assert 12 * one.num_splits >= 132 and one.chunk >= dec._MIN_CHUNK_TILES * 32
     assert dec._plan(64 * 16, 1, 4096, cuda).num_splits == 1  # enough programs already
-    assert dec._plan(12, 1, 100, cuda).num_splits == 1  # a short cache is not split
+    assert dec._plan(12, 1, 100, cuda).num_splits == 4  # a short cache: one tile per chunk
     assert dec._plan(12, 5, 4096, cuda).launch.block_m == 16
+    assert dec._plan(12, 1, 4096, cuda, block_d=128).launch.block_n == 16
+
+
+@pytest.mark.parametrize("sms", [108, 132, 170])  # A100, H100/H200, B200
+@pytest.mark.parametrize("block_d", [64, 128])
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_split_plan_fills_every_sm(monkeypatch, sms, block_d, q_len):
+    """Below one program per SM (B*H < SMs) the keys split until every SM has a program, as
+    far as whole key tiles allow; chunks stay whole tiles, cover the cache, at most MAX_SPLITS."""
+    monkeypatch.setattr(dec, "INTERPRETING", False)
+    monkeypatch.setattr(dec, "_sm_count", lambda device: sms)
+    for batch_heads in (1, 2, 12, 25, 96, 8 * 16, 200, 64 * 16):
+        for max_len in (1, 40, 1000, 1024, 4096):
+            plan = dec._plan(batch_heads, q_len, max_len, None, block_d=block_d)
+            tiles = triton.cdiv(max_len, plan.launch.block_n)
+            programs = batch_heads * plan.num_splits  # one query block: q_len <= 16
+            assert plan.chunk % plan.launch.block_n == 0 and plan.num_splits <= dec.MAX_SPLITS
+            assert (plan.num_splits - 1) * plan.chunk < max_len <= plan.num_splits * plan.chunk
+            need = min(sms, batch_heads * tiles)  # one program per SM, or one per key tile
+            if triton.cdiv(need, batch_heads) <= dec.MAX_SPLITS:
+                assert programs >= need, f"B*H={batch_heads} len={max_len}: {programs} programs, {sms} SMs"
+            elif max_len > 1:
+                assert plan.num_splits >= dec.MAX_SPLITS // 2
+            if batch_heads >= dec._PROGRAMS_PER_SM * sms:
+                assert plan.num_splits == 1
+
+
+def test_plan_off_cuda_assumes_default_sm_count(monkeypatch):
+    """Planning for a GPU on a machine without one (e.g. a static report) assumes 132 SMs."""
+    monkeypatch.setattr(dec, "INTERPRETING", False)
+    assert dec._sm_count(None) == dec._sm_count(torch.device("cpu")) == dec.DEFAULT_SM_COUNT == 132
+    plan = dec._plan(12, 1, 1024, None)
+    assert 12 * plan.num_splits >= 132  # 1024 keys = 32 tiles of 32: 16 chunks of 2 tiles
+    assert (plan.num_splits, plan.chunk) == (16, 64)
+
+
+@pytest.mark.parametrize("lens", [[40, 40], [1, 47]])
+def test_merge_is_deterministic(lens):
+    """Split, merge and the key slots in a fixed order: two runs agree bit for bit."""
+    q, k, v = make_inputs(2, 3, 1, 64, 48, torch.bfloat16, lens)
+    with torch.no_grad():
+        runs = [decode_attention(q, k, v, torch.tensor(lens), num_splits=3) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_tuned_launch_is_used_and_agrees():
+    """A table entry replaces the static launch of its shape class only, and the result still
+    follows the rule (every tunable config runs here, in the interpreter)."""
+    cls = "bf16-d64-q1"
+    static = dec._split_launch(1, 64, torch.bfloat16)
+    q, k, v = make_inputs(1, 2, 1, 64, 80, torch.bfloat16, [70])
+    for config in dec.TUNING_SPACE[cls]:
+        with tuning.use({dec.SPLIT_KERNEL: {cls: config}}):
+            launch = dec._split_launch(1, 64, torch.bfloat16)
+            assert (launch.block_n, launch.num_warps, launch.num_stages) == tuple(config.values())
+            assert dec._split_launch(1, 64, torch.float16) == static  # another class
+            assert dec._split_launch(1, 128, torch.bfloat16) == dec._split_launch(1, 128, torch.bfloat16)
+            check(q, k, v, 70, f"tuned {config}")
+    assert dec._split_launch(1, 64, torch.bfloat16) == static
+
+
+def test_tuning_space_is_compiled(monkeypatch):
+    """Every config a table may pick is among aot_configs() (so the compile check covers it)."""
+    monkeypatch.setattr(dec, "INTERPRETING", False)
+    names = {c["name"] for c in dec.aot_configs()}
+    for cls, space in dec.TUNING_SPACE.items():
+        t, d, q = cls.split("-")
+        for c in space:
+            name = (f"split-{t}-{d}-m{q[1:]}n{c['block_n']}-w{c['num_warps']}s{c['num_stages']}"
+                    "-flags_on")
+            assert name in names, f"{cls} {c} is not compiled ahead of time"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # and every static launch
+        for block_d in (16, 32, 64, 128):
+            for q_len in (1, 3):
+                cfg = dec._split_launch(q_len, block_d, dtype)
+                assert any(f"-{dec._TRITON_DTYPE[dtype]}-d{block_d}-m{cfg.block_m}n{cfg.block_n}-"
+                           f"w{cfg.num_warps}s{cfg.num_stages}-" in n for n in names)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay():
+    """Lengths on the GPU: no host sync, one plan for every length, so a captured decode step
+    replays correctly after the lengths change (as gptfast's KVCacheDecoder does)."""
+    lens = torch.tensor([100, 700], device=DEVICE)
+    q, k, v = make_inputs(2, 12, 1, 64, 1024, torch.bfloat16, [1024, 1024])
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode_attention(q, k, v, lens)  # warm-up: compile
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_attention(q, k, v, lens)
+        for new in ([100, 700], [1, 1024], [513, 64]):
+            lens.copy_(torch.tensor(new))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = attend(q, k, v, new, 1 / 8, torch.float64)
+            assert_agrees(out, attend(q, k, v, new, 1 / 8, torch.bfloat16), ref,
+                          atol=slack(ref, torch.bfloat16), what=f"replay with lengths {new}")
 
 
 def test_noncontiguous_views():

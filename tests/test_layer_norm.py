@@ -351,3 +351,40 @@ def test_aot_compile_every_config():
     assert not failed, failed
     over = [(r["name"], r["cc"], r["shared"]) for r in records if r["shared"] > r["limit"]]
     assert not over, f"shared memory over the limit: {over}"
+
+
+# ---- launch plans: latency cover and tuning ----------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [768, 1024, 1280, 1600])
+def test_backward_plan_keeps_enough_bytes_in_flight(n):
+    """GPT-2 widths, bf16, plain layer_norm (x and dy): the resident programs of an SM have at
+    least ~29 KB of loads in flight (an H200's 4.8 TB/s over 132 SMs times ~0.8 us), counting
+    the NUM_STAGES - 1 tiles that the pipelined row loop prefetches."""
+    tile, warps = ln._bwd_plan(n, torch.bfloat16)
+    programs_per_sm = ln._WARPS_PER_SM // warps
+    in_flight = programs_per_sm * (tile["NUM_STAGES"] - 1) * tile["ROWS"] * n * 2 * 2
+    assert tile["NUM_STAGES"] > 1 and in_flight >= 29_000, f"N={n}: {in_flight} bytes in flight per SM"
+
+
+def test_backward_prefetch_fits_shared_memory():
+    """The prefetched fp32 x/dy/ds tiles (NUM_STAGES - 1 of them) stay within the budget that
+    keeps 3 programs per SM on an A100; the widest rows are not pipelined."""
+    for n in [256, 768, 1600, 2048, 4096, 8192, 8193, 65536]:
+        tile, _ = ln._bwd_plan(n)
+        assert (tile["NUM_STAGES"] - 1) * tile["ROWS"] * tile["BLOCK_N"] * 3 * 4 <= ln._BWD_PREFETCH_BYTES
+    assert ln._bwd_plan(8192)[0]["NUM_STAGES"] == 1 and ln._bwd_plan(1600)[0]["NUM_STAGES"] == 3
+
+
+def test_tuned_plans_agree_and_stay_deterministic():
+    """Every tunable backward tile of a class runs here (interpreter) and gives the same
+    bitwise-deterministic gradients as twice itself, within the rule of the reference."""
+    from kernels import tuning
+
+    for config in ln.TUNING_SPACE[ln.BWD_KERNEL]["fp32-1024"][:3]:
+        with tuning.use({ln.BWD_KERNEL: {"fp32-1024": config}}):
+            assert ln._bwd_plan(700, torch.float32)[0]["ROWS"] == config["rows"]
+            _compare_add((9, 700), torch.float32)
+            x, w, b, dy = _data((9, 700), torch.float32)
+            first, second = _grads_twice(layer_norm, (x, w, b), [dy])
+            assert all(torch.equal(a, c) for a, c in zip(first, second))

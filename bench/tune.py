@@ -1,0 +1,173 @@
+"""Measure the tunable launch configs on this GPU and write its tuning table (kernels/tuning.py).
+
+    python -m bench.tune [--out-dir DIR]               # on a CUDA machine, ~2-4 minutes
+    TRITON_INTERPRET=1 python -m bench.tune --dry-run  # the same plumbing on CPU, tiny shapes
+
+For every kernel that registers a tuning space and has a case below, and every shape class of
+that space, each candidate config runs at GPT-2 shapes through the public op (the config put in
+place with ``tuning.use``, exactly where a table would put it). A candidate whose outputs do not
+agree with a float64 reference (``kernels.testing.agreement``: within 2x eager PyTorch's error
+in the same dtype, plus a small slack) is rejected; the others are timed with
+``triton.testing.do_bench_cudagraph`` (summed over the class's shapes) and the fastest wins. The table
+``DIR/<device name>.json`` (default kernels/configs/) holds the winners; a class without a
+passing candidate is left out (the static heuristics stay). Commit it as kernels/configs/<name>.
+"""
+
+import argparse
+import importlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import add_layer_norm, decode_attention, tuning
+from kernels.testing import agreement
+
+dec = importlib.import_module("kernels.decode_attention")
+ln = importlib.import_module("kernels.layer_norm")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_EPS = 1e-5
+_SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # as the tests
+
+
+@dataclass
+class Shape:
+    """One measured shape of a class: ``run()`` launches the kernel under test and returns its
+    outputs; ``eager`` and ``ref`` are eager PyTorch's outputs in the same dtype and float64's."""
+
+    run: Callable[[], list[torch.Tensor]]
+    eager: list[torch.Tensor]
+    ref: list[torch.Tensor]
+    slack: float
+
+
+def _decode_shapes(cls: str, device, dry: bool) -> list[Shape]:
+    t, d, _ = cls.split("-")
+    dtype, head_dim = _DTYPES[t], int(d[1:])
+    shapes = []
+    for batch, heads, n in ([(1, 2, 70)] if dry else [(1, 12, 1024), (8, 12, 1024)]):
+        g = torch.Generator().manual_seed(batch)
+        q, k, v = (torch.randn(batch, heads, m, head_dim, generator=g).to(device, dtype) for m in (1, n, n))
+
+        def attend(dt, q=q, k=k, v=v):
+            s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) / math.sqrt(head_dim)
+            return [torch.softmax(s, dim=-1) @ v.to(dt)]
+
+        run = lambda q=q, k=k, v=v, n=n: [decode_attention(q, k, v, n)]
+        shapes.append(Shape(run, attend(dtype), attend(torch.float64), _SLACK[dtype]))
+    return shapes
+
+
+def _layer_norm_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shape]:
+    t, block = cls.split("-")
+    dtype, block = _DTYPES[t], int(block)
+    widths = [block // 2 + 88] if dry else ([768, 1024] if block == 1024 else [1280, 1600])
+    shapes = []
+    for n in widths:
+        g = torch.Generator().manual_seed(n)
+        rows = 3 if dry else 8 * 1024  # GPT-2 training: batch 8 x 1024 tokens
+        x, r, dy = (torch.randn(rows, n, generator=g).to(device, dtype) for _ in range(3))
+        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype)
+        b = torch.randn(n, generator=g).to(device, dtype)
+
+        if backward:  # the backward kernels alone, on the sum s the forward stored
+            _, s, mean, rstd = ln._forward(x, r, w, b, _EPS)
+            run = lambda s=s, w=w, b=b, dy=dy, mean=mean, rstd=rstd: list(
+                ln._backward(dy, None, s, w, b, mean, rstd))
+        else:
+            run = lambda x=x, r=r, w=w, b=b: list(add_layer_norm(x, r, w, b, eps=_EPS))
+
+        def eager(dt, x=x, r=r, w=w, b=b, dy=dy, s=s if backward else None):
+            if backward:
+                leaves = [t.to(dt).requires_grad_(True) for t in (s, w, b)]
+                y = torch.nn.functional.layer_norm(leaves[0], (n,), leaves[1], leaves[2], _EPS)
+                return list(torch.autograd.grad(y, leaves, dy.to(dt)))
+            x_r = x.to(dt) + r.to(dt)
+            return [torch.nn.functional.layer_norm(x_r, (n,), w.to(dt), b.to(dt), _EPS), x_r]
+
+        shapes.append(Shape(run, eager(dtype), eager(torch.float64), _SLACK[dtype]))
+    return shapes
+
+
+# kernel -> shapes of one of its shape classes. The attention kernels join with their space.
+CASES = {
+    dec.SPLIT_KERNEL: _decode_shapes,
+    ln.FWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=False),
+    ln.BWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=True),
+}
+
+
+def _do_bench(fn) -> float:
+    """GPU time of ``fn`` in ms, replayed as a CUDA graph: at these sizes the host-side launch
+    cost (tens of us) would otherwise be what gets timed."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=20)
+
+
+def _wall_clock(fn) -> float:
+    """A dry run's stand-in (ms of one call on the host): it checks the plumbing, not speed."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _classes(kernel: str, dry: bool) -> dict:
+    """The shape classes to sweep: all of them; one per kernel in a dry run (the plumbing)."""
+    classes = tuning.space(kernel)
+    return dict(list(classes.items())[:1]) if dry else classes
+
+
+def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print) -> dict:
+    """{kernel: {shape class: fastest agreeing config}} over every registered space with a case."""
+    entries = {}
+    for kernel, make_shapes in CASES.items():
+        for cls, space in _classes(kernel, dry).items():
+            shapes = make_shapes(cls, device, dry)
+            best = None
+            for config in space:
+                with tuning.use({kernel: {cls: config}}):
+                    bad = [a for s in shapes for out, e, r in zip(s.run(), s.eager, s.ref)
+                           if not (a := agreement(out, e, r, 2.0, s.slack))["ok"]]
+                    if bad:
+                        worst = bad[0]
+                        log(f"{kernel} {cls} {config}: REJECTED, error {worst['err']:.3g} > {worst['bound']:.3g}")
+                        continue
+                    ms = sum(timer(s.run) for s in shapes)
+                log(f"{kernel} {cls} {config}: {ms * 1e3:.1f} us")
+                if best is None or ms < best[0]:
+                    best = ms, config
+            if best is not None:
+                entries.setdefault(kernel, {})[cls] = best[1]
+                log(f"{kernel} {cls}: best {best[1]}")
+    return entries
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=tuning.CONFIG_DIR,
+                        help="where <device name>.json goes (default: kernels/configs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU interpreter (TRITON_INTERPRET=1), tiny shapes, writes dry-run.json")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, name = torch.device("cpu"), "dry run"
+    elif torch.cuda.is_available():
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    else:
+        print("tune.py: no CUDA device (use --dry-run with TRITON_INTERPRET=1 on CPU)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    entries = tune(device, dry=args.dry_run, timer=_wall_clock if args.dry_run else _do_bench)
+    path = tuning.write(args.out_dir / tuning.file_name(name), entries, name)
+    print(f"wrote {path} ({sum(map(len, entries.values()))} entries, {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
