@@ -162,15 +162,12 @@ def kernel_stats(cubin: bytes, dynamic_shared: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        tool = nvidia_tool("cuobjdump")
-
-        def dump(*args):  # nvdisasm's format warnings on stderr are ignored
-            return subprocess.run([tool, *args, str(path)], capture_output=True, text=True, check=True).stdout
-
-        usage, sass = dump("--dump-resource-usage"), dump("-sass")
-    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+        cmd = [nvidia_tool("cuobjdump"), "--dump-resource-usage", "-sass", str(path)]
+        # nvdisasm's format warnings on stderr are ignored
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {"registers": int(found["REG"]), "stack": int(found["STACK"]),
-            "shared": dynamic_shared + int(found["SHARED"]), **_sass_figures(sass)}
+            "shared": dynamic_shared + int(found["SHARED"]), **_sass_figures(out)}
 
 
 def occupancy(cc: int, num_warps: int, registers: int, shared: int) -> dict:
