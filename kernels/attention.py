@@ -868,8 +868,9 @@ def report_cases(sm_count: int = 132):
                                   "grid": triton.cdiv(T, getattr(launch, rows)) * B * H})
             pre = _preprocess_launch()
             values = (t, t, "*fp32", *out, *qkv, H, T, D)
-            cfg = launch_config(f"_bwd_preprocess_kernel {model} {_TRITON_DTYPE[dtype]}",
-                                _bwd_preprocess_kernel, dict(zip(_bwd_preprocess_kernel.arg_names, values)),
+            fn = _bwd_preprocess_kernel
+            cfg = launch_config(f"{fn.__name__} {model} {_TRITON_DTYPE[dtype]}", fn,
+                                dict(zip(fn.arg_names, values)),
                                 dict(EVEN_D=D == block_d, BLOCK_M=pre.block_m, BLOCK_D=block_d),
                                 pre.num_warps)
             cases.append({"label": f"{model} B{B} T{T} {_TRITON_DTYPE[dtype]}", "config": cfg,

@@ -126,7 +126,8 @@ def markdown(rows: list[dict], cc: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.report",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--cc", type=int, action="append", choices=(80, 90),
                         help="compute capability (repeatable; default 90)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -192,7 +192,8 @@ def occupancy(cc: int, num_warps: int, registers: int, shared: int) -> dict:
             "limit": "+".join(k for k, v in limits.items() if v == blocks)}
 
 
-def launch_config(name: str, fn, args: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
+def launch_config(name: str, fn, args: dict, constexprs: dict, num_warps: int,
+                  num_stages: int = 3) -> dict:
     """The aot config of the launch ``fn[grid](**args, **constexprs, num_warps=..., num_stages=...)``,
     specialised as Triton's JIT specialises a launch: ``args`` holds each runtime argument's
     value, a tensor as its pointer type ("*bf16"; 16-byte aligned, as torch allocates); ints equal
@@ -235,9 +236,10 @@ def sm_count_of(module: str, count: int):
 
 def config_key(cfg: dict) -> str:
     """What identifies the compiled code of an aot config (its name aside)."""
+    attrs = sorted((str(k), v) for k, v in (cfg.get("attrs") or {}).items())
     return json.dumps([cfg["fn"].__module__, cfg["fn"].__name__, cfg["signature"],
-                       sorted(cfg["constexprs"].items()), sorted((str(k), v) for k, v in (cfg.get("attrs") or {}).items()),
-                       cfg.get("num_warps", 4), cfg.get("num_stages", 3)], default=str)
+                       sorted(cfg["constexprs"].items()), attrs, cfg.get("num_warps", 4),
+                       cfg.get("num_stages", 3)], default=str)
 
 
 def config_record(cfg: dict, cc: int) -> dict:

@@ -33,13 +33,17 @@ def compiled(request):
         declared += testing.compile_module(module, CCS, shards=2, pythonpath=pythonpath)
     rows = report.collect(CCS, jobs=2, pythonpath=pythonpath)
     if request.param == "3.6":
-        assert {r["triton"] for r in declared + rows} == {"3.6.0"}, "GPTFAST_TRITON36 is not triton 3.6.0"
+        versions = {r["triton"] for r in declared + rows}
+        assert versions == {"3.6.0"}, f"GPTFAST_TRITON36 holds triton {versions}, not 3.6.0"
     return declared, rows
 
 
 def _what(r) -> str:
     """Kernel, config, cc and triton version of a declared record or a report row."""
-    config = r["name"] if "name" in r else f"{r['tile']} w{r['num_warps']}s{r['num_stages']} at {r['label']}"
+    if "name" in r:
+        config = r["name"]
+    else:
+        config = f"{r['tile']} w{r['num_warps']}s{r['num_stages']} at {r['label']}"
     return f"{r['kernel']} [{config}] sm_{r['cc']} triton {r['triton']}"
 
 
@@ -82,7 +86,8 @@ def test_report_occupancy_and_grid_figures(compiled):
     _, rows = compiled
     for r in (r for r in rows if r["ok"]):
         occ = occupancy(r["cc"], r["num_warps"], r["registers"], r["shared"])
-        assert (r["blocks"], r["warps_per_sm"], r["bound"]) == (occ["blocks"], occ["warps"], occ["limit"])
+        assert (r["blocks"], r["warps_per_sm"]) == (occ["blocks"], occ["warps"])
+        assert r["bound"] == occ["limit"]
         assert 1 <= r["blocks"] <= 32 and r["warps_per_sm"] == r["blocks"] * r["num_warps"] <= 64
         assert r["waves"] == pytest.approx(r["grid"] / (r["blocks"] * r["sms"]))
         assert r["sms"] == {80: 108, 90: 132}[r["cc"]]
