@@ -3,7 +3,8 @@
 A record is a dict written by bench/_runner.py (or bench/test_generation.py) for each case;
 ``columns`` lists the fields each op's table shows (the model's records add ``tokens_per_s``,
 ``mfu`` and ``peak_gib``; generation's ``tokens_per_s`` and ``same_tokens``). Times are
-milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``.
+milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``. ``meta["static_report"]``, when
+present (runs without CUDA), is the sm_90 table of ``python -m kernels.report``.
 """
 
 import json
@@ -134,6 +135,9 @@ def markdown(records, meta) -> str:
             for r in grp:
                 lines.append("| " + " | ".join(cell(r) for _, _, cell in cols) + " |")
         lines.append("")
+    if meta.get("static_report"):
+        lines += ["## Static kernel report (compiled for the GPU, no GPU needed)", "",
+                  meta["static_report"], ""]
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@
 
 The cases of a module come from its ``gpu_cases(quick)`` (parametrised as ``case``). The summary
 (Markdown + JSON + PNG plots) goes to ``bench/results/<device-slug>/`` by default; without CUDA,
-to ``bench/results/cpu/`` (git-ignored), so that a CPU run never overwrites GPU results.
+to ``bench/results/cpu/`` (git-ignored), so that a CPU run never overwrites GPU results; such a
+run's summary ends with the static kernel report for sm_90 (``python -m kernels.report``).
 """
 
 import datetime
@@ -91,6 +92,17 @@ def _meta(config) -> dict:
     }
 
 
+def _static_report() -> str:
+    """What can be said about speed without a GPU: the static kernel report's sm_90 table
+    (``python -m kernels.report``: registers, spills, occupancy, waves, main-loop SASS)."""
+    from kernels import report
+
+    try:
+        return report.markdown(report.collect((90,)), 90)
+    except Exception as exc:  # the summary is written all the same
+        return f"The static kernel report failed: {type(exc).__name__}: {exc}"[:2000]
+
+
 def results_dir(config) -> Path:
     given = config.getoption("results_dir", default=None)
     return Path(given) if given else BENCH_DIR / "results" / device_slug(device_name())
@@ -137,6 +149,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.option.collectonly or not getattr(config, "_gptfast_bench_items", 0):
         return
     meta = _meta(config)
+    if not meta["gpu"]:
+        meta["static_report"] = _static_report()
     paths = write_summary(_runner.RECORDS, meta, results_dir(config), _stem(config))
     tr = terminalreporter
     tr.section("gptfast benchmark summary")

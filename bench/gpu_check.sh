@@ -18,16 +18,22 @@
 #   tune     OUTDIR/tune.log, OUTDIR/configs/<device>.json: bench/tune.py's tuning table, to commit
 #            as kernels/configs/<device>.json (GPU_CHECK_TUNE=0 skips it; on CPU a dry run)
 #   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
-# Each step has its own timeout (12 minutes in all: 80 + 150 + 120 + 100 + 240 + 30 s); a failing or
-# timed-out step does not stop the others, and a benchmark step cut short keeps the summary of
-# the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
+#   sanitizer_memcheck, sanitizer_racecheck  OUTDIR/sanitizer_*.log: a few small kernel tests
+#            (SANITIZER_TESTS below) under `compute-sanitizer --tool memcheck` and `--tool
+#            racecheck`; each tool's error count goes to steps.txt. On by default when
+#            compute-sanitizer is on the PATH and there is a CUDA device; skipped with a message
+#            otherwise (GPU_CHECK_SANITIZER=0: off; =1: also on a dry run)
+# Each step has its own timeout (14 minutes in all: 80 + 150 + 120 + 100 + 240 + 30 + 2 x 60 s);
+# a failing or timed-out step does not stop the others, and a benchmark step cut short keeps the
+# summary of the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
 # step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
 # the steps still run, on CPU; GPU_CHECK_ALLOW_CPU=1 makes such a run exit 0 when they pass).
 #
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
-# GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _TUNE / _PROFILE (seconds;
-# default 80 / 150 / 120 / 100 / 240 / 30), GPU_CHECK_TUNE (default 1).
+# GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _TUNE / _PROFILE / _SANITIZER
+# (seconds; default 80 / 150 / 120 / 100 / 240 / 30 / 60 per tool), GPU_CHECK_TUNE (default 1),
+# GPU_CHECK_SANITIZER (auto, 0 or 1).
 set -u -o pipefail
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -145,6 +151,38 @@ if "$PY" -m gptfast profile --help >/dev/null 2>&1; then
         ${GPU_CHECK_PROFILE_ARGS:-$DEFAULT_PROFILE} --out "$OUTDIR/profile"
 else
     echo "profile: skipped, 'python -m gptfast profile' is not available" | tee -a "$OUTDIR/steps.txt"
+fi
+
+# --- (d) compute-sanitizer: memory errors and shared-memory races in small kernel tests ---------
+# Small shapes, odd lengths, dropout, ragged decode lengths and wide LayerNorm rows: every kernel
+# and its masked edges, at sizes the tools check in seconds (the kernels are compiled already).
+# Without PyTorch's caching allocator each tensor is an allocation of its own, so memcheck sees
+# an access past its end.
+SANITIZER_TESTS=(
+    tests/test_attention.py::test_dropout_matches_eager_with_kernel_mask
+    tests/test_attention.py::test_non_contiguous_inputs_and_grad
+    tests/test_layer_norm.py::test_add_layer_norm_matches_reference
+    tests/test_decode_attention.py::test_per_row_lengths
+    tests/test_decode_attention.py::test_split_count_changes_only_rounding
+)
+sanitizer_errors() {  # sum of the error counts of a log's summary lines; "unknown" without one
+    awk '/(ERROR|RACECHECK) SUMMARY/ { n++; if (match($0, /[0-9]+ error/)) s += substr($0, RSTART, RLENGTH - 6) }
+         END { print (n ? s + 0 : "unknown") }' "$1"
+}
+SANITIZE=${GPU_CHECK_SANITIZER:-auto}
+if [ "$SANITIZE" = 0 ]; then
+    echo "sanitizer: skipped (GPU_CHECK_SANITIZER=0)" | tee -a "$OUTDIR/steps.txt"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+    echo "sanitizer: skipped, compute-sanitizer is not on the PATH" | tee -a "$OUTDIR/steps.txt"
+elif [ "$CUDA" = 0 ] && [ "$SANITIZE" != 1 ]; then
+    echo "sanitizer: skipped, no CUDA device (GPU_CHECK_SANITIZER=1 runs it anyway)" | tee -a "$OUTDIR/steps.txt"
+else
+    for tool in memcheck racecheck; do
+        step "sanitizer_$tool" "${GPU_CHECK_TIMEOUT_SANITIZER:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 1 \
+            "${PYTEST[@]}" "${SANITIZER_TESTS[@]}"
+        echo "sanitizer_$tool: $(sanitizer_errors "$OUTDIR/sanitizer_$tool.log") errors" | tee -a "$OUTDIR/steps.txt"
+    done
 fi
 
 # --- verdict ----------------------------------------------------------------------------------

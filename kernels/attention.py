@@ -979,3 +979,53 @@ def aot_configs():
     add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
     return configs
+
+
+def report_cases(sm_count: int = 132):
+    """GPT-2's attention launches at 8 x 1024 tokens (head dim 64, causal), for the static report
+    (kernels/report.py): 124M (12 heads) and 1558M (25 heads), fp32 and bf16, without and with
+    dropout 0.1. Per launch a label, its aot config (specialised as the JIT specialises the
+    model's call: q/k/v are (B, T, H, D) memory seen as (B, H, T, D)) and its grid size in
+    programs, from the launch plans the op uses. The grids do not depend on ``sm_count``."""
+    from kernels.testing import launch_config
+
+    if INTERPRETING:
+        raise RuntimeError("report_cases() describes GPU launches; call it with TRITON_INTERPRET unset")
+    B, T, D = 8, 1024, 64
+    block_d = _block_d(D)
+    cases = []
+    for model, H in (("124M", 12), ("1558M", 25)):
+        for dtype in (torch.float32, torch.bfloat16):
+            t = "*" + _TRITON_DTYPE[dtype]
+            qkv = (T * H * D, D, H * D, 1)  # q, k, v and do: (B, T, H, D) memory, transposed
+            out = (H * T * D, T * D, D, 1)  # o, dq, dk, dv: contiguous (B, H, T, D)
+            for p in (0.0, 0.1):
+                label = f"{model} B{B} T{T} {_TRITON_DTYPE[dtype]}" + (f" p={p}" if p else "")
+                flags = dict(CAUSAL=True, DROPOUT=p > 0, EVEN_D=D == block_d, BLOCK_D=block_d)
+                scale = (D ** -0.5) * LOG2E
+                launches = [
+                    (_fwd_kernel, _fwd_launch(block_d, dtype), "block_m",
+                     (t, t, t, t, "*fp32", *qkv, *qkv, *qkv, *out, H, T, T, D, scale, 0, p)),
+                    (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype), "block_n",
+                     (t, t, t, t, "*fp32", "*fp32", t, t, *qkv, *qkv, *qkv, *qkv, *out,
+                      H, T, T, D, D ** -0.5, scale, 0, p)),
+                    (_bwd_dq_kernel, _dq_launch(block_d, dtype), "block_m",
+                     (t, t, t, t, "*fp32", "*fp32", t, *qkv, *qkv, *qkv, *qkv, *out,
+                      H, T, T, D, D ** -0.5, scale, 0, p)),
+                ]
+                for fn, launch, rows, values in launches:
+                    tile = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
+                    cfg = launch_config(f"{fn.__name__} {label}", fn, dict(zip(fn.arg_names, values)),
+                                        flags | tile, launch.num_warps, launch.num_stages)
+                    cases.append({"label": label, "config": cfg,
+                                  "grid": triton.cdiv(T, getattr(launch, rows)) * B * H})
+            pre = _preprocess_launch()
+            values = (t, t, "*fp32", *out, *qkv, H, T, D)
+            fn = _bwd_preprocess_kernel
+            cfg = launch_config(f"{fn.__name__} {model} {_TRITON_DTYPE[dtype]}", fn,
+                                dict(zip(fn.arg_names, values)),
+                                dict(EVEN_D=D == block_d, BLOCK_M=pre.block_m, BLOCK_D=block_d),
+                                pre.num_warps)
+            cases.append({"label": f"{model} B{B} T{T} {_TRITON_DTYPE[dtype]}", "config": cfg,
+                          "grid": triton.cdiv(T, pre.block_m) * B * H})
+    return cases

@@ -606,3 +606,42 @@ def aot_configs():
             launch = Launch(int(q[1:]), tuned["block_n"], tuned["num_warps"], tuned["num_stages"])
             configs.append(_split_config(t, int(d[1:]), launch, flags=True))
     return list({c["name"]: c for c in configs}.values())
+
+
+def report_cases(sm_count: int = 132):
+    """GPT-2's decode step (one new query over 1024 cached keys, head dim 64), for the static
+    report (kernels/report.py): 124M (12 heads) and 1558M (25 heads), batch 1 and 8, fp32 and
+    bf16, on a GPU of ``sm_count`` SMs. Per launch a label, its aot config (specialised as the
+    JIT specialises the model's call) and its grid size in programs, from ``_plan``."""
+    from kernels.testing import launch_config, sm_count_of
+
+    if INTERPRETING:
+        raise RuntimeError("report_cases() describes GPU launches; call it with TRITON_INTERPRET unset")
+    T, D = 1024, 64
+    block_d = max(16, triton.next_power_of_2(D))
+    cases = []
+    for model, H in (("124M", 12), ("1558M", 25)):
+        for B in (1, 8):
+            for dtype, t in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
+                with sm_count_of(__name__, sm_count):
+                    plan = _plan(B * H, 1, T, None, block_d=block_d, dtype=dtype)
+                cfg, S = plan.launch, plan.num_splits
+                label = f"{model} B{B} cache{T} {_TRITON_DTYPE[dtype]}"
+                part = t if S == 1 else "*fp32"  # DIRECT passes the output as the partial buffers
+                cache = (H * T * D, T * D, D, 1)
+                values = (t, t, t, t, part, part, part, t, H * D, D, H * D, 1, *cache, *cache,
+                          H, 1, D, T, plan.chunk, S, D ** -0.5 * LOG2E)
+                constexprs = dict(PER_ROW=False, DIRECT=S == 1, BLOCK_M=cfg.block_m,
+                                  BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages)
+                split = launch_config(f"_split_kernel {label}", _split_kernel,
+                                      dict(zip(_split_kernel.arg_names, values)), constexprs,
+                                      cfg.num_warps, cfg.num_stages)
+                cases.append({"label": f"{label} splits={S}", "config": split, "grid": B * H * S})
+                if S > 1:
+                    values = ("*fp32", "*fp32", "*fp32", t, D, S)
+                    merge = launch_config(f"_merge_kernel {label}", _merge_kernel,
+                                          dict(zip(_merge_kernel.arg_names, values)),
+                                          dict(BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d),
+                                          _MERGE_LAUNCH.num_warps, _MERGE_LAUNCH.num_stages)
+                    cases.append({"label": f"{label} splits={S}", "config": merge, "grid": B * H})
+    return cases

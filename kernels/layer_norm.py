@@ -707,3 +707,42 @@ def aot_configs():
                     c["num_warps"])
             configs.append(_bwd_config(t, t, True, int(block), plan, affine, f"{t}/{t}/{tag}"))
     return list({c["name"]: c for c in configs}.values())
+
+
+def report_cases(sm_count: int = 132):
+    """GPT-2's add_layer_norm forward and backward at 8 x 1024 tokens, for the static report
+    (kernels/report.py): widths 768, 1024, 1280, 1600 (124M..1558M), fp32 and bf16 activations
+    with parameters of their dtype, on a GPU of ``sm_count`` SMs. Per launch a label, its aot
+    config (specialised as the JIT specialises the call) and its grid size in programs, from
+    the launch plans ``_forward``/``_backward`` use."""
+    from kernels.testing import launch_config, sm_count_of
+
+    m, cuda = 8 * 1024, torch.device("cuda")
+    cases = []
+    for model, n in (("124M", 768), ("355M", 1024), ("774M", 1280), ("1558M", 1600)):
+        for t, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            label = f"{model} {m}x{n} {t}"
+            p, f = "*" + t, "*fp32"
+            kernel, tile, warps = _fwd_plan(n, dtype)
+            args = dict(X=p, R=p, S=p, Y=p, W=p, B=p, MEAN=f, RSTD=f, M=m, N=n, stride_x=n,
+                        stride_r=n, eps=1e-5)
+            flags = dict(HAS_RESIDUAL=True, HAS_W=True, HAS_B=True)
+            grid = triton.cdiv(m, tile["ROWS"]) if kernel is _fwd_rows_kernel else m
+            cfg = launch_config(f"{kernel.__name__} {label}", kernel, args, flags | tile, warps)
+            cases.append({"label": label, "config": cfg, "grid": grid})
+            tile, warps = _bwd_plan(n, dtype)
+            col_blocks = triton.cdiv(n, tile["BLOCK_N"])
+            with sm_count_of(__name__, sm_count):
+                groups, per_program = _bwd_groups(m, col_blocks, tile["ROWS"], warps, cuda)
+                sum_tile = _sum_plan(n, cuda)
+            args = dict(X=p, DY=p, DS=p, DX=p, W=p, MEAN=f, RSTD=f, SUMS=f, PART_W=f, PART_B=f,
+                        M=m, N=n, stride_x=n, stride_dy=n, stride_ds=n, rows_per_program=per_program)
+            flags = dict(HAS_DSUM=True, HAS_W=True, HAS_B=True)
+            cfg = launch_config(f"_bwd_kernel {label}", _bwd_kernel, args, flags | tile, warps,
+                                tile["NUM_STAGES"])
+            cases.append({"label": label, "config": cfg, "grid": groups * col_blocks})
+            args = dict(PART_W=f, PART_B=f, DW=p, DB=p, G=groups, N=n)
+            cfg = launch_config(f"_sum_partials_kernel {label}", _sum_partials_kernel, args,
+                                dict(HAS_W=True, HAS_B=True, **sum_tile), 8)
+            cases.append({"label": label, "config": cfg, "grid": triton.cdiv(n, sum_tile["BLOCK_N"])})
+    return cases

@@ -162,6 +162,12 @@ def test_summary_says_plainly_when_no_gpu_timings_were_taken():
     assert NO_GPU_NOTE in text and "No benchmark case ran." in text
 
 
+def test_summary_ends_with_the_static_report_when_given():
+    text = markdown([], {"device": "cpu", "gpu": False, "static_report": "| kernel |\n|---|"})
+    assert text.index(NO_GPU_NOTE) < text.index("## Static kernel report") < text.index("| kernel |")
+    assert "Static kernel report" not in markdown([], {"device": "cpu", "gpu": False})
+
+
 def test_quick_mode_covers_every_provider_of_every_op():
     from bench import (
         test_add_layer_norm,

@@ -1,0 +1,155 @@
+"""The static gate: figures of the compiled kernels, checked without a GPU.
+
+Every declared launch config (the ``aot_configs()`` of each kernel module) and every launch of
+the static report (``report_cases()``, GPT-2 shapes) is compiled for sm_80 and sm_90, with the
+installed triton and with triton 3.6 (the GPU machine's) when GPTFAST_TRITON36 names a directory
+holding it (``pip install --no-deps --target DIR triton==3.6.0``; .ci/run does this). No config
+may spill registers, each must fit its GPU's shared memory, and the report's occupancy and grid
+figures must be what a hand computation gives.
+"""
+
+import os
+
+import pytest
+
+from kernels import report, testing
+from kernels.testing import _sass_figures, occupancy
+
+TRITON36 = os.environ.get("GPTFAST_TRITON36")
+CCS = (80, 90)
+
+
+@pytest.fixture(scope="module", params=["installed", "3.6"])
+def compiled(request):
+    """(declared config records, report rows) compiled for sm_80 and sm_90 by one triton."""
+    pythonpath = None
+    if request.param == "3.6":
+        if not TRITON36:
+            pytest.skip("GPTFAST_TRITON36 is unset: point it at a `pip install --no-deps --target "
+                        "DIR triton==3.6.0` directory to gate triton 3.6 too (CI does)")
+        pythonpath = os.path.abspath(TRITON36)
+    declared = []
+    for module in report.MODULES:
+        declared += testing.compile_module(module, CCS, shards=2, pythonpath=pythonpath)
+    rows = report.collect(CCS, jobs=2, pythonpath=pythonpath)
+    if request.param == "3.6":
+        versions = {r["triton"] for r in declared + rows}
+        assert versions == {"3.6.0"}, f"GPTFAST_TRITON36 holds triton {versions}, not 3.6.0"
+    return declared, rows
+
+
+def _what(r) -> str:
+    """Kernel, config, cc and triton version of a declared record or a report row."""
+    if "name" in r:
+        config = r["name"]
+    else:
+        config = f"{r['tile']} w{r['num_warps']}s{r['num_stages']} at {r['label']}"
+    return f"{r['kernel']} [{config}] sm_{r['cc']} triton {r['triton']}"
+
+
+def test_every_config_compiles(compiled):
+    declared, rows = compiled
+    for module in ("attention", "decode_attention", "layer_norm"):
+        assert any(r["kernel"] in _KERNELS[module] for r in declared), f"no {module} config compiled"
+    names = {r["name"] for r in declared}
+    assert sorted((r["name"], r["cc"]) for r in declared) == sorted((n, cc) for n in names for cc in CCS)
+    failed = [f"{_what(r)}: {r['error']}" for r in declared + rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+
+
+_KERNELS = {
+    "attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "decode_attention": {"_split_kernel", "_merge_kernel"},
+    "layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
+}
+
+
+def test_no_config_spills(compiled):
+    declared, rows = compiled
+    spills = sorted({
+        f"{_what(r)}: {r['registers']} registers, {r['spill_stores']} B spill stores, "
+        f"{r['spill_loads']} B spill loads"
+        for r in declared + rows if r["ok"] and (r["spill_stores"] or r["spill_loads"])
+    })
+    assert not spills, f"{len(spills)} configs spill registers:\n" + "\n".join(spills)
+
+
+def test_every_config_fits_shared_memory(compiled):
+    declared, rows = compiled
+    over = [f"{_what(r)}: {r['shared']} B shared per block > {r['limit']} B"
+            for r in declared + rows if r["ok"] and r["shared"] > r["limit"]]
+    assert not over, "\n".join(over)
+    assert all(r["blocks"] >= 1 for r in rows if r["ok"]), "a report launch has no resident block"
+
+
+def test_report_occupancy_and_grid_figures(compiled):
+    _, rows = compiled
+    for r in (r for r in rows if r["ok"]):
+        occ = occupancy(r["cc"], r["num_warps"], r["registers"], r["shared"])
+        assert (r["blocks"], r["warps_per_sm"]) == (occ["blocks"], occ["warps"])
+        assert r["bound"] == occ["limit"]
+        assert 1 <= r["blocks"] <= 32 and r["warps_per_sm"] == r["blocks"] * r["num_warps"] <= 64
+        assert r["waves"] == pytest.approx(r["grid"] / (r["blocks"] * r["sms"]))
+        assert r["sms"] == {80: 108, 90: 132}[r["cc"]]
+    # By hand, the bf16 forward of GPT-2 124M on an H100: 128 queries per program, 8 x 12 heads.
+    (fwd,) = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["label"] == "124M B8 T1024 bf16"
+              and r["cc"] == 90]
+    assert fwd["grid"] == (1024 // 128) * 8 * 12 and fwd["num_warps"] == 4
+    regs = -(-fwd["registers"] // 8) * 8  # 8 registers per thread at a time
+    by_regs = 65536 // (regs * 32 * 4)  # warps hold whole register quarters: same for 4 warps
+    by_shared = 228 * 1024 // (-(-(fwd["shared"] + 1024) // 128) * 128)
+    assert fwd["blocks"] == min(by_regs, by_shared, 64 // 4, 32)
+    # The decode step at batch 1 splits the keys of GPT-2 124M's 12 heads into chunks.
+    for r in rows:
+        if r["kernel"] == "_split_kernel" and r["label"].startswith("124M B1 "):
+            splits = int(r["label"].rsplit("splits=", 1)[1])
+            assert r["grid"] == 12 * splits and 1 < splits <= 64
+
+
+def test_occupancy_by_hand():
+    # 255 registers x 4 warps on an A100: 256 x 32 = 8192 per warp, 2 warps per quarter, 2 blocks
+    assert occupancy(80, 4, 255, 0) == {
+        "blocks": 2, "warps": 8, "limit": "registers",
+        "limits": {"registers": 2, "shared": 164, "warps": 16, "blocks": 32}}  # 1 KiB each
+    # 100 KiB shared (+1 KiB reserved) on an A100 (164 KiB per SM): one block; on an H100 two
+    assert occupancy(80, 4, 32, 100 * 1024)["limit"] == "shared"
+    assert occupancy(80, 4, 32, 100 * 1024)["blocks"] == 1
+    assert occupancy(90, 4, 32, 100 * 1024)["blocks"] == 2
+    # 16 warps of 32 registers: 4 blocks by the 64-warp limit and by the register file alike
+    assert occupancy(90, 16, 32, 0)["limit"] == "registers+warps"
+    # 1 warp, few registers: at most 32 blocks
+    assert occupancy(90, 1, 16, 0) == {
+        "blocks": 32, "warps": 32, "limit": "blocks",
+        "limits": {"registers": 128, "shared": 228, "warps": 64, "blocks": 32}}
+    # 168 registers x 4 warps: 5376 per warp, 3 per quarter (16384 // 5376), 12 warps, 3 blocks
+    assert occupancy(90, 4, 168, 0)["blocks"] == 3
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R7], desc[UR4][R2.64] ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;
+        /*0040*/                   STL.64 [R1], R4 ;
+        /*0050*/               @P0 BRA 0x30 ;
+        /*0060*/                   LDL.LU R4, [R1+0x8] ;
+        /*0070*/                   NOP ;
+        /*0080*/                   LDL.128 R8, [R1] ;
+        /*0090*/              @!P1 BRA 0x60 ;
+        /*00a0*/                   BRA 0x20 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+"""
+
+
+def test_sass_figures():
+    fig = _sass_figures(SASS)
+    assert (fig["spill_stores"], fig["spill_loads"]) == (8, 4 + 16)
+    assert fig["mma"] == "wgmma" and fig["loads"] == "cp.async+ldg.128"
+    # loops [0x30, 0x50] and [0x60, 0x90] (NOP not counted) lie inside [0x20, 0xa0]; the final
+    # self-branch is no loop
+    assert fig["loops"] == [3, 3] and fig["main_loop"] == 3 and fig["sass"] == 13
+    assert _sass_figures("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
+    assert _sass_figures("/*0000*/ FFMA R0, R1, R2, R0 ;") | {"loops": None} == {
+        "spill_stores": 0, "spill_loads": 0, "mma": "none", "loads": "none", "loops": None,
+        "main_loop": None, "sass": 1}
