@@ -17,8 +17,13 @@ The forward keeps the per-row log-sum-exp (fp32) so that the backward recomputes
 weights tile by tile instead of storing them.
 
 Dropout drops attention weights after the softmax (as in eager PyTorch), with a counter-based
-RNG (Philox, ``tl.rand``) keyed by (seed, batch*head) and counted by (query row, key column):
-the backward regenerates exactly the forward's keep mask. Kept weights are scaled by 1/(1-p).
+RNG (Philox4x32-10, the generator of ``tl.randint4x``) keyed by (seed, batch*head): each call
+(one counter) gives 128 bits, i.e. 8 keep decisions of 16 bits for 8 weights of one row, so
+the RNG costs 1/8 of a Philox call per weight (``_dropout_keep`` documents the exact mapping
+of weights to counters and bits). A weight is kept iff its 16-bit draw is >= round(p * 2^16):
+the applied drop probability is p quantised to a multiple of 2^-16 (``effective_dropout_p``,
+within 2^-17 of p), and kept weights are scaled by 1/(1 - that). The backward regenerates
+exactly the forward's keep mask, as does ``attention_dropout_mask``.
 
 Under torch.compile (see kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
 graph, i.e. by the graph's RNG: ``torch.manual_seed`` repeats a compiled run, but the masks
@@ -39,7 +44,7 @@ from kernels._common import INTERPRETING, Launch, check_device, check_float, lib
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
 _INTERPRETED_BF16_DOT = tl.constexpr(INTERPRETING)
-# Dropout counts RNG draws per (batch, head) with an int32 counter row * Tk + col.
+# Dropout counts Philox calls per (batch, head) with an int32 counter (one per 8 weights).
 MAX_DROPOUT_SCORES = 2**31
 MAX_BATCH_HEADS = 65535  # programs of one (batch, head) index CUDA grid axis 1
 
@@ -72,21 +77,78 @@ def _philox_key(seed, off_bh):
 
 
 @triton.jit
-def _dropout_keep(key, rows, cols, Tk, dropout_p):
-    """Keep mask (True = kept) of the weights at [rows, cols] of one (batch, head).
-
-    ``rows`` and ``cols`` are broadcastable index blocks; each weight draws the uniform number
-    at counter row * Tk + col, so any tiling (forward, backward, debug helper) agrees.
-    """
-    return tl.rand(key, rows * Tk + cols) >= dropout_p
+def _dropout_threshold(dropout_p):
+    """The 16-bit threshold of a (quantised, see ``effective_dropout_p``) drop probability."""
+    return (tl.to_tensor(dropout_p) * 65536.0).to(tl.int32)
 
 
 @triton.jit
-def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D,
-                   MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """K and V rows ``cols`` (= start_n + arange), zero past k_hi (MASKED) and past the head dim."""
+def _philox4x32(c0, key, N_ROUNDS: tl.constexpr = 10):
+    """Philox4x32 (Salmon et al., 2011) of the counters (c0, 0, 0, 0) under a 64-bit key: the
+    four words ``tl.randint4x(key, c0)`` returns, bit for bit, with each round's high and low
+    products taken from one 32x32 -> 64-bit multiply (IMAD.WIDE) instead of two."""
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = c0.to(tl.uint32, bitcast=True)
+    c1 = tl.zeros_like(c0)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(N_ROUNDS):
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = prod_b.to(tl.uint32)
+        c3 = prod_a.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(key, rows, start_n, Tk, threshold, BLOCK_N: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep mask (True = kept) of the weights [rows, start_n + arange(BLOCK_N)] of one
+    (batch, head): a (len(rows), BLOCK_N) block, or its transpose if KEYS_FIRST.
+
+    One Philox4x32 call per 8 weights of a row; its 4 words give 8 16-bit halves, each
+    compared with the threshold (kept iff >= it). Column c of row r draws half c % 2 of word
+    2 * (c >> 4 & 1) + (c >> 3 & 1) of the call with counter r * 4 * cdiv(Tk, 32) + (c >> 5)
+    * 4 + (c >> 1 & 3): the 8 columns of a call are those one thread holds in the tensor-core
+    accumulator layout, so the mask needs no data movement between threads in the forward and
+    dQ tiles. ``start_n`` is a multiple of 32 (BLOCK_N >= 32), so any tiling agrees.
+    """
+    n_groups = tl.cdiv(Tk, 32) * 4
+    groups = (start_n // 32 + tl.arange(0, BLOCK_N // 32)) * 4
+    if KEYS_FIRST:
+        counters = (rows[None, None, :] * n_groups + groups[:, None, None]
+                    + tl.arange(0, 4)[None, :, None])  # (col >> 5, col >> 1 & 3, row)
+    else:
+        counters = (rows[:, None, None] * n_groups + groups[None, :, None]
+                    + tl.arange(0, 4)[None, None, :])  # (row, col >> 5, col >> 1 & 3)
+    r0, r1, r2, r3 = _philox4x32(counters, key)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [..., col >> 4 & 1, col >> 3 & 1]
+    if KEYS_FIRST:  # -> (col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3, row)
+        words = tl.permute(words, (0, 3, 4, 1, 2))
+    else:  # -> (row, col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3)
+        words = tl.permute(words, (0, 1, 3, 4, 2))
+    keep = tl.join((words & 0xFFFF) >= threshold, (words >> 16) >= threshold)  # [..., col & 1]
+    if KEYS_FIRST:
+        keep = tl.reshape(tl.permute(keep, (0, 1, 2, 3, 5, 4)), (BLOCK_N, rows.shape[0]))
+    else:
+        keep = tl.reshape(keep, (rows.shape[0], BLOCK_N))
+    return keep
+
+
+@triton.jit
+def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo, k_hi, D,
+                   MASKED: tl.constexpr, LOWER: tl.constexpr, EVEN_D: tl.constexpr):
+    """K and V rows ``cols`` (= start_n + arange), zero outside [k_lo (LOWER), k_hi) (MASKED)
+    and past the head dim."""
     if MASKED:
         mask = cols[:, None] < k_hi
+        if LOWER:
+            mask = mask & (cols[:, None] >= k_lo)
         if not EVEN_D:
             mask = mask & (offs_d[None, :] < D)
         k = tl.load(k_ptrs + start_n * stride_kn, mask=mask, other=0.0)
@@ -116,16 +178,19 @@ def _window(Lens, off_b, T, HAS_LENS: tl.constexpr, LEFT: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, split in two ranges.
+def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, LOWER: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, as three bounds.
 
-    Key tiles start at the first valid key k_lo. Keys [k_lo, n_full) are seen by every valid
-    row of the tile and need no mask; [n_full, n_end) are the diagonal / boundary tiles that
-    need the causal and length mask. Causal tiles above the diagonal (keys no valid row may
-    see), padded keys, and tiles without a valid query row are skipped altogether. Causal is
-    aligned bottom-right on the valid windows: row i sees keys j <= i + (k_hi - q_hi).
+    Keys [n_lo, n_full) are seen by every valid row of the tile and need no mask; [n_full,
+    n_end) are the diagonal / boundary tiles that need the causal and length mask. Causal
+    tiles above the diagonal (keys no valid row may see), padded keys, and tiles without a
+    valid query row are skipped altogether. Causal is aligned bottom-right on the valid
+    windows: row i sees keys j <= i + (k_hi - q_hi). Tiles are aligned to BLOCK_N (so the
+    dropout RNG's groups of 8 keys never straddle two): with left-padded keys (LOWER) the
+    first valid key k_lo may fall inside a tile, so every tile is masked.
     """
+    n_lo = k_lo // BLOCK_N * BLOCK_N
     r_lo = tl.maximum(start_m, q_lo)  # the tile's valid rows: [r_lo, r_hi)
     r_hi = tl.minimum(start_m + BLOCK_M, q_hi)
     if CAUSAL:
@@ -135,9 +200,11 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: t
     else:
         seen_by_all = k_hi
         n_end = k_hi
-    n_full = k_lo + tl.maximum(seen_by_all - k_lo, 0) // BLOCK_N * BLOCK_N
-    n_end = tl.where(r_lo < r_hi, n_end, k_lo)
-    return tl.minimum(n_full, n_end), n_end
+    n_full = n_lo
+    if not LOWER:
+        n_full = tl.maximum(seen_by_all, 0) // BLOCK_N * BLOCK_N
+    n_end = tl.where(r_lo < r_hi, n_end, n_lo)
+    return n_lo, tl.minimum(n_full, n_end), n_end
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,9 +215,9 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: t
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of one query tile with the key tiles [lo, hi).
 
@@ -160,11 +227,14 @@ def _fwd_tiles(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
+                              k_hi, D, MASKED, LOWER, EVEN_D)
         # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         if MASKED:
             visible = cols[None, :] < k_hi
+            if LOWER:
+                visible = visible & (cols[None, :] >= k_lo)
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             s = tl.where(visible, s, float("-inf"))
@@ -176,7 +246,9 @@ def _fwd_tiles(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
         if DROPOUT:
-            p = tl.where(_dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p), p, 0.0)
+            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 BLOCK_N, False)
+            p = tl.where(keep, p, 0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -229,14 +301,17 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_hi - q_hi
-    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
+    LOWER: tl.constexpr = HAS_KL and LEFT
+    n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
 
     if DROPOUT:
@@ -290,7 +365,7 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-    offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
+    start_n, offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
@@ -319,7 +394,8 @@ def _dkdv_tiles(
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
         dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, rows[None, :], offs_n[:, None], Tk, dropout_p)
+            keep = _dropout_keep(key, rows, start_n, Tk, _dropout_threshold(dropout_p),
+                                 k.shape[0], True)
             rescale = 1.0 / (1.0 - dropout_p)
             dv = _mma(tl.where(keep, p_t * rescale, 0.0).to(do.dtype), do, dv)
             dp_t = tl.where(keep, dp_t * rescale, 0.0)
@@ -394,12 +470,12 @@ def _bwd_dkdv_kernel(
         m_full = tl.maximum(tl.cdiv(tl.maximum(c_hi - shift, 0), BLOCK_M) * BLOCK_M, m_lo)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-            offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
+            start_n, offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
             qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, BLOCK_M,
         )
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
+        start_n, offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
         False, DROPOUT, EVEN_D, BLOCK_M,
     )
 
@@ -417,25 +493,29 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K (scale later)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
+                              k_hi, D, MASKED, LOWER, EVEN_D)
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             visible = cols[None, :] < k_hi
+            if LOWER:
+                visible = visible & (cols[None, :] >= k_lo)
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(visible, p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p)
+            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq)
@@ -497,14 +577,17 @@ def _bwd_dq_kernel(
     key = _philox_key(seed, off_bh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_hi - q_hi
-    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
+    LOWER: tl.constexpr = HAS_KL and LEFT
+    n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
     out_mask = offs_m[:, None] < Tq
@@ -524,7 +607,8 @@ def _dropout_mask_kernel(
     off_bh = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(_philox_key(seed, off_bh), rows[:, None], cols[None, :], Tk, dropout_p)
+    keep = _dropout_keep(_philox_key(seed, off_bh), rows, tl.program_id(1) * BLOCK_N, Tk,
+                         _dropout_threshold(dropout_p), BLOCK_N, False)
     ptrs = Mask + off_bh.to(tl.int64) * Tq * Tk + rows[:, None] * Tk + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
 
@@ -537,7 +621,7 @@ def _dropout_mask_kernel(
 def _fwd_launch(block_d: int, dtype: torch.dtype) -> Launch:
     """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
-        return Launch(32, 16, 4, 1)
+        return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
         return Launch(32, 32, 4, 2)
     return Launch(128, 64, 8 if block_d == 128 else 4, 3)
@@ -555,7 +639,7 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
 def _dq_launch(block_d: int, dtype: torch.dtype) -> Launch:
     """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed."""
     if INTERPRETING:
-        return Launch(32, 16, 4, 1)
+        return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 4, 2)
     return Launch(128, 32, 8 if block_d == 128 else 4, 3)
@@ -789,6 +873,13 @@ def _check_lengths(q, k, key_lens, query_lens, padding) -> None:
             raise ValueError(f"{op}: {name} must be in [0, {T}], got values {lens.min().item()}..{lens.max().item()}")
 
 
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels apply for ``dropout_p``: the nearest multiple of 2^-16
+    (the RNG compares 16-bit draws with a threshold), at most 1 - 2^-16; within 2^-17 of
+    ``dropout_p`` for every p <= 1 - 2^-16. Kept weights are scaled by 1 / (1 - that)."""
+    return min(round(float(dropout_p) * 65536), 65535) / 65536
+
+
 def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
@@ -838,6 +929,7 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _check_inputs(q, k, v, causal, scale, dropout_p)
     _check_lengths(q, k, key_lens, query_lens, padding)
+    dropout_p = effective_dropout_p(dropout_p)
     seed = _draw_seed(generator) if dropout_p > 0 else None
     key_lens, query_lens = (None if n is None else n.to(torch.int32) for n in (key_lens, query_lens))
     return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed, query_lens,
@@ -863,7 +955,8 @@ def attention_dropout_mask(
     block = 32
     grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
     with on_device(mask.device):
-        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, effective_dropout_p(dropout_p),
+                                   BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
 
@@ -930,7 +1023,7 @@ def aot_configs():
     # (head_dim >= 16). The lengths only add scalar window code and masks.
     no_lens, right_both, left_keys = (False, False, False), (True, True, False), (False, True, True)
     rotation = {16: (False, False, True, no_lens), 32: (True, False, False, right_both),
-                64: (True, True, True, left_keys), 128: (False, False, False, no_lens)}
+                64: (True, True, True, no_lens), 128: (False, False, False, left_keys)}
     configs = []
 
     def add(name, fn, dtype, launch, constexprs):

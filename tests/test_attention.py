@@ -11,13 +11,17 @@ import threading
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels._common
 from kernels.attention import (
+    _philox4x32,
     aot_configs,
     attention,
     attention_dropout_mask,
     dropout_seed,
+    effective_dropout_p,
 )
 from kernels.testing import assert_agrees
 
@@ -84,7 +88,7 @@ def assert_flash_rule(shape_q, shape_kv, dtype, causal=True, scale=None, view=la
         kernel_kwargs.update(dropout_p=dropout_p, generator=torch.Generator().manual_seed(generator_seed))
 
     kernel = out_and_grads(lambda *a: attention(*a, **kernel_kwargs), (q, k, v), do, view)
-    ref_kwargs = dict(causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
+    ref_kwargs = dict(causal=causal, scale=scale, keep=keep, dropout_p=effective_dropout_p(dropout_p))
     eager = out_and_grads(lambda *a: eager_attention(*a, **ref_kwargs), (q, k, v), do, view)
     ref = out_and_grads(
         lambda *a: eager_attention(*a, **ref_kwargs), [t.double() for t in (q, k, v)], do.double(), view
@@ -258,21 +262,99 @@ def test_dropout_seeded_runs_repeat():
     assert not torch.equal(a, attention(q, k, v, dropout_p=0.3))
 
 
-def test_dropout_keep_rate_and_independence():
-    p, B, H, T = 0.3, 2, 2, 64
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.75])
+def test_dropout_keep_rate_and_independence(p):
+    """The kept fraction is 1 - p within 5 standard errors (+-0.008 at p = 0.3: a wrong
+    threshold, keeping p instead of 1 - p, or 8-bit draws would fail), and the 8 decisions of
+    one Philox call, rows, columns and heads are not copies of each other."""
+    B, H, T = 2, 2, 128
     keep = attention_dropout_mask(dropout_seed(torch.Generator().manual_seed(1)), B, H, T, T, p, DEVICE)
     assert keep.shape == (B, H, T, T) and keep.dtype == torch.bool
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    differ = 0.9 * 2 * p * (1 - p)  # two independent draws differ with probability 2p(1-p)
+    for shift in (1, 8, 16):  # the columns that share a Philox call (c, c^1, c^8, c^16)
+        assert (keep[..., shift:] != keep[..., :-shift]).float().mean() > differ
     per_head = keep.flatten(0, 1).float()
     for i in range(B * H):  # each (batch, head) has its own stream
         for j in range(i):
-            assert (per_head[i] != per_head[j]).float().mean() > 0.3
-    # consecutive rows and columns are not copies of each other
-    assert (keep[..., 1:, :] != keep[..., :-1, :]).float().mean() > 0.3
-    assert (keep[..., :, 1:] != keep[..., :, :-1]).float().mean() > 0.3
+            assert (per_head[i] != per_head[j]).float().mean() > differ
+    assert (keep[..., 1:, :] != keep[..., :-1, :]).float().mean() > differ  # consecutive rows
     again = attention_dropout_mask(dropout_seed(torch.Generator().manual_seed(1)), B, H, T, T, p, DEVICE)
     assert torch.equal(keep, again)
+
+
+@triton.jit
+def _philox_pair_kernel(Out, key, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    ours = _philox4x32(offs, key)
+    theirs = tl.randint4x(key, offs)
+    for i in tl.static_range(4):
+        tl.store(Out + i * N + offs, ours[i].to(tl.int32, bitcast=True))
+        tl.store(Out + (4 + i) * N + offs, theirs[i].to(tl.int32, bitcast=True))
+
+
+def test_philox_is_tritons_randint4x():
+    """The kernels' Philox4x32-10 (one wide multiply per product) is tl.randint4x bit for bit."""
+    out = torch.empty(8, 64, dtype=torch.int32, device=DEVICE)
+    key = 123456789 + (77 << 32)
+    _philox_pair_kernel[(1,)](out, key, N=64)
+    assert torch.equal(out[:4], out[4:]) and out[:4].unique().numel() > 200
+
+
+def test_dropout_mask_layout_and_quantised_p():
+    """The documented mapping: column c of row r is half c % 2 of word 2 (c >> 4 & 1) +
+    (c >> 3 & 1) of the Philox call r * 4 cdiv(Tk, 32) + (c >> 5) * 4 + (c >> 1 & 3), kept
+    iff >= round(p * 2^16): rebuilt on the host from the Philox words of the test kernel."""
+    Tq, Tk, p = 5, 70, 0.3
+    seed = 1234
+    n_groups = 4 * math.ceil(Tk / 32)
+    out = torch.empty(8, 64, dtype=torch.int32, device=DEVICE)  # counters 0..63 >= Tq * n_groups
+    _philox_pair_kernel[(1,)](out, seed + (1 << 32), N=64)  # key of (batch*head) index 1
+    halves = torch.stack([(out[:4] & 0xFFFF), (out[:4] >> 16) & 0xFFFF], -1)  # (word, counter, half)
+    r, c = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
+    word = 2 * (c >> 4 & 1) + (c >> 3 & 1)
+    counter = r * n_groups + (c >> 5) * 4 + (c >> 1 & 3)
+    expected = halves.cpu()[word, counter, c & 1] >= round(p * 65536)
+    keep = attention_dropout_mask(seed, 1, 2, Tq, Tk, p, DEVICE)
+    assert torch.equal(keep[0, 1].cpu(), expected)
+    assert effective_dropout_p(0.1) == 6554 / 65536 and abs(effective_dropout_p(0.1) - 0.1) <= 2**-17
+    assert effective_dropout_p(1 - 2**-20) == 65535 / 65536 and effective_dropout_p(1e-6) == 0.0
+
+
+def test_dropout_masks_agree_across_kernels():
+    """Forward, dK/dV and dQ apply attention_dropout_mask's mask bit for bit: with v = one-hot
+    columns and dO = one-hot rows, out / dV expose the kept weights of the forward / dK/dV
+    kernels, and dQ's kernel is checked through q = 0 (uniform weights)."""
+    Tq, Tk, p, seed = 40, 72, 0.4, 11
+    g = torch.Generator().manual_seed(seed)
+    keep = attention_dropout_mask(dropout_seed(g), 1, 1, Tq, Tk, p, DEVICE)[0, 0]
+    scale = 1 / (1 - effective_dropout_p(p))
+    q = torch.zeros(1, 1, Tq, 128, device=DEVICE, requires_grad=True)
+    k = torch.zeros(1, 1, Tk, 128, device=DEVICE, requires_grad=True)
+    v = torch.zeros(1, 1, Tk, 128, device=DEVICE)
+    v[0, 0, :, :Tk] = torch.eye(Tk, device=DEVICE)
+    v.requires_grad_()
+    run = lambda: attention(q, k, v, causal=False, dropout_p=p,  # noqa: E731
+                            generator=torch.Generator().manual_seed(seed))
+    out = run()
+    weights = out[0, 0, :, :Tk] / scale * Tk  # uniform softmax 1/Tk, kept ones
+    assert torch.equal(weights.round() > 0, keep) and (weights.round() - weights).abs().max() < 1e-3
+    do = torch.zeros(1, 1, Tq, 128, device=DEVICE)
+    do[0, 0, :, :Tq] = torch.eye(Tq, device=DEVICE)
+    out.backward(do)
+    dv_weights = v.grad[0, 0, :, :Tq].T / scale * Tk  # dV = (P * Z)^T dO
+    assert torch.equal(dv_weights.round() > 0, keep)
+    # dQ_i = scale * sum_j P_ij (dP_ij - delta_i) k_j; with k_j = e_(j mod 16) it is a sum of
+    # masked terms that differs between masks: compare against eager with the exported mask.
+    q2 = torch.randn(1, 1, Tq, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
+    k2 = torch.randn(1, 1, Tk, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
+    v2 = torch.randn(1, 1, Tk, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    attention(q2, k2, v2, causal=False, dropout_p=p, generator=torch.Generator().manual_seed(seed)).sum().backward()
+    q3, k3 = q2.detach().clone().requires_grad_(), k2.detach().clone().requires_grad_()
+    eager_attention(q3, k3, v2, causal=False, keep=keep, dropout_p=effective_dropout_p(p)).sum().backward()
+    torch.testing.assert_close(q2.grad, q3.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k2.grad, k3.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_is_unbiased():
@@ -350,7 +432,7 @@ def assert_padded_rule(Tq, Tk, d, dtype, causal, padding, key_lens, query_lens, 
     nan = float("nan")
     poisoned = [t.masked_fill(~ok, nan) for t, ok in ((q, q_ok), (k, k_ok), (v, k_ok))]
     kernel = out_and_grads(lambda *a: attention(*a, **kwargs), poisoned, do.masked_fill(~q_ok, nan))
-    ref_fn = lambda *a: eager_masked_attention(*a, mask, keep, dropout_p)  # noqa: E731
+    ref_fn = lambda *a: eager_masked_attention(*a, mask, keep, effective_dropout_p(dropout_p))  # noqa: E731
     eager = out_and_grads(ref_fn, (q, k, v), do * q_ok)
     ref = out_and_grads(ref_fn, [t.double() for t in (q, k, v)], (do * q_ok).double())
     for name, a, e, r, ok in zip(("out", "dq", "dk", "dv"), kernel, eager, ref, (q_ok, q_ok, k_ok, k_ok)):
