@@ -71,6 +71,12 @@ def _mma(a, b, acc):
 
 
 @triton.jit
+def _wide(index):
+    """An int64 copy of a row index, so that index * row stride cannot pass 2^31 in int32."""
+    return tl.cast(index, tl.int64)
+
+
+@triton.jit
 def _philox_key(seed, off_bh):
     """64-bit Philox key of one (batch, head): its own stream, independent of the others."""
     return seed.to(tl.int64) + (off_bh.to(tl.int64) << 32)
@@ -79,7 +85,7 @@ def _philox_key(seed, off_bh):
 @triton.jit
 def _dropout_threshold(dropout_p):
     """The 16-bit threshold of a (quantised, see ``effective_dropout_p``) drop probability."""
-    return (tl.to_tensor(dropout_p) * 65536.0).to(tl.int32)
+    return tl.cast(dropout_p * 65536.0, tl.int32)
 
 
 @triton.jit
@@ -143,22 +149,22 @@ def _dropout_keep(key, rows, start_n, Tk, threshold, BLOCK_N: tl.constexpr,
 @triton.jit
 def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo, k_hi, D,
                    MASKED: tl.constexpr, LOWER: tl.constexpr, EVEN_D: tl.constexpr):
-    """K and V rows ``cols`` (= start_n + arange), zero outside [k_lo (LOWER), k_hi) (MASKED)
-    and past the head dim."""
+    """K and V rows ``cols`` (= start_n + arange; the pointers point at them), zero outside
+    [k_lo (LOWER), k_hi) (MASKED) and past the head dim."""
     if MASKED:
         mask = cols[:, None] < k_hi
         if LOWER:
             mask = mask & (cols[:, None] >= k_lo)
         if not EVEN_D:
             mask = mask & (offs_d[None, :] < D)
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=mask, other=0.0)
+        k = tl.load(k_ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
     elif EVEN_D:
-        k = tl.load(k_ptrs + start_n * stride_kn)
-        v = tl.load(v_ptrs + start_n * stride_vn)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     else:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
     return k, v
 
 
@@ -225,12 +231,16 @@ def _fwd_tiles(
     key): its running max stays -inf and its exponentials are taken against 0 instead.
     """
     offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
+    v_ptrs += _wide(lo) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
                               k_hi, D, MASKED, LOWER, EVEN_D)
-        # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
-        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+        # Raw scores; their row max is scaled once per row and the scale enters the
+        # exponent in one FMA: exp2(s * scale * log2(e) - m) == exp(s * scale - m'). This
+        # needs scale > 0 (the launcher negates K for a negative scale).
+        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if MASKED:
             visible = cols[None, :] < k_hi
             if LOWER:
@@ -238,12 +248,12 @@ def _fwd_tiles(
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_ref = m_new
         if MASKED:
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s * qk_scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
         if DROPOUT:
             keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
@@ -251,6 +261,8 @@ def _fwd_tiles(
             p = tl.where(keep, p, 0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
+        k_ptrs += _wide(BLOCK_N) * stride_kn
+        v_ptrs += _wide(BLOCK_N) * stride_vn
     return acc, l_i, m_i
 
 
@@ -283,11 +295,11 @@ def _fwd_kernel(
     k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     row_ok = (offs_m >= q_lo) & (offs_m < q_hi)
     d_ok = offs_d[None, :] < D
@@ -322,7 +334,7 @@ def _fwd_kernel(
     # log-sum-exp of the scaled scores in base 2, as exp2 uses it; +inf gives weights 0.
     lse2 = tl.where(live, m_i + tl.log2(l_safe), float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs += offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od
     in_t = offs_m < Tq
     o_mask = in_t[:, None]
     if not EVEN_D:
@@ -355,9 +367,9 @@ def _bwd_preprocess_kernel(
     if not EVEN_D:
         mask = mask & (offs_d[None, :] < D)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o = tl.load(o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    o = tl.load(o_ptrs + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
@@ -378,14 +390,16 @@ def _dkdv_tiles(
     the first valid key: its weight is exactly 1, so its dS is exactly 0 (see _single_key).
     """
     offs_m = tl.arange(0, BLOCK_M)
+    q_ptrs += _wide(lo) * stride_qm  # 64-bit: lo * row stride may pass 2^31
+    do_ptrs += _wide(lo) * stride_dom
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = (rows >= q_lo) & (rows < q_hi)
         qo_mask = row_ok[:, None]
         if not EVEN_D:
             qo_mask = qo_mask & (offs_d[None, :] < D)
-        q = tl.load(q_ptrs + start_m * stride_qm, mask=qo_mask, other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dom, mask=qo_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=qo_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=qo_mask, other=0.0)
         lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
@@ -405,6 +419,8 @@ def _dkdv_tiles(
         if DIAGONAL:
             ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
         dk = _mma(ds_t.to(q.dtype), q, dk)
+        q_ptrs += _wide(BLOCK_M) * stride_qm
+        do_ptrs += _wide(BLOCK_M) * stride_dom
     return dk, dv
 
 
@@ -422,6 +438,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
@@ -442,14 +459,14 @@ def _bwd_dkdv_kernel(
     if not EVEN_D:
         kv_mask = kv_mask & (offs_d[None, :] < D)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do_ptrs += offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do_ptrs += offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
     lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq + offs_m
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
 
@@ -482,12 +499,13 @@ def _bwd_dkdv_kernel(
     # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
     dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
-    out_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dk_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_offs = off_b * stride_dvb + off_h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     out_mask = offs_n[:, None] < Tk
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -499,6 +517,8 @@ def _dq_tiles(
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K (scale later)."""
     offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
+    v_ptrs += _wide(lo) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
@@ -519,6 +539,8 @@ def _dq_tiles(
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq)
+        k_ptrs += _wide(BLOCK_N) * stride_kn
+        v_ptrs += _wide(BLOCK_N) * stride_vn
     return dq
 
 
@@ -563,16 +585,16 @@ def _bwd_dq_kernel(
     if not EVEN_D:
         qo_mask = qo_mask & (offs_d[None, :] < D)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+    q = tl.load(q_ptrs + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
+    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     key = _philox_key(seed, off_bh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -594,7 +616,7 @@ def _bwd_dq_kernel(
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh
-    tl.store(dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(dq_ptrs + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=out_mask)
 
 
@@ -618,13 +640,14 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd_launch(block_d: int, dtype: torch.dtype) -> Launch:
-    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape)."""
+def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
+    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape); 8 warps
+    at D=128 and with dropout (the RNG's registers spill with 4)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
-        return Launch(32, 32, 4, 2)
-    return Launch(128, 64, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
+    return Launch(128, 64, 8 if block_d == 128 or dropout else 4, 3)
 
 
 def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
@@ -632,8 +655,8 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
     if INTERPRETING:
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
-        return Launch(32, 32, 4, 2)
-    return Launch(32, 128, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
+    return Launch(32, 128, 8 if block_d >= 64 else 4, 3)  # 4 warps spill at D=64
 
 
 def _dq_launch(block_d: int, dtype: torch.dtype) -> Launch:
@@ -671,14 +694,16 @@ def _lengths(query_lens, key_lens, left, device) -> tuple:
 def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+    o = torch.empty_like(q)  # q's memory layout: (B, T, H, D)-strided q gives such an o
     lse2 = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse2
     block_d = _block_d(D)
-    cfg = _fwd_launch(block_d, q.dtype)
+    cfg = _fwd_launch(block_d, q.dtype, dropout_p > 0)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
+    if scale <= 0:  # the forward's row max needs a positive scale: q (-k)^T |scale| is the same
+        k, scale = (-k, -scale) if scale < 0 else (torch.zeros_like(k), 1.0)
     _fwd_kernel[grid](
         q, k, v, o, lse2, *lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
@@ -695,9 +720,9 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     Tk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq else None
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
+    dq = torch.empty_like(q) if need_dq else None  # gradients in the layouts of q, k, v
+    dk = torch.empty_like(k) if need_dkdv else None
+    dv = torch.empty_like(v) if need_dkdv else None
     block_d = _block_d(D)
     even_d = D == block_d
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
@@ -713,7 +738,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
         cfg = _dkdv_launch(block_d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
             q, k, v, do, lse2, delta, dk, dv, *lens,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -905,8 +930,10 @@ def attention(
     """Flash attention: ``dropout(softmax(q @ k^T * scale + mask)) @ v``, differentiable.
 
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim); any strides; fp32,
-    fp16 or bf16 (one dtype); 16 <= head_dim <= 128. Returns a contiguous (batch, heads, Tq,
-    head_dim) tensor. ``scale`` defaults to 1/sqrt(head_dim).
+    fp16 or bf16 (one dtype); 16 <= head_dim <= 128. Returns a (batch, heads, Tq, head_dim)
+    tensor in q's memory layout (``torch.empty_like(q)``: a (B, T, H, D)-strided q gives a
+    (B, T, H, D)-strided output, whose ``transpose(1, 2)`` is contiguous); the gradients come
+    in the layouts of q, k and v. ``scale`` defaults to 1/sqrt(head_dim).
 
     ``causal``: query i attends keys j <= i + (Tk - Tq), the mask aligned to the bottom-right
     corner as for queries that continue a KV cache (Tq == Tk: the usual lower triangle; unlike
@@ -1035,8 +1062,8 @@ def aot_configs():
             "constexprs": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
         })
 
-    def attention_kernels(dtype, block_d):
-        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype)),
+    def attention_kernels(dtype, block_d, dropout=False):
+        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout)),
                 ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
                 ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype)))
 
@@ -1048,7 +1075,7 @@ def aot_configs():
     for dtype, tname in _TRITON_DTYPE.items():
         for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
-            for kname, fn, launch in attention_kernels(dtype, block_d):
+            for kname, fn, launch in attention_kernels(dtype, block_d, dropout):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
                     f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
@@ -1057,6 +1084,11 @@ def aot_configs():
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
+    for block_d in (16, 32):  # dropout's 8-warp forward at the head dims the rotation lacks
+        launch = _fwd_launch(block_d, torch.float16, dropout=True)
+        add(f"fwd-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
+            f"s{launch.num_stages}-causal1-dropout1-even1-lens000", _fwd_kernel, torch.float16,
+            launch, flags(launch, block_d, True, True, True))
     for kname, fn, launch in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
             flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))

@@ -7,6 +7,7 @@ interpreter on small shapes; the realistic shapes run only on CUDA.
 """
 
 import math
+import re
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+import kernels
 import kernels._common
 from kernels.attention import (
     _philox4x32,
@@ -137,6 +139,31 @@ def test_non_contiguous_inputs_and_grad(dtype):
     to_bhtd = lambda t: t.transpose(1, 2)  # noqa: E731
     do_view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
     assert_flash_rule((2, 37, 3, 32), (2, 37, 3, 32), dtype, True, view=to_bhtd, do_view=do_view)
+
+
+def test_output_and_gradients_follow_input_layouts():
+    """A (B, T, H, D)-strided q gives a (B, T, H, D)-strided output (so the model's transpose
+    back is a free view) and the gradients come in the layouts of q, k and v (torch.empty_like
+    semantics), here three different ones."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    B, T, H, D = 2, 19, 3, 32
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, H, T, D, generator=gen, device=DEVICE).requires_grad_()
+    v = torch.randn(H, B, T, D, generator=gen, device=DEVICE).transpose(0, 1).requires_grad_()
+    out = attention(q, k, v)
+    assert out.stride() == q.stride() and out.transpose(1, 2).is_contiguous()
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert t.grad.stride() == t.stride()
+    ref = eager_attention(q.double(), k.double(), v.double())
+    assert_agrees(out, eager_attention(q, k, v), ref, atol=slack(ref, F32))
+
+
+@pytest.mark.parametrize("scale", [-0.4, 0.0])
+def test_negative_and_zero_scale(scale):
+    """The forward's row max is taken on raw scores: a negative scale (K negated) and a zero
+    scale (uniform weights) still follow the rule."""
+    assert_flash_rule((1, 2, 21, 32), (1, 2, 21, 32), F32, True, scale=scale)
 
 
 def test_custom_scale_and_stride0_grad():
@@ -629,8 +656,76 @@ def test_aot_compiles_every_config():
     assert len(records) == 2 * len(names)
 
 
+_TTIR_PRODUCTS = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.attention import aot_configs
+for cfg in aot_configs():
+    if not re.match(r"(fwd|dkdv|dq)-bf16-d(32|64)-.*dropout0|preprocess-bf16-d64", cfg["name"]):
+        continue
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
+                    attrs=cfg["attrs"])
+    ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+    consts = set(re.findall(r"(%[\\w.]+) = arith.constant", ttir))
+    for line in ttir.splitlines():
+        if "arith.muli" in line:
+            operands = re.findall(r"%[\\w.]+", line.split("=", 1)[1])
+            const = "const" if consts.intersection(operands) else "var"
+            print(cfg["name"], const, line.split("loc(")[0].strip())
+"""
+
+
+def test_row_offsets_are_64_bit():
+    """Every product that scales a row index by a stride is int64 in the compiled kernels
+    (TTIR of fwd, dK/dV, dQ, preprocess): T x row stride may pass 2^31 elements. The only
+    int32 products left are scalar tile counts times a tile size."""
+    import os
+    import subprocess
+    import sys
+
+    from kernels.testing import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TTIR_PRODUCTS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    products = proc.stdout.splitlines()
+    kernels_seen = {line.split("-")[0] for line in products}
+    assert kernels_seen == {"fwd", "dkdv", "dq", "preprocess"}, kernels_seen
+    for line in products:
+        narrow = re.search(r": (tensor<[0-9x]+xi32>|i32)$", line)
+        assert not narrow or (" const " in line and line.endswith(": i32")), f"32-bit product: {line}"
+
+
 def test_aot_configs_need_the_compiler():
     if not kernels._common.INTERPRETING:
         pytest.skip("only meaningful under the interpreter")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         aot_configs()
+
+
+# ------------------------------------------------------------------------------------------
+# The model's use of the layout
+# ------------------------------------------------------------------------------------------
+
+
+def test_model_attention_output_is_not_copied():
+    """MultiHeadAttention hands the kernel's (B, H, T, D) output, (B, T, H, D)-strided, to its
+    output projection as a (B, T, H*D) view: no layout copy between attention and out_proj."""
+    from gptfast.model import MultiHeadAttention
+
+    mha = MultiHeadAttention(32, 32, 16, 0.0, num_heads=2).to(DEVICE)
+    mha.kernels = "triton"
+    seen = {}
+    mha.out_proj.register_forward_pre_hook(lambda _, args: seen.update(context=args[0]))
+    real = kernels.attention
+    kernels.attention = lambda *a, **kw: seen.setdefault("out", real(*a, **kw))
+    try:
+        mha(torch.randn(2, 11, 32, device=DEVICE))
+    finally:
+        kernels.attention = real
+    assert seen["context"].data_ptr() == seen["out"].data_ptr()
+    assert seen["context"].untyped_storage().data_ptr() == seen["out"].untyped_storage().data_ptr()
