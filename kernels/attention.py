@@ -641,13 +641,14 @@ def _dropout_mask_kernel(
 
 
 def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
-    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape); 8 warps
-    at D=128 and with dropout (the RNG's registers spill with 4)."""
+    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape), 128 x 32
+    at D=128 (x 64 spills on sm_80); 8 warps at D=128 and with dropout (the RNG's registers
+    spill with 4)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
         return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
-    return Launch(128, 64, 8 if block_d == 128 or dropout else 4, 3)
+    return Launch(128, 32 if block_d == 128 else 64, 8 if block_d == 128 or dropout else 4, 3)
 
 
 def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
@@ -659,13 +660,14 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
     return Launch(32, 128, 8 if block_d >= 64 else 4, 3)  # 4 warps spill at D=64
 
 
-def _dq_launch(block_d: int, dtype: torch.dtype) -> Launch:
-    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed."""
+def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
+    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed; 8
+    warps at D=128 and with dropout (4 spill on sm_80)."""
     if INTERPRETING:
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 4, 2)
-    return Launch(128, 32, 8 if block_d == 128 else 4, 3)
+    return Launch(128, 32, 8 if block_d == 128 or dropout else 4, 3)
 
 
 def _preprocess_launch() -> Launch:
@@ -744,7 +746,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if need_dq:
-        cfg = _dq_launch(block_d, q.dtype)
+        cfg = _dq_launch(block_d, q.dtype, dropout_p > 0)
         _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
             q, k, v, do, lse2, delta, dq, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -1065,7 +1067,7 @@ def aot_configs():
     def attention_kernels(dtype, block_d, dropout=False):
         return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout)),
                 ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
-                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype)))
+                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout)))
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
         has_ql, has_kl, left = lens
@@ -1084,11 +1086,12 @@ def aot_configs():
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
-    for block_d in (16, 32):  # dropout's 8-warp forward at the head dims the rotation lacks
-        launch = _fwd_launch(block_d, torch.float16, dropout=True)
-        add(f"fwd-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
-            f"s{launch.num_stages}-causal1-dropout1-even1-lens000", _fwd_kernel, torch.float16,
-            launch, flags(launch, block_d, True, True, True))
+    for block_d in (16, 32):  # dropout's 8-warp forward and dQ at the head dims the rotation lacks
+        for kname, fn, launch in attention_kernels(torch.float16, block_d, dropout=True):
+            if kname != "dkdv":
+                add(f"{kname}-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
+                    f"s{launch.num_stages}-causal1-dropout1-even1-lens000", fn, torch.float16,
+                    launch, flags(launch, block_d, True, True, True))
     for kname, fn, launch in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
             flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
