@@ -643,11 +643,11 @@ def _dropout_mask_kernel(
 def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
     """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape), 128 x 32
     at D=128 (x 64 spills on sm_80); 8 warps at D=128 and with dropout (the RNG's registers
-    spill with 4)."""
+    spill with 4). fp32 at D=128: 16 x 32 with 8 warps (32 x 32 spills on sm_90)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
-        return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
+        return Launch(16, 32, 8, 2) if block_d == 128 else Launch(32, 32, 4, 2)  # 32x32 spills
     return Launch(128, 32 if block_d == 128 else 64, 8 if block_d == 128 or dropout else 4, 3)
 
 
