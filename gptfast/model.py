@@ -174,7 +174,8 @@ class MultiHeadAttention(nn.Module):
             context_vec = self._attend(queries, keys, values)
         else:
             context_vec = self._attend_cached(queries, keys, values, start_pos)
-        context_vec = context_vec.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        # A view for the kernels' (B, T, H, D)-strided output; a copy for eager attention's.
+        context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
 
     def _attend(self, queries, keys, values):

@@ -17,8 +17,13 @@ The forward keeps the per-row log-sum-exp (fp32) so that the backward recomputes
 weights tile by tile instead of storing them.
 
 Dropout drops attention weights after the softmax (as in eager PyTorch), with a counter-based
-RNG (Philox, ``tl.rand``) keyed by (seed, batch*head) and counted by (query row, key column):
-the backward regenerates exactly the forward's keep mask. Kept weights are scaled by 1/(1-p).
+RNG (Philox4x32-10, the generator of ``tl.randint4x``) keyed by (seed, batch*head): each call
+(one counter) gives 128 bits, i.e. 8 keep decisions of 16 bits for 8 weights of one row, so
+the RNG costs 1/8 of a Philox call per weight (``_dropout_keep`` documents the exact mapping
+of weights to counters and bits). A weight is kept iff its 16-bit draw is >= round(p * 2^16):
+the applied drop probability is p quantised to a multiple of 2^-16 (``effective_dropout_p``,
+within 2^-17 of p), and kept weights are scaled by 1/(1 - that). The backward regenerates
+exactly the forward's keep mask, as does ``attention_dropout_mask``.
 
 Under torch.compile (see kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
 graph, i.e. by the graph's RNG: ``torch.manual_seed`` repeats a compiled run, but the masks
@@ -42,7 +47,7 @@ from kernels._common import (
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
 _INTERPRETED_BF16_DOT = tl.constexpr(INTERPRETING)
-# Dropout counts RNG draws per (batch, head) with an int32 counter row * Tk + col.
+# Dropout counts Philox calls per (batch, head) with an int32 counter (one per 8 weights).
 MAX_DROPOUT_SCORES = 2**31
 MAX_BATCH_HEADS = 65535  # programs of one (batch, head) index CUDA grid axis 1
 
@@ -69,37 +74,100 @@ def _mma(a, b, acc):
 
 
 @triton.jit
+def _wide(index):
+    """An int64 copy of a row index, so that index * row stride cannot pass 2^31 in int32."""
+    return tl.cast(index, tl.int64)
+
+
+@triton.jit
 def _philox_key(seed, off_bh):
     """64-bit Philox key of one (batch, head): its own stream, independent of the others."""
     return seed.to(tl.int64) + (off_bh.to(tl.int64) << 32)
 
 
 @triton.jit
-def _dropout_keep(key, rows, cols, Tk, dropout_p):
-    """Keep mask (True = kept) of the weights at [rows, cols] of one (batch, head).
-
-    ``rows`` and ``cols`` are broadcastable index blocks; each weight draws the uniform number
-    at counter row * Tk + col, so any tiling (forward, backward, debug helper) agrees.
-    """
-    return tl.rand(key, rows * Tk + cols) >= dropout_p
+def _dropout_threshold(dropout_p):
+    """The 16-bit threshold of a (quantised, see ``effective_dropout_p``) drop probability."""
+    return tl.cast(dropout_p * 65536.0, tl.int32)
 
 
 @triton.jit
-def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D,
-                   MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """K and V rows ``cols`` (= start_n + arange), zero past k_hi (MASKED) and past the head dim."""
+def _philox4x32(c0, key, N_ROUNDS: tl.constexpr = 10):
+    """Philox4x32 (Salmon et al., 2011) of the counters (c0, 0, 0, 0) under a 64-bit key: the
+    four words ``tl.randint4x(key, c0)`` returns, bit for bit, with each round's high and low
+    products taken from one 32x32 -> 64-bit multiply (IMAD.WIDE) instead of two."""
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = c0.to(tl.uint32, bitcast=True)
+    c1 = tl.zeros_like(c0)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(N_ROUNDS):
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = prod_b.to(tl.uint32)
+        c3 = prod_a.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(key, rows, start_n, Tk, threshold, BLOCK_N: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep mask (True = kept) of the weights [rows, start_n + arange(BLOCK_N)] of one
+    (batch, head): a (len(rows), BLOCK_N) block, or its transpose if KEYS_FIRST.
+
+    One Philox4x32 call per 8 weights of a row; its 4 words give 8 16-bit halves, each
+    compared with the threshold (kept iff >= it). Column c of row r draws half c % 2 of word
+    2 * (c >> 4 & 1) + (c >> 3 & 1) of the call with counter r * 4 * cdiv(Tk, 32) + (c >> 5)
+    * 4 + (c >> 1 & 3): the 8 columns of a call are those one thread holds in the tensor-core
+    accumulator layout, so the mask needs no data movement between threads in the forward and
+    dQ tiles. ``start_n`` is a multiple of 32 (BLOCK_N >= 32), so any tiling agrees.
+    """
+    n_groups = tl.cdiv(Tk, 32) * 4
+    groups = (start_n // 32 + tl.arange(0, BLOCK_N // 32)) * 4
+    if KEYS_FIRST:
+        counters = (rows[None, None, :] * n_groups + groups[:, None, None]
+                    + tl.arange(0, 4)[None, :, None])  # (col >> 5, col >> 1 & 3, row)
+    else:
+        counters = (rows[:, None, None] * n_groups + groups[None, :, None]
+                    + tl.arange(0, 4)[None, None, :])  # (row, col >> 5, col >> 1 & 3)
+    r0, r1, r2, r3 = _philox4x32(counters, key)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [..., col >> 4 & 1, col >> 3 & 1]
+    if KEYS_FIRST:  # -> (col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3, row)
+        words = tl.permute(words, (0, 3, 4, 1, 2))
+    else:  # -> (row, col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3)
+        words = tl.permute(words, (0, 1, 3, 4, 2))
+    keep = tl.join((words & 0xFFFF) >= threshold, (words >> 16) >= threshold)  # [..., col & 1]
+    if KEYS_FIRST:
+        keep = tl.reshape(tl.permute(keep, (0, 1, 2, 3, 5, 4)), (BLOCK_N, rows.shape[0]))
+    else:
+        keep = tl.reshape(keep, (rows.shape[0], BLOCK_N))
+    return keep
+
+
+@triton.jit
+def _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo, k_hi, D,
+                   MASKED: tl.constexpr, LOWER: tl.constexpr, EVEN_D: tl.constexpr):
+    """K and V rows ``cols`` (= start_n + arange; the pointers point at them), zero outside
+    [k_lo (LOWER), k_hi) (MASKED) and past the head dim."""
     if MASKED:
         mask = cols[:, None] < k_hi
+        if LOWER:
+            mask = mask & (cols[:, None] >= k_lo)
         if not EVEN_D:
             mask = mask & (offs_d[None, :] < D)
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=mask, other=0.0)
+        k = tl.load(k_ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
     elif EVEN_D:
-        k = tl.load(k_ptrs + start_n * stride_kn)
-        v = tl.load(v_ptrs + start_n * stride_vn)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     else:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < D, other=0.0)
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
     return k, v
 
 
@@ -119,16 +187,19 @@ def _window(Lens, off_b, T, HAS_LENS: tl.constexpr, LEFT: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, split in two ranges.
+def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, LOWER: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile [start_m, start_m + BLOCK_M) must visit, as three bounds.
 
-    Key tiles start at the first valid key k_lo. Keys [k_lo, n_full) are seen by every valid
-    row of the tile and need no mask; [n_full, n_end) are the diagonal / boundary tiles that
-    need the causal and length mask. Causal tiles above the diagonal (keys no valid row may
-    see), padded keys, and tiles without a valid query row are skipped altogether. Causal is
-    aligned bottom-right on the valid windows: row i sees keys j <= i + (k_hi - q_hi).
+    Keys [n_lo, n_full) are seen by every valid row of the tile and need no mask; [n_full,
+    n_end) are the diagonal / boundary tiles that need the causal and length mask. Causal
+    tiles above the diagonal (keys no valid row may see), padded keys, and tiles without a
+    valid query row are skipped altogether. Causal is aligned bottom-right on the valid
+    windows: row i sees keys j <= i + (k_hi - q_hi). Tiles are aligned to BLOCK_N (so the
+    dropout RNG's groups of 8 keys never straddle two): with left-padded keys (LOWER) the
+    first valid key k_lo may fall inside a tile, so every tile is masked.
     """
+    n_lo = k_lo // BLOCK_N * BLOCK_N
     r_lo = tl.maximum(start_m, q_lo)  # the tile's valid rows: [r_lo, r_hi)
     r_hi = tl.minimum(start_m + BLOCK_M, q_hi)
     if CAUSAL:
@@ -138,9 +209,11 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: t
     else:
         seen_by_all = k_hi
         n_end = k_hi
-    n_full = k_lo + tl.maximum(seen_by_all - k_lo, 0) // BLOCK_N * BLOCK_N
-    n_end = tl.where(r_lo < r_hi, n_end, k_lo)
-    return tl.minimum(n_full, n_end), n_end
+    n_full = n_lo
+    if not LOWER:
+        n_full = tl.maximum(seen_by_all, 0) // BLOCK_N * BLOCK_N
+    n_end = tl.where(r_lo < r_hi, n_end, n_lo)
+    return n_lo, tl.minimum(n_full, n_end), n_end
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,9 +224,9 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, BLOCK_M: t
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of one query tile with the key tiles [lo, hi).
 
@@ -161,27 +234,38 @@ def _fwd_tiles(
     key): its running max stays -inf and its exponentials are taken against 0 instead.
     """
     offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
+    v_ptrs += _wide(lo) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
-        # Scores in log2 units: exp2(s * scale * log2(e)) == exp(s * scale).
-        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
+                              k_hi, D, MASKED, LOWER, EVEN_D)
+        # Raw scores; their row max is scaled once per row and the scale enters the
+        # exponent in one FMA: exp2(s * scale * log2(e) - m) == exp(s * scale - m'). This
+        # needs scale > 0 (the launcher negates K for a negative scale).
+        s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if MASKED:
             visible = cols[None, :] < k_hi
+            if LOWER:
+                visible = visible & (cols[None, :] >= k_lo)
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_ref = m_new
         if MASKED:
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s * qk_scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
         if DROPOUT:
-            p = tl.where(_dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p), p, 0.0)
+            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 BLOCK_N, False)
+            p = tl.where(keep, p, 0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
+        k_ptrs += _wide(BLOCK_N) * stride_kn
+        v_ptrs += _wide(BLOCK_N) * stride_vn
     return acc, l_i, m_i
 
 
@@ -214,11 +298,11 @@ def _fwd_kernel(
     k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     row_ok = (offs_m >= q_lo) & (offs_m < q_hi)
     d_ok = offs_d[None, :] < D
@@ -232,14 +316,17 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_hi - q_hi
-    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
+    LOWER: tl.constexpr = HAS_KL and LEFT
+    n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
 
     if DROPOUT:
@@ -250,7 +337,7 @@ def _fwd_kernel(
     # log-sum-exp of the scaled scores in base 2, as exp2 uses it; +inf gives weights 0.
     lse2 = tl.where(live, m_i + tl.log2(l_safe), float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs += offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od
     in_t = offs_m < Tq
     o_mask = in_t[:, None]
     if not EVEN_D:
@@ -283,9 +370,9 @@ def _bwd_preprocess_kernel(
     if not EVEN_D:
         mask = mask & (offs_d[None, :] < D)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o = tl.load(o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    o = tl.load(o_ptrs + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
@@ -293,7 +380,7 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-    offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
+    start_n, offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
     DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
@@ -306,14 +393,16 @@ def _dkdv_tiles(
     the first valid key: its weight is exactly 1, so its dS is exactly 0 (see _single_key).
     """
     offs_m = tl.arange(0, BLOCK_M)
+    q_ptrs += _wide(lo) * stride_qm  # 64-bit: lo * row stride may pass 2^31
+    do_ptrs += _wide(lo) * stride_dom
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = (rows >= q_lo) & (rows < q_hi)
         qo_mask = row_ok[:, None]
         if not EVEN_D:
             qo_mask = qo_mask & (offs_d[None, :] < D)
-        q = tl.load(q_ptrs + start_m * stride_qm, mask=qo_mask, other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dom, mask=qo_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=qo_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=qo_mask, other=0.0)
         lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
@@ -322,7 +411,8 @@ def _dkdv_tiles(
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
         dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, rows[None, :], offs_n[:, None], Tk, dropout_p)
+            keep = _dropout_keep(key, rows, start_n, Tk, _dropout_threshold(dropout_p),
+                                 k.shape[0], True)
             rescale = 1.0 / (1.0 - dropout_p)
             dv = _mma(tl.where(keep, p_t * rescale, 0.0).to(do.dtype), do, dv)
             dp_t = tl.where(keep, dp_t * rescale, 0.0)
@@ -332,6 +422,8 @@ def _dkdv_tiles(
         if DIAGONAL:
             ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
         dk = _mma(ds_t.to(q.dtype), q, dk)
+        q_ptrs += _wide(BLOCK_M) * stride_qm
+        do_ptrs += _wide(BLOCK_M) * stride_dom
     return dk, dv
 
 
@@ -349,6 +441,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
@@ -369,14 +462,14 @@ def _bwd_dkdv_kernel(
     if not EVEN_D:
         kv_mask = kv_mask & (offs_d[None, :] < D)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do_ptrs += offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do_ptrs += offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
     lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq + offs_m
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
 
@@ -397,51 +490,60 @@ def _bwd_dkdv_kernel(
         m_full = tl.maximum(tl.cdiv(tl.maximum(c_hi - shift, 0), BLOCK_M) * BLOCK_M, m_lo)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-            offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
+            start_n, offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
             qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, BLOCK_M,
         )
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
-        offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
+        start_n, offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
         False, DROPOUT, EVEN_D, BLOCK_M,
     )
 
     # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
     dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
-    out_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dk_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_offs = off_b * stride_dvb + off_h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     out_mask = offs_n[:, None] < Tk
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    k_hi, shift, Tk, D, qk_scale, key, dropout_p,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+    MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K (scale later)."""
     offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
+    v_ptrs += _wide(lo) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_hi, D, MASKED, EVEN_D)
+        k, v = _load_key_tile(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, cols, offs_d, k_lo,
+                              k_hi, D, MASKED, LOWER, EVEN_D)
         s = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             visible = cols[None, :] < k_hi
+            if LOWER:
+                visible = visible & (cols[None, :] >= k_lo)
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(visible, p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, offs_m[:, None], cols[None, :], Tk, dropout_p)
+            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq)
+        k_ptrs += _wide(BLOCK_N) * stride_kn
+        v_ptrs += _wide(BLOCK_N) * stride_vn
     return dq
 
 
@@ -486,35 +588,38 @@ def _bwd_dq_kernel(
     if not EVEN_D:
         qo_mask = qo_mask & (offs_d[None, :] < D)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+    q = tl.load(q_ptrs + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
+    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     key = _philox_key(seed, off_bh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_hi - q_hi
-    n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, BLOCK_M, BLOCK_N)
+    LOWER: tl.constexpr = HAS_KL and LEFT
+    n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, k_lo, n_full,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, False, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_hi, shift, Tk, D, qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
+        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
     out_mask = offs_m[:, None] < Tq
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh
-    tl.store(dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(dq_ptrs + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=out_mask)
 
 
@@ -527,7 +632,8 @@ def _dropout_mask_kernel(
     off_bh = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(_philox_key(seed, off_bh), rows[:, None], cols[None, :], Tk, dropout_p)
+    keep = _dropout_keep(_philox_key(seed, off_bh), rows, tl.program_id(1) * BLOCK_N, Tk,
+                         _dropout_threshold(dropout_p), BLOCK_N, False)
     ptrs = Mask + off_bh.to(tl.int64) * Tq * Tk + rows[:, None] * Tk + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
 
@@ -537,13 +643,15 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd_launch(block_d: int, dtype: torch.dtype) -> Launch:
-    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape)."""
+def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
+    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape), 128 x 32
+    at D=128 (x 64 spills on sm_80); 8 warps at D=128 and with dropout (the RNG's registers
+    spill with 4). fp32 at D=128: 16 x 32 with 8 warps (32 x 32 spills on sm_90)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
-        return Launch(32, 16, 4, 1)
+        return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
-        return Launch(32, 32, 4, 2)
-    return Launch(128, 64, 8 if block_d == 128 else 4, 3)
+        return Launch(16, 32, 8, 2) if block_d == 128 else Launch(32, 32, 4, 2)  # 32x32 spills
+    return Launch(128, 32 if block_d == 128 else 64, 8 if block_d == 128 or dropout else 4, 3)
 
 
 def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
@@ -551,17 +659,18 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
     if INTERPRETING:
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
-        return Launch(32, 32, 4, 2)
-    return Launch(32, 128, 8 if block_d == 128 else 4, 3)
+        return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
+    return Launch(32, 128, 8 if block_d >= 64 else 4, 3)  # 4 warps spill at D=64
 
 
-def _dq_launch(block_d: int, dtype: torch.dtype) -> Launch:
-    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed."""
+def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
+    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed; 8
+    warps at D=128 and with dropout (4 spill on sm_80)."""
     if INTERPRETING:
-        return Launch(32, 16, 4, 1)
+        return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 4, 2)
-    return Launch(128, 32, 8 if block_d == 128 else 4, 3)
+    return Launch(128, 32, 8 if block_d == 128 or dropout else 4, 3)
 
 
 def _preprocess_launch() -> Launch:
@@ -590,14 +699,16 @@ def _lengths(query_lens, key_lens, left, device) -> tuple:
 def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+    o = torch.empty_like(q)  # q's memory layout: (B, T, H, D)-strided q gives such an o
     lse2 = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse2
     block_d = _block_d(D)
-    cfg = _fwd_launch(block_d, q.dtype)
+    cfg = _fwd_launch(block_d, q.dtype, dropout_p > 0)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
+    if scale <= 0:  # the forward's row max needs a positive scale: q (-k)^T |scale| is the same
+        k, scale = (-k, -scale) if scale < 0 else (torch.zeros_like(k), 1.0)
     _fwd_kernel[grid](
         q, k, v, o, lse2, *lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
@@ -614,9 +725,9 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     Tk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq else None
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
+    dq = torch.empty_like(q) if need_dq else None  # gradients in the layouts of q, k, v
+    dk = torch.empty_like(k) if need_dkdv else None
+    dv = torch.empty_like(v) if need_dkdv else None
     block_d = _block_d(D)
     even_d = D == block_d
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
@@ -632,13 +743,13 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
         cfg = _dkdv_launch(block_d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
             q, k, v, do, lse2, delta, dk, dv, *lens,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if need_dq:
-        cfg = _dq_launch(block_d, q.dtype)
+        cfg = _dq_launch(block_d, q.dtype, dropout_p > 0)
         _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
             q, k, v, do, lse2, delta, dq, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -795,6 +906,13 @@ def _check_lengths(q, k, key_lens, query_lens, padding) -> None:
             raise ValueError(f"{op}: {name} must be in [0, {T}], got values {lens.min().item()}..{lens.max().item()}")
 
 
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels apply for ``dropout_p``: the nearest multiple of 2^-16
+    (the RNG compares 16-bit draws with a threshold), at most 1 - 2^-16; within 2^-17 of
+    ``dropout_p`` for every p <= 1 - 2^-16. Kept weights are scaled by 1 / (1 - that)."""
+    return min(round(float(dropout_p) * 65536), 65535) / 65536
+
+
 def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
@@ -820,8 +938,10 @@ def attention(
     """Flash attention: ``dropout(softmax(q @ k^T * scale + mask)) @ v``, differentiable.
 
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim); any strides; fp32,
-    fp16 or bf16 (one dtype); 16 <= head_dim <= 128. Returns a contiguous (batch, heads, Tq,
-    head_dim) tensor. ``scale`` defaults to 1/sqrt(head_dim).
+    fp16 or bf16 (one dtype); 16 <= head_dim <= 128. Returns a (batch, heads, Tq, head_dim)
+    tensor in q's memory layout (``torch.empty_like(q)``: a (B, T, H, D)-strided q gives a
+    (B, T, H, D)-strided output, whose ``transpose(1, 2)`` is contiguous); the gradients come
+    in the layouts of q, k and v. ``scale`` defaults to 1/sqrt(head_dim).
 
     ``causal``: query i attends keys j <= i + (Tk - Tq), the mask aligned to the bottom-right
     corner as for queries that continue a KV cache (Tq == Tk: the usual lower triangle; unlike
@@ -847,6 +967,7 @@ def attention(
         what = type(generator).__name__
         raise TypeError(f"attention: generator must be a torch.Generator or None, got {what}")
     _check_lengths(q, k, key_lens, query_lens, padding)
+    dropout_p = effective_dropout_p(dropout_p)
     seed = _draw_seed(generator) if dropout_p > 0 else None
     key_lens, query_lens = (None if n is None else n.to(torch.int32) for n in (key_lens, query_lens))
     return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed, query_lens,
@@ -872,7 +993,8 @@ def attention_dropout_mask(
     block = 32
     grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
     with on_device(mask.device):
-        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, effective_dropout_p(dropout_p),
+                                   BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
 
@@ -939,7 +1061,7 @@ def aot_configs():
     # (head_dim >= 16). The lengths only add scalar window code and masks.
     no_lens, right_both, left_keys = (False, False, False), (True, True, False), (False, True, True)
     rotation = {16: (False, False, True, no_lens), 32: (True, False, False, right_both),
-                64: (True, True, True, left_keys), 128: (False, False, False, no_lens)}
+                64: (True, True, True, no_lens), 128: (False, False, False, left_keys)}
     configs = []
 
     def add(name, fn, dtype, launch, constexprs):
@@ -951,10 +1073,10 @@ def aot_configs():
             "constexprs": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
         })
 
-    def attention_kernels(dtype, block_d):
-        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype)),
+    def attention_kernels(dtype, block_d, dropout=False):
+        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout)),
                 ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
-                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype)))
+                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout)))
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
         has_ql, has_kl, left = lens
@@ -964,7 +1086,7 @@ def aot_configs():
     for dtype, tname in _TRITON_DTYPE.items():
         for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
-            for kname, fn, launch in attention_kernels(dtype, block_d):
+            for kname, fn, launch in attention_kernels(dtype, block_d, dropout):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
                     f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
@@ -973,6 +1095,12 @@ def aot_configs():
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
+    for block_d in (16, 32):  # dropout's 8-warp forward and dQ at the head dims the rotation lacks
+        for kname, fn, launch in attention_kernels(torch.float16, block_d, dropout=True):
+            if kname != "dkdv":
+                add(f"{kname}-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
+                    f"s{launch.num_stages}-causal1-dropout1-even1-lens000", fn, torch.float16,
+                    launch, flags(launch, block_d, True, True, True))
     for kname, fn, launch in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
             flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
