@@ -645,22 +645,27 @@ def _dropout_mask_kernel(
 
 def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
     """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape), 128 x 32
-    at D=128 (x 64 spills on sm_80); 8 warps at D=128 and with dropout (the RNG's registers
-    spill with 4). fp32 at D=128: 16 x 32 with 8 warps (32 x 32 spills on sm_90)."""
+    at D=128 (x 64 spills on sm_80), with 8 warps (two warpgroups of 64 rows on sm_90): with 4,
+    sm_80's mma.sync accumulators need 255 registers and spill, and so does the RNG of dropout.
+    fp32 at D=128: 16 x 32 with 8 warps (32 x 32 spills on sm_90)."""
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
         return Launch(16, 32, 8, 2) if block_d == 128 else Launch(32, 32, 4, 2)  # 32x32 spills
-    return Launch(128, 32 if block_d == 128 else 64, 8 if block_d == 128 or dropout else 4, 3)
+    return Launch(128, 32 if block_d == 128 else 64, 8, 3)
 
 
-def _dkdv_launch(block_d: int, dtype: torch.dtype) -> Launch:
-    """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed."""
+def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
+    """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed; 8
+    warps, 64 keys at D=128 (128 spill on sm_80 under triton 3.6) and, with dropout, 64 keys
+    over 16-query tiles (the RNG's registers: 32 queries spill on sm_80 under triton 3.6)."""
     if INTERPRETING:
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
-    return Launch(32, 128, 8 if block_d >= 64 else 4, 3)  # 4 warps spill at D=64
+    if dropout:
+        return Launch(16, 64, 8, 3)
+    return Launch(32, 64 if block_d == 128 else 128, 8, 3)  # 4 warps spill at D=64
 
 
 def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
@@ -669,7 +674,7 @@ def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launc
     if INTERPRETING:
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
-        return Launch(32, 32, 4, 2)
+        return Launch(16, 32, 4, 2)  # 32 x 32 spills on sm_80 (4 warps at D=64/128, 8 at D=32)
     return Launch(128, 32, 8 if block_d == 128 or dropout else 4, 3)
 
 
@@ -740,7 +745,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
         EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
     )
     if need_dkdv:
-        cfg = _dkdv_launch(block_d, q.dtype)
+        cfg = _dkdv_launch(block_d, q.dtype, dropout_p > 0)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
             q, k, v, do, lse2, delta, dk, dv, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -1075,7 +1080,7 @@ def aot_configs():
 
     def attention_kernels(dtype, block_d, dropout=False):
         return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout)),
-                ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype)),
+                ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, dropout)),
                 ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout)))
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
@@ -1095,12 +1100,11 @@ def aot_configs():
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
-    for block_d in (16, 32):  # dropout's 8-warp forward and dQ at the head dims the rotation lacks
+    for block_d in (16, 32):  # dropout's tiles at the head dims the rotation lacks
         for kname, fn, launch in attention_kernels(torch.float16, block_d, dropout=True):
-            if kname != "dkdv":
-                add(f"{kname}-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
-                    f"s{launch.num_stages}-causal1-dropout1-even1-lens000", fn, torch.float16,
-                    launch, flags(launch, block_d, True, True, True))
+            add(f"{kname}-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
+                f"s{launch.num_stages}-causal1-dropout1-even1-lens000", fn, torch.float16,
+                launch, flags(launch, block_d, True, True, True))
     for kname, fn, launch in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
             flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
@@ -1125,20 +1129,21 @@ def report_cases(sm_count: int = 132):
     for model, H in (("124M", 12), ("1558M", 25)):
         for dtype in (torch.float32, torch.bfloat16):
             t = "*" + _TRITON_DTYPE[dtype]
-            qkv = (T * H * D, D, H * D, 1)  # q, k, v and do: (B, T, H, D) memory, transposed
-            out = (H * T * D, T * D, D, 1)  # o, dq, dk, dv: contiguous (B, H, T, D)
+            qkv = (T * H * D, D, H * D, 1)  # every tensor: (B, T, H, D) memory seen as (B, H, T, D)
+            lens = ("*i32", "*i32")  # the absent lengths' stand-ins
             for p in (0.0, 0.1):
                 label = f"{model} B{B} T{T} {_TRITON_DTYPE[dtype]}" + (f" p={p}" if p else "")
-                flags = dict(CAUSAL=True, DROPOUT=p > 0, EVEN_D=D == block_d, BLOCK_D=block_d)
+                flags = dict(CAUSAL=True, DROPOUT=p > 0, EVEN_D=D == block_d, HAS_QL=False,
+                             HAS_KL=False, LEFT=False, BLOCK_D=block_d)
                 scale = (D ** -0.5) * LOG2E
                 launches = [
-                    (_fwd_kernel, _fwd_launch(block_d, dtype), "block_m",
-                     (t, t, t, t, "*fp32", *qkv, *qkv, *qkv, *out, H, T, T, D, scale, 0, p)),
-                    (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype), "block_n",
-                     (t, t, t, t, "*fp32", "*fp32", t, t, *qkv, *qkv, *qkv, *qkv, *out,
+                    (_fwd_kernel, _fwd_launch(block_d, dtype, p > 0), "block_m",
+                     (t, t, t, t, "*fp32", *lens, *qkv * 4, H, T, T, D, scale, 0, p)),
+                    (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, p > 0), "block_n",
+                     (t, t, t, t, "*fp32", "*fp32", t, t, *lens, *qkv * 6,
                       H, T, T, D, D ** -0.5, scale, 0, p)),
-                    (_bwd_dq_kernel, _dq_launch(block_d, dtype), "block_m",
-                     (t, t, t, t, "*fp32", "*fp32", t, *qkv, *qkv, *qkv, *qkv, *out,
+                    (_bwd_dq_kernel, _dq_launch(block_d, dtype, p > 0), "block_m",
+                     (t, t, t, t, "*fp32", "*fp32", t, *lens, *qkv * 5,
                       H, T, T, D, D ** -0.5, scale, 0, p)),
                 ]
                 for fn, launch, rows, values in launches:
@@ -1148,7 +1153,7 @@ def report_cases(sm_count: int = 132):
                     cases.append({"label": label, "config": cfg,
                                   "grid": triton.cdiv(T, getattr(launch, rows)) * B * H})
             pre = _preprocess_launch()
-            values = (t, t, "*fp32", *out, *qkv, H, T, D)
+            values = (t, t, "*fp32", *qkv * 2, H, T, D)
             fn = _bwd_preprocess_kernel
             cfg = launch_config(f"{fn.__name__} {model} {_TRITON_DTYPE[dtype]}", fn,
                                 dict(zip(fn.arg_names, values)),
