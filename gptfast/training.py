@@ -440,11 +440,12 @@ class Run:
         self.model = model.to(d.device)
         self.ddp = None
         if opts.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
             for block in model.trf_blocks:
                 fully_shard(block)
             fully_shard(model)
+            register_fsdp_forward_method(model, "loss")  # loss() runs the root's own layers
         self.optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr,
                                            betas=(opts.beta1, opts.beta2),
                                            fused=True if d.device.type == "cuda" else None)

@@ -803,7 +803,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left, need_dq,
       need_dkdv):
     def grad(t, needed):
-        return t.new_empty(t.shape) if needed else t.new_empty(0)
+        return torch.empty_like(t) if needed else t.new_empty(0)  # the real op's layouts
     return grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv)
 
 
@@ -817,7 +817,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 
 def _attention_fake(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # o in q's layout
 
 
 def _attention_setup(ctx, inputs, output):
