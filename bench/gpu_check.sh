@@ -23,7 +23,8 @@
 #            racecheck`; each tool's error count goes to steps.txt. On by default when
 #            compute-sanitizer is on the PATH and there is a CUDA device; skipped with a message
 #            otherwise (GPU_CHECK_SANITIZER=0: off; =1: also on a dry run)
-# Each step has its own timeout (14 minutes in all: 80 + 150 + 120 + 100 + 240 + 30 + 2 x 60 s);
+# Each step has its own timeout (under 10 minutes in all: 60 + 120 + 100 + 80 + 120 + 30 + 2 x 40
+# s, to leave the machine's start and a rerun room in a 15-minute device budget);
 # a failing or timed-out step does not stop the others, and a benchmark step cut short keeps the
 # summary of the cases it finished. OUTDIR/steps.txt lists each step's exit status. Exit status: 0 if every
 # step passed on a CUDA device; 1 if a step failed; 3 if there was no CUDA device (a dry run:
@@ -32,7 +33,7 @@
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PROFILE_ARGS (arguments of `python -m gptfast profile`),
 # GPU_CHECK_TIMEOUT_TESTS / _TESTS_KERNELS / _BENCH / _BENCH_MODEL / _TUNE / _PROFILE / _SANITIZER
-# (seconds; default 80 / 150 / 120 / 100 / 240 / 30 / 60 per tool), GPU_CHECK_TUNE (default 1),
+# (seconds; default 60 / 120 / 100 / 80 / 120 / 30 / 40 per tool), GPU_CHECK_TUNE (default 1),
 # GPU_CHECK_SANITIZER (auto, 0 or 1).
 set -u -o pipefail
 
@@ -111,18 +112,18 @@ if [ -n "${GPU_CHECK_TESTS:-}" ]; then
     # shellcheck disable=SC2086  # GPU_CHECK_TESTS may name several paths
     step tests "${GPU_CHECK_TIMEOUT_TESTS:-230}" "${PYTEST[@]}" $GPU_CHECK_TESTS --junitxml="$OUTDIR/tests.xml"
 else
-    step tests "${GPU_CHECK_TIMEOUT_TESTS:-80}" "${PYTEST[@]}" tests "${KERNEL_TESTS[@]/#/--ignore=}" \
+    step tests "${GPU_CHECK_TIMEOUT_TESTS:-60}" "${PYTEST[@]}" tests "${KERNEL_TESTS[@]/#/--ignore=}" \
         --junitxml="$OUTDIR/tests.xml"
-    step tests_kernels "${GPU_CHECK_TIMEOUT_TESTS_KERNELS:-150}" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" \
+    step tests_kernels "${GPU_CHECK_TIMEOUT_TESTS_KERNELS:-120}" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" \
         --junitxml="$OUTDIR/tests_kernels.xml"
 fi
 
 # --- (b) the quick benchmark: kernels, then the whole model and generation ---------------------
 MODEL_BENCH=(bench/test_generation.py bench/test_model.py)
-step bench "${GPU_CHECK_TIMEOUT_BENCH:-120}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
+step bench "${GPU_CHECK_TIMEOUT_BENCH:-100}" "$PY" -m pytest bench --benchmark-only --quick -q -rfEs \
     -p no:cacheprovider "${MODEL_BENCH[@]/#/--ignore=}" \
     --results-dir "$OUTDIR/results" --benchmark-json "$OUTDIR/bench.json"
-step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-100}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
+step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-80}" "$PY" -m pytest "${MODEL_BENCH[@]}" \
     --benchmark-only --quick -q -rfEs -p no:cacheprovider \
     --results-dir "$OUTDIR/results-model" --benchmark-json "$OUTDIR/bench_model.json"
 
@@ -131,10 +132,13 @@ step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-100}" "$PY" -m pytest "${MODE
 # OUTDIR/configs/<device name>.json, to commit as kernels/configs/<device name>.json.
 # GPU_CHECK_TUNE=0 skips it; on CPU it is a dry run in the interpreter (plumbing only).
 if [ "${GPU_CHECK_TUNE:-1}" != 0 ]; then
+    TUNE_TIMEOUT=${GPU_CHECK_TIMEOUT_TUNE:-120}
     if [ "$CUDA" = 1 ]; then
-        step tune "${GPU_CHECK_TIMEOUT_TUNE:-240}" "$PY" -m bench.tune --out-dir "$OUTDIR/configs"
+        # no new shape class past the budget, and the table is rewritten after each class
+        step tune "$TUNE_TIMEOUT" "$PY" -m bench.tune --out-dir "$OUTDIR/configs" \
+            --budget $((TUNE_TIMEOUT * 3 / 4))
     else
-        step tune "${GPU_CHECK_TIMEOUT_TUNE:-240}" env TRITON_INTERPRET=1 "$PY" -m bench.tune \
+        step tune "$TUNE_TIMEOUT" env TRITON_INTERPRET=1 "$PY" -m bench.tune \
             --dry-run --out-dir "$OUTDIR/configs"
     fi
 fi
@@ -178,7 +182,7 @@ elif [ "$CUDA" = 0 ] && [ "$SANITIZE" != 1 ]; then
     echo "sanitizer: skipped, no CUDA device (GPU_CHECK_SANITIZER=1 runs it anyway)" | tee -a "$OUTDIR/steps.txt"
 else
     for tool in memcheck racecheck; do
-        step "sanitizer_$tool" "${GPU_CHECK_TIMEOUT_SANITIZER:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        step "sanitizer_$tool" "${GPU_CHECK_TIMEOUT_SANITIZER:-40}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 1 \
             "${PYTEST[@]}" "${SANITIZER_TESTS[@]}"
         echo "sanitizer_$tool: $(sanitizer_errors "$OUTDIR/sanitizer_$tool.log") errors" | tee -a "$OUTDIR/steps.txt"

@@ -1,6 +1,6 @@
 """Measure the tunable launch configs on this GPU and write its tuning table (kernels/tuning.py).
 
-    python -m bench.tune [--out-dir DIR]               # on a CUDA machine, ~2-4 minutes
+    python -m bench.tune [--out-dir DIR] [--budget S]  # on a CUDA machine, ~2-4 minutes
     TRITON_INTERPRET=1 python -m bench.tune --dry-run  # the same plumbing on CPU, tiny shapes
 
 For every kernel that registers a tuning space and has a case below, and every shape class of
@@ -10,7 +10,8 @@ agree with a float64 reference (``kernels.testing.agreement``: within 2x eager P
 in the same dtype, plus a small slack) is rejected; the others are timed with
 ``triton.testing.do_bench_cudagraph`` (summed over the class's shapes) and the fastest wins. The table
 ``DIR/<device name>.json`` (default kernels/configs/) holds the winners; a class without a
-passing candidate is left out (the static heuristics stay). Commit it as kernels/configs/<name>.
+passing candidate is left out (the static heuristics stay). The table is rewritten after each
+class, so a run cut short keeps what it measured. Commit it as kernels/configs/<name>.
 """
 
 import argparse
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import add_layer_norm, decode_attention, tuning
+from kernels import add_layer_norm, attention, decode_attention, tuning
 from kernels.testing import agreement
 
+attn = importlib.import_module("kernels.attention")
 dec = importlib.import_module("kernels.decode_attention")
 ln = importlib.import_module("kernels.layer_norm")
 
@@ -94,8 +96,45 @@ def _layer_norm_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shap
     return shapes
 
 
-# kernel -> shapes of one of its shape classes. The attention kernels join with their space.
+def _attention_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shape]:
+    """GPT-2 124M's causal attention in training (8 x 1024 tokens, 12 heads, q/k/v seen as
+    (B, H, T, D) views of (B, T, H, D) memory, as the model passes them); the backward cases
+    return dQ, dK, dV. Dropout (p = 0.1) is compared against eager with the kernels' mask."""
+    t, d, *dropout = cls.split("-")
+    dtype, head_dim, p = _DTYPES[t], int(d[1:]), 0.1 if dropout else 0.0
+    B, H, T = (1, 2, 70) if dry else (8, 12, 1024)
+    g = torch.Generator().manual_seed(T)
+    q, k, v, do = (torch.randn(B, T, H, head_dim, generator=g).to(device, dtype).transpose(1, 2)
+                   for _ in range(4))
+    seed = 1234
+    keep = attn.attention_dropout_mask(attn.dropout_seed(torch.Generator().manual_seed(seed)), B, H, T,
+                                  T, p, device) if p else None
+    p = attn.effective_dropout_p(p)
+
+    def run():
+        inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+        out = attention(*inputs, causal=True, dropout_p=p,
+                        generator=torch.Generator().manual_seed(seed))
+        return list(torch.autograd.grad(out, inputs, do)) if backward else [out]
+
+    def eager(dt):
+        inputs = [x.to(dt).requires_grad_(backward) for x in (q, k, v)]
+        s = (inputs[0] @ inputs[1].transpose(-1, -2)) / math.sqrt(head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        w = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        if keep is not None:
+            w = w * keep / (1 - p)
+        out = w @ inputs[2]
+        return list(torch.autograd.grad(out, inputs, do.to(dt))) if backward else [out]
+
+    return [Shape(run, eager(dtype), eager(torch.float64), _SLACK[dtype])]
+
+
+# kernel -> shapes of one of its shape classes.
 CASES = {
+    attn.FWD_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=False),
+    attn.DKDV_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=True),
+    attn.DQ_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=True),
     dec.SPLIT_KERNEL: _decode_shapes,
     ln.FWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=False),
     ln.BWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=True),
@@ -123,11 +162,19 @@ def _classes(kernel: str, dry: bool) -> dict:
     return dict(list(classes.items())[:1]) if dry else classes
 
 
-def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print) -> dict:
-    """{kernel: {shape class: fastest agreeing config}} over every registered space with a case."""
+def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print,
+         save: Callable[[dict], object] | None = None, budget_s: float | None = None) -> dict:
+    """{kernel: {shape class: fastest agreeing config}} over every registered space with a case.
+
+    ``save(entries)`` runs after each shape class (so a run cut short keeps what it measured);
+    past ``budget_s`` seconds no new class is started (those keep the static heuristics)."""
     entries = {}
+    start = time.perf_counter()
     for kernel, make_shapes in CASES.items():
         for cls, space in _classes(kernel, dry).items():
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                log(f"{kernel} {cls}: skipped, past the {budget_s:.0f} s budget")
+                continue
             shapes = make_shapes(cls, device, dry)
             best = None
             for config in space:
@@ -145,6 +192,8 @@ def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print) -> d
             if best is not None:
                 entries.setdefault(kernel, {})[cls] = best[1]
                 log(f"{kernel} {cls}: best {best[1]}")
+                if save is not None:
+                    save(entries)
     return entries
 
 
@@ -154,6 +203,8 @@ def main(argv=None) -> int:
                         help="where <device name>.json goes (default: kernels/configs)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU interpreter (TRITON_INTERPRET=1), tiny shapes, writes dry-run.json")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new shape class after this long (the table keeps the rest)")
     args = parser.parse_args(argv)
     if args.dry_run:
         device, name = torch.device("cpu"), "dry run"
@@ -163,8 +214,10 @@ def main(argv=None) -> int:
         print("tune.py: no CUDA device (use --dry-run with TRITON_INTERPRET=1 on CPU)", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    entries = tune(device, dry=args.dry_run, timer=_wall_clock if args.dry_run else _do_bench)
-    path = tuning.write(args.out_dir / tuning.file_name(name), entries, name)
+    path = args.out_dir / tuning.file_name(name)
+    entries = tune(device, dry=args.dry_run, timer=_wall_clock if args.dry_run else _do_bench,
+                   save=lambda entries: tuning.write(path, entries, name), budget_s=args.budget)
+    tuning.write(path, entries, name)
     print(f"wrote {path} ({sum(map(len, entries.values()))} entries, {time.perf_counter() - start:.0f} s)")
     return 0
 

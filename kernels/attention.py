@@ -17,7 +17,9 @@ The forward keeps the per-row log-sum-exp (fp32) so that the backward recomputes
 weights tile by tile instead of storing them.
 
 Dropout drops attention weights after the softmax (as in eager PyTorch), with a counter-based
-RNG (Philox4x32-10, the generator of ``tl.randint4x``) keyed by (seed, batch*head): each call
+RNG (Philox4x32-7: ``tl.randint4x`` with 7 rounds, FlashAttention-2's count; Salmon et al.
+(2011) find 7 rounds of Philox4x32 pass TestU01's BigCrush, 10 is their safety margin) keyed by
+(seed, batch*head): each call
 (one counter) gives 128 bits, i.e. 8 keep decisions of 16 bits for 8 weights of one row, so
 the RNG costs 1/8 of a Philox call per weight (``_dropout_keep`` documents the exact mapping
 of weights to counters and bits). A weight is kept iff its 16-bit draw is >= round(p * 2^16):
@@ -33,6 +35,7 @@ torch.Generator (a graph break; an error with ``fullgraph=True``). The seed is r
 host, so dropout cannot run inside a captured CUDA graph: that raises an error.
 """
 
+import functools
 import math
 import numbers
 
@@ -40,13 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels._common import (
     INTERPRETING, Launch, check_device, check_float, library_op, on_device, once_differentiable,
 )
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
-_INTERPRETED_BF16_DOT = tl.constexpr(INTERPRETING)
+_INTERPRETED = tl.constexpr(INTERPRETING)
+PHILOX_ROUNDS = tl.constexpr(7)  # of the dropout RNG (see above)
 # Dropout counts Philox calls per (batch, head) with an int32 counter (one per 8 weights).
 MAX_DROPOUT_SCORES = 2**31
 MAX_BATCH_HEADS = 65535  # programs of one (batch, head) index CUDA grid axis 1
@@ -67,7 +72,7 @@ def _mma(a, b, acc):
     """
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
-    elif _INTERPRETED_BF16_DOT and a.dtype == tl.bfloat16:
+    elif _INTERPRETED and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
@@ -92,10 +97,10 @@ def _dropout_threshold(dropout_p):
 
 
 @triton.jit
-def _philox4x32(c0, key, N_ROUNDS: tl.constexpr = 10):
+def _philox4x32(c0, key, N_ROUNDS: tl.constexpr = PHILOX_ROUNDS):
     """Philox4x32 (Salmon et al., 2011) of the counters (c0, 0, 0, 0) under a 64-bit key: the
-    four words ``tl.randint4x(key, c0)`` returns, bit for bit, with each round's high and low
-    products taken from one 32x32 -> 64-bit multiply (IMAD.WIDE) instead of two."""
+    four words ``tl.randint4x(key, c0, N_ROUNDS)`` returns, bit for bit, with each round's high
+    and low products taken from one 32x32 -> 64-bit multiply (IMAD.WIDE) instead of two."""
     k0 = (key & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c0 = c0.to(tl.uint32, bitcast=True)
@@ -115,37 +120,43 @@ def _philox4x32(c0, key, N_ROUNDS: tl.constexpr = 10):
 
 
 @triton.jit
-def _dropout_keep(key, rows, start_n, Tk, threshold, BLOCK_N: tl.constexpr,
-                  KEYS_FIRST: tl.constexpr):
-    """Keep mask (True = kept) of the weights [rows, start_n + arange(BLOCK_N)] of one
-    (batch, head): a (len(rows), BLOCK_N) block, or its transpose if KEYS_FIRST.
+def _dropout_keep(key, start_m, start_n, Tk, threshold, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Keep mask (True = kept) of the weights [start_m + arange(BLOCK_M), start_n +
+    arange(BLOCK_N)] of one (batch, head): a (BLOCK_M, BLOCK_N) block, or its transpose if
+    KEYS_FIRST.
 
     One Philox4x32 call per 8 weights of a row; its 4 words give 8 16-bit halves, each
     compared with the threshold (kept iff >= it). Column c of row r draws half c % 2 of word
     2 * (c >> 4 & 1) + (c >> 3 & 1) of the call with counter r * 4 * cdiv(Tk, 32) + (c >> 5)
     * 4 + (c >> 1 & 3): the 8 columns of a call are those one thread holds in the tensor-core
-    accumulator layout, so the mask needs no data movement between threads in the forward and
-    dQ tiles. ``start_n`` is a multiple of 32 (BLOCK_N >= 32), so any tiling agrees.
+    accumulator layout. ``start_n`` is a multiple of 32 (BLOCK_N >= 32), so any tiling agrees.
+
+    The counters are laid out as that accumulator distributes the block (row = rr * 16 W +
+    rw * 16 + r8 * 8 + rl, with W warps along the rows; col >> 1 & 3 across 4 lanes, rl
+    across 8, rw across the warps, rr, r8 and col >> 5 in registers), which Triton's default
+    layout of the 6-D tensor (rr, r8, col >> 5, rw, rl, col >> 1 & 3) is: the words then reach
+    the scores without any data movement between threads.
     """
-    n_groups = tl.cdiv(Tk, 32) * 4
-    groups = (start_n // 32 + tl.arange(0, BLOCK_N // 32)) * 4
-    if KEYS_FIRST:
-        counters = (rows[None, None, :] * n_groups + groups[:, None, None]
-                    + tl.arange(0, 4)[None, :, None])  # (col >> 5, col >> 1 & 3, row)
-    else:
-        counters = (rows[:, None, None] * n_groups + groups[None, :, None]
-                    + tl.arange(0, 4)[None, None, :])  # (row, col >> 5, col >> 1 & 3)
+    NW: tl.constexpr = 4 if _INTERPRETED else tl.extra.cuda.num_warps()
+    W: tl.constexpr = NW if NW * 16 <= BLOCK_M else BLOCK_M // 16
+    RR: tl.constexpr = BLOCK_M // (16 * W)
+    rr = tl.reshape(tl.arange(0, RR), (RR, 1, 1, 1, 1, 1))
+    r8 = tl.reshape(tl.arange(0, 2), (1, 2, 1, 1, 1, 1))
+    c5 = tl.reshape(tl.arange(0, BLOCK_N // 32), (1, 1, BLOCK_N // 32, 1, 1, 1))
+    rw = tl.reshape(tl.arange(0, W), (1, 1, 1, W, 1, 1))
+    rl = tl.reshape(tl.arange(0, 8), (1, 1, 1, 1, 8, 1))
+    c1 = tl.reshape(tl.arange(0, 4), (1, 1, 1, 1, 1, 4))
+    rows = start_m + rr * (16 * W) + rw * 16 + r8 * 8 + rl
+    counters = rows * (tl.cdiv(Tk, 32) * 4) + (start_n // 32 + c5) * 4 + c1
     r0, r1, r2, r3 = _philox4x32(counters, key)
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [..., col >> 4 & 1, col >> 3 & 1]
-    if KEYS_FIRST:  # -> (col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3, row)
-        words = tl.permute(words, (0, 3, 4, 1, 2))
-    else:  # -> (row, col >> 5, col >> 4 & 1, col >> 3 & 1, col >> 1 & 3)
-        words = tl.permute(words, (0, 1, 3, 4, 2))
-    keep = tl.join((words & 0xFFFF) >= threshold, (words >> 16) >= threshold)  # [..., col & 1]
+    limit = threshold.to(tl.uint32) << 16
+    keep = tl.join((words << 16) >= limit, words >= limit)  # [..., col & 1]: low, high half
+    # (rr, r8, col >> 5, rw, rl, col >> 1 & 3, col >> 4 & 1, col >> 3 & 1, col & 1) -> (row, col)
+    keep = tl.reshape(tl.permute(keep, (0, 3, 1, 4, 2, 6, 7, 5, 8)), (BLOCK_M, BLOCK_N))
     if KEYS_FIRST:
-        keep = tl.reshape(tl.permute(keep, (0, 1, 2, 3, 5, 4)), (BLOCK_N, rows.shape[0]))
-    else:
-        keep = tl.reshape(keep, (rows.shape[0], BLOCK_N))
+        keep = tl.trans(keep)
     return keep
 
 
@@ -223,7 +234,7 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, LOWER: tl.
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, lo, hi,
     k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -259,8 +270,8 @@ def _fwd_tiles(
         p = tl.exp2(s * qk_scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # normaliser of the un-dropped softmax
         if DROPOUT:
-            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
-                                 BLOCK_N, False)
+            keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 q.shape[0], BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
@@ -319,13 +330,13 @@ def _fwd_kernel(
     LOWER: tl.constexpr = HAS_KL and LEFT
     n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
-        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_lo,
+        n_full, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_full,
+        n_end, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
 
@@ -381,12 +392,17 @@ def _bwd_preprocess_kernel(
 def _dkdv_tiles(
     dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
     start_n, offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
-    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, QUERY_MAJOR: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over the query tiles [lo, hi), in transposed form.
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi).
 
-    With P^T the (keys x queries) weights: dV += (P^T * Z/(1-p)) dO, dP^T = V dO^T * Z/(1-p),
-    dS^T = P^T * (dP^T - delta), dK += dS^T Q (times the scale, applied once at the end).
+    With P the weights and Z the keep mask: dV += (P * Z)^T dO, dS = P * (Z * (dO V^T) - delta
+    (1 - p)), dK += dS^T Q; the kernel multiplies dK by scale / (1 - p) and dV by 1 / (1 - p)
+    once at the end. The scores are computed transposed (keys x queries: S^T = K Q^T, whose
+    tiles feed the dV and dK products from registers) or, if QUERY_MAJOR, as in the forward
+    (S = Q K^T: the dropout RNG lands on its tiles without moving, see _dropout_keep; P and dS
+    then reach the products transposed through shared memory).
     Rows outside [q_lo, q_hi) load q = dO = lse = delta = 0, which makes their dS and dO zero:
     they add nothing, so the query window needs no mask on the weights. DIAGONAL tiles
     (causal) mask the weights of keys a query may not see, and hold the query that sees only
@@ -405,23 +421,42 @@ def _dkdv_tiles(
         do = tl.load(do_ptrs, mask=qo_mask, other=0.0)
         lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
-        s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
-        p_t = tl.exp2(s_t - lse2[None, :])
-        if DIAGONAL:
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
-        dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, rows, start_n, Tk, _dropout_threshold(dropout_p),
-                                 k.shape[0], True)
-            rescale = 1.0 / (1.0 - dropout_p)
-            dv = _mma(tl.where(keep, p_t * rescale, 0.0).to(do.dtype), do, dv)
-            dp_t = tl.where(keep, dp_t * rescale, 0.0)
+            delta = delta * (1.0 - dropout_p)
+        if QUERY_MAJOR:
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, k.shape[0]], dtype=tl.float32)) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if DIAGONAL:
+                p = tl.where(offs_n[None, :] <= rows[:, None] + shift, p, 0.0)
+            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], dtype=tl.float32))
+            if DROPOUT:
+                keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                     BLOCK_M, k.shape[0], False)
+                p_kept, dp = tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0)
+            else:
+                p_kept = p
+            dv = _mma(tl.trans(p_kept.to(do.dtype)), do, dv)
+            ds = p * (dp - delta[:, None])
+            if DIAGONAL:
+                ds = tl.where(rows[:, None] + shift == k_lo, 0.0, ds)
+            dk = _mma(tl.trans(ds.to(q.dtype)), q, dk)
         else:
-            dv = _mma(p_t.to(do.dtype), do, dv)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if DIAGONAL:
-            ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
-        dk = _mma(ds_t.to(q.dtype), q, dk)
+            s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
+            p_t = tl.exp2(s_t - lse2[None, :])
+            if DIAGONAL:
+                p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
+            dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
+            if DROPOUT:
+                keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                     BLOCK_M, k.shape[0], True)
+                dv = _mma(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv)
+                dp_t = tl.where(keep, dp_t, 0.0)
+            else:
+                dv = _mma(p_t.to(do.dtype), do, dv)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if DIAGONAL:
+                ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
+            dk = _mma(ds_t.to(q.dtype), q, dk)
         q_ptrs += _wide(BLOCK_M) * stride_qm
         do_ptrs += _wide(BLOCK_M) * stride_dom
     return dk, dv
@@ -443,7 +478,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, QUERY_MAJOR: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -491,14 +526,17 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
             start_n, offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
-            qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, BLOCK_M,
+            qk_scale, key, dropout_p, True, DROPOUT, QUERY_MAJOR, EVEN_D, BLOCK_M,
         )
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
         start_n, offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
-        False, DROPOUT, EVEN_D, BLOCK_M,
+        False, DROPOUT, QUERY_MAJOR, EVEN_D, BLOCK_M,
     )
 
+    if DROPOUT:  # the kept weights' 1 / (1 - p), left out of the tiles
+        dk = dk * (1.0 / (1.0 - dropout_p))
+        dv = dv * (1.0 / (1.0 - dropout_p))
     # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
     dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
@@ -513,12 +551,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, lo, hi,
     k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K (scale later)."""
+    """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K, with dS as in
+    _dkdv_tiles (delta comes in times 1 - p; the kernel applies scale / (1 - p) at the end)."""
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
     v_ptrs += _wide(lo) * stride_vn
@@ -537,9 +576,9 @@ def _dq_tiles(
             p = tl.where(visible, p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
         if DROPOUT:
-            keep = _dropout_keep(key, offs_m, start_n, Tk, _dropout_threshold(dropout_p),
-                                 BLOCK_N, False)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 q.shape[0], BLOCK_N, False)
+            dp = tl.where(keep, dp, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq)
         k_ptrs += _wide(BLOCK_N) * stride_kn
@@ -593,6 +632,8 @@ def _bwd_dq_kernel(
     do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    if DROPOUT:
+        delta = delta * (1.0 - dropout_p)  # see _dq_tiles
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
     k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -605,15 +646,17 @@ def _bwd_dq_kernel(
     LOWER: tl.constexpr = HAS_KL and LEFT
     n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_lo, n_full,
-        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_lo,
+        n_full, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d, n_full, n_end,
-        k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_full,
+        n_end, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
+    if DROPOUT:
+        dq = dq * (1.0 / (1.0 - dropout_p))
     dq = tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
     out_mask = offs_m[:, None] < Tq
     if not EVEN_D:
@@ -632,8 +675,9 @@ def _dropout_mask_kernel(
     off_bh = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(_philox_key(seed, off_bh), rows, tl.program_id(1) * BLOCK_N, Tk,
-                         _dropout_threshold(dropout_p), BLOCK_N, False)
+    keep = _dropout_keep(_philox_key(seed, off_bh), tl.program_id(0) * BLOCK_M,
+                         tl.program_id(1) * BLOCK_N, Tk, _dropout_threshold(dropout_p), BLOCK_M,
+                         BLOCK_N, False)
     ptrs = Mask + off_bh.to(tl.int64) * Tq * Tk + rows[:, None] * Tk + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
 
@@ -643,44 +687,102 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
-    """Forward tiles: 128 queries x 64 keys for fp16/bf16 (FlashAttention-2's shape), 128 x 32
-    at D=128 (x 64 spills on sm_80), with 8 warps (two warpgroups of 64 rows on sm_90): with 4,
-    sm_80's mma.sync accumulators need 255 registers and spill, and so does the RNG of dropout.
-    fp32 at D=128: 16 x 32 with 8 warps (32 x 32 spills on sm_90)."""
+# The kernels' names in the tuning tables
+FWD_KERNEL, DKDV_KERNEL, DQ_KERNEL = "attention.fwd", "attention.dkdv", "attention.dq"
+
+
+def _shape_class(dtype: torch.dtype, block_d: int, dropout: bool) -> str:
+    """The tuning tables' shape class of a launch, e.g. "bf16-d64" or "bf16-d64-dropout"."""
+    return f"{_TRITON_DTYPE[dtype]}-d{block_d}" + ("-dropout" if dropout else "")
+
+
+def _tuned(kernel: str, block_d: int, dtype: torch.dtype, dropout: bool, device) -> Launch | None:
+    """The device's tuning-table launch of ``kernel`` at this shape class, or None."""
+    config = tuning.lookup(kernel, _shape_class(dtype, block_d, dropout), device)
+    return None if config is None else Launch(**config)
+
+
+def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=None) -> Launch:
+    """Forward tiles: the device's tuning table's, else 128 queries x 64 keys for fp16/bf16
+    (FlashAttention-2's shape), 128 x 32 at D=128 (x 64 spills on sm_80), with 8 warps (two
+    warpgroups of 64 rows on sm_90): with 4, sm_80's mma.sync accumulators need 255 registers
+    and spill. fp32 at D=128: 16 x 32 with 8 warps, 32 x 32 with dropout."""
+    if tuned := _tuned(FWD_KERNEL, block_d, dtype, dropout, device):
+        return tuned
     if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
-        return Launch(16, 32, 8, 2) if block_d == 128 else Launch(32, 32, 4, 2)  # 32x32 spills
+        if block_d == 128:  # 32 x 32 spills on sm_90, and 16 x 32 does with dropout
+            return Launch(32 if dropout else 16, 32, 8, 2)
+        return Launch(32, 32, 4, 2)
     return Launch(128, 32 if block_d == 128 else 64, 8, 3)
 
 
-def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
-    """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed; 8
-    warps, 64 keys at D=128 (128 spill on sm_80 under triton 3.6) and, with dropout, 16-query
-    tiles (the RNG's registers: 32 queries spill on sm_80 under triton 3.6; 16 x 128 costs 2.8x
-    the dropout-free kernel's SASS per score on sm_90, 16 x 64 5.6x)."""
+@functools.cache
+def _capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as 10 * major + minor (90 for sm_90); 90 for any
+    other device (the interpreter runs the plans of Hopper)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _dkdv_query_major(dtype: torch.dtype, dropout: bool, cc: int) -> bool:
+    """Whether dK/dV tiles compute query-major scores (the forward's orientation, see
+    _dkdv_tiles): with dropout on Hopper, where that costs 1.8x the dropout-free kernel's SASS
+    per score against 2.8x in the transposed form. sm_80's mma.sync tiles spill in it."""
+    return dropout and cc >= 90 and dtype != torch.float32
+
+
+def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, cc: int = 90,
+                 device=None) -> Launch:
+    """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed; the
+    device's tuning table's without dropout, else 8 warps, 64 keys at D=128 (128 spill on sm_80
+    under triton 3.6); with dropout on sm_80 16-query tiles (the RNG's registers: 32 queries
+    spill under triton 3.6). The dropout tiles are not tuned: their form depends on the GPU."""
+    if not dropout and (tuned := _tuned(DKDV_KERNEL, block_d, dtype, dropout, device)):
+        return tuned
     if INTERPRETING:
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
-    if dropout:
+    if dropout and not _dkdv_query_major(dtype, dropout, cc):
         return Launch(16, 64 if block_d == 128 else 128, 8, 3)
     return Launch(32, 64 if block_d == 128 else 128, 8, 3)  # 4 warps spill at D=64
 
 
-def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False) -> Launch:
-    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed; 8
-    warps at D=128 and with dropout (4 spill on sm_80)."""
+def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=None) -> Launch:
+    """dQ tiles: a tall query tile (BLOCK_M) held in registers, thin key tiles streamed; the
+    device's tuning table's, else 8 warps at D=128 (4 spill on sm_80), 4 elsewhere (with
+    dropout too: 1.9x the dropout-free SASS per score on sm_90, where 8 warps cost 2.3x)."""
+    if tuned := _tuned(DQ_KERNEL, block_d, dtype, dropout, device):
+        return tuned
     if INTERPRETING:
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(16, 32, 4, 2)  # 32 x 32 spills on sm_80 (4 warps at D=64/128, 8 at D=32)
-    return Launch(128, 32, 8 if block_d == 128 or dropout else 4, 3)
+    return Launch(128, 32, 8 if block_d == 128 else 4, 3)
 
 
 def _preprocess_launch() -> Launch:
     return Launch(32 if INTERPRETING else 64, 0, 4, 1)
+
+
+# Launches a tuning table may pick (bench/tune.py sweeps them), per kernel and shape class, each
+# one compiled by aot_configs() and spill-free on sm_80 and sm_90: GPT-2's bf16 at D=64.
+_TILES = {
+    FWD_KERNEL: {"bf16-d64": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
+                 "bf16-d64-dropout": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]},
+    DKDV_KERNEL: {"bf16-d64": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)]},  # 64 x 64 spills
+    DQ_KERNEL: {cls: [(128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)]
+                for cls in ("bf16-d64", "bf16-d64-dropout")},
+}
+TUNING_SPACE = {kernel: {cls: [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+                               for m, n, w, st in tiles] for cls, tiles in classes.items()}
+                for kernel, classes in _TILES.items()}
+for _kernel, _space in TUNING_SPACE.items():
+    tuning.register(_kernel, _space)
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,7 +812,7 @@ def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left
     if o.numel() == 0:
         return o, lse2
     block_d = _block_d(D)
-    cfg = _fwd_launch(block_d, q.dtype, dropout_p > 0)
+    cfg = _fwd_launch(block_d, q.dtype, dropout_p > 0, q.device)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
     if scale <= 0:  # the forward's row max needs a positive scale: q (-k)^T |scale| is the same
@@ -746,16 +848,18 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
         EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
     )
     if need_dkdv:
-        cfg = _dkdv_launch(block_d, q.dtype, dropout_p > 0)
+        cc = _capability(q.device)
+        cfg = _dkdv_launch(block_d, q.dtype, dropout_p > 0, cc, q.device)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
             q, k, v, do, lse2, delta, dk, dv, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
+            QUERY_MAJOR=_dkdv_query_major(q.dtype, dropout_p > 0, cc),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if need_dq:
-        cfg = _dq_launch(block_d, q.dtype, dropout_p > 0)
+        cfg = _dq_launch(block_d, q.dtype, dropout_p > 0, q.device)
         _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
             q, k, v, do, lse2, delta, dq, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -1070,19 +1174,32 @@ def aot_configs():
                 64: (True, True, True, no_lens), 128: (False, False, False, left_keys)}
     configs = []
 
-    def add(name, fn, dtype, launch, constexprs):
+    def add(name, fn, dtype, launch, constexprs, ccs=None):
         unit_strides = {a: 1 for a in fn.arg_names if a.startswith("stride") and a.endswith("d")}
         constexprs = {**unit_strides, **constexprs}
         signature = _signature(fn, dtype, constexprs)
         configs.append({
             "name": name, "fn": fn, "signature": signature, "attrs": _divisibility(fn, signature),
             "constexprs": constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+            **({"ccs": ccs} if ccs else {}),
         })
 
     def attention_kernels(dtype, block_d, dropout=False):
-        return (("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout)),
-                ("dkdv", _bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, dropout)),
-                ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout)))
+        """(name, kernel, launch, its own constexprs, the ccs it is picked on or None for all)."""
+        kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), {}, None),
+                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout), {}, None)]
+        dkdv = {cc: (_dkdv_launch(block_d, dtype, dropout, cc),
+                     _dkdv_query_major(dtype, dropout, cc)) for cc in (80, 90)}
+        shared = dkdv[80] == dkdv[90]
+        for cc in (90,) if shared else (80, 90):
+            launch, query_major = dkdv[cc]
+            kernels.append(("dkdv", _bwd_dkdv_kernel, launch, {"QUERY_MAJOR": query_major},
+                            None if shared else (cc,)))
+        return kernels
+
+    def _variant(own, ccs):  # dK/dV's form, and the GPUs that pick it if not all
+        form = f"-qm{int(own['QUERY_MAJOR'])}" if "QUERY_MAJOR" in own else ""
+        return form + "".join(f"-sm{cc}" for cc in ccs or ())
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
         has_ql, has_kl, left = lens
@@ -1092,34 +1209,54 @@ def aot_configs():
     for dtype, tname in _TRITON_DTYPE.items():
         for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
-            for kname, fn, launch in attention_kernels(dtype, block_d, dropout):
+            for kname, fn, launch, own, ccs in attention_kernels(dtype, block_d, dropout):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
                     f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
-                    f"-lens{''.join(str(int(f)) for f in lens)}",
-                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens))
+                    f"-lens{''.join(str(int(f)) for f in lens)}{_variant(own, ccs)}",
+                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens) | own,
+                    ccs)
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
-    for block_d in (16, 32):  # dropout's tiles at the head dims the rotation lacks
-        for kname, fn, launch in attention_kernels(torch.float16, block_d, dropout=True):
-            add(f"{kname}-fp16-d{block_d}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
-                f"s{launch.num_stages}-causal1-dropout1-even1-lens000", fn, torch.float16,
-                launch, flags(launch, block_d, True, True, True))
-    for kname, fn, launch in attention_kernels(torch.float16, 64):
-        add(f"{kname}-fp16-d64-length1-head1", fn, torch.float16, launch,
-            flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1))
+    # dropout's tiles at the head dims the rotation lacks, and fp32's at D=128
+    for dtype, block_d in ((torch.float16, 16), (torch.float16, 32), (torch.float16, 128),
+                           (torch.float32, 128)):
+        for kname, fn, launch, own, ccs in attention_kernels(dtype, block_d, dropout=True):
+            add(f"{kname}-{_TRITON_DTYPE[dtype]}-d{block_d}-{launch.block_m}x{launch.block_n}"
+                f"-w{launch.num_warps}s{launch.num_stages}-causal1-dropout1-even1-lens000"
+                f"{_variant(own, ccs)}", fn, dtype, launch,
+                flags(launch, block_d, True, True, True) | own, ccs)
+    for kname, fn, launch, own, ccs in attention_kernels(torch.float16, 64):
+        add(f"{kname}-fp16-d64-length1-head1{_variant(own, ccs)}", fn, torch.float16, launch,
+            flags(launch, 64, True, False, True) | own | dict(Tq=1, Tk=1, H=1), ccs)
+    kernel_fns = {FWD_KERNEL: _fwd_kernel, DKDV_KERNEL: _bwd_dkdv_kernel, DQ_KERNEL: _bwd_dq_kernel}
+    for kernel, classes in TUNING_SPACE.items():  # what a tuning table may pick
+        for cls, space in classes.items():
+            tname, d, *dropout = cls.split("-")
+            dtype, block_d = {v: k for k, v in _TRITON_DTYPE.items()}[tname], int(d[1:])
+            for config in space:
+                launch = Launch(**config)
+                own = {"QUERY_MAJOR": False} if kernel == DKDV_KERNEL else {}
+                add(f"tuning-{kernel}-{cls}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
+                    f"s{launch.num_stages}", kernel_fns[kernel], dtype, launch,
+                    flags(launch, block_d, True, bool(dropout), True) | own)
     add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
-    return configs
+    from kernels.testing import config_key
+
+    unique = {}  # each compiled code once, under its first name
+    for cfg in configs:
+        unique.setdefault(config_key(cfg), cfg)
+    return list(unique.values())
 
 
-def report_cases(sm_count: int = 132):
+def report_cases(cc: int = 90):
     """GPT-2's attention launches at 8 x 1024 tokens (head dim 64, causal), for the static report
     (kernels/report.py): 124M (12 heads) and 1558M (25 heads), fp32 and bf16, without and with
     dropout 0.1. Per launch a label, its aot config (specialised as the JIT specialises the
     model's call: q/k/v are (B, T, H, D) memory seen as (B, H, T, D)) and its grid size in
-    programs, from the launch plans the op uses. The grids do not depend on ``sm_count``."""
+    programs, from the launch plans the op uses on a GPU of compute capability ``cc``."""
     from kernels.testing import launch_config
 
     if INTERPRETING:
@@ -1140,7 +1277,7 @@ def report_cases(sm_count: int = 132):
                 launches = [
                     (_fwd_kernel, _fwd_launch(block_d, dtype, p > 0), "block_m",
                      (t, t, t, t, "*fp32", *lens, *qkv * 4, H, T, T, D, scale, 0, p)),
-                    (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, p > 0), "block_n",
+                    (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, p > 0, cc), "block_n",
                      (t, t, t, t, "*fp32", "*fp32", t, t, *lens, *qkv * 6,
                       H, T, T, D, D ** -0.5, scale, 0, p)),
                     (_bwd_dq_kernel, _dq_launch(block_d, dtype, p > 0), "block_m",
@@ -1148,9 +1285,11 @@ def report_cases(sm_count: int = 132):
                       H, T, T, D, D ** -0.5, scale, 0, p)),
                 ]
                 for fn, launch, rows, values in launches:
-                    tile = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
+                    own = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
+                    if fn is _bwd_dkdv_kernel:
+                        own["QUERY_MAJOR"] = _dkdv_query_major(dtype, p > 0, cc)
                     cfg = launch_config(f"{fn.__name__} {label}", fn, dict(zip(fn.arg_names, values)),
-                                        flags | tile, launch.num_warps, launch.num_stages)
+                                        flags | own, launch.num_warps, launch.num_stages)
                     cases.append({"label": label, "config": cfg,
                                   "grid": triton.cdiv(T, getattr(launch, rows)) * B * H})
             pre = _preprocess_launch()

@@ -608,12 +608,13 @@ def aot_configs():
     return list({c["name"]: c for c in configs}.values())
 
 
-def report_cases(sm_count: int = 132):
+def report_cases(cc: int = 90):
     """GPT-2's decode step (one new query over 1024 cached keys, head dim 64), for the static
     report (kernels/report.py): 124M (12 heads) and 1558M (25 heads), batch 1 and 8, fp32 and
-    bf16, on a GPU of ``sm_count`` SMs. Per launch a label, its aot config (specialised as the
-    JIT specialises the model's call) and its grid size in programs, from ``_plan``."""
-    from kernels.testing import launch_config, sm_count_of
+    bf16, on a GPU of compute capability ``cc`` (its SM count). Per launch a label, its aot
+    config (specialised as the JIT specialises the model's call) and its grid size in
+    programs, from ``_plan``."""
+    from kernels.testing import SM_COUNT, launch_config, sm_count_of
 
     if INTERPRETING:
         raise RuntimeError("report_cases() describes GPU launches; call it with TRITON_INTERPRET unset")
@@ -623,7 +624,7 @@ def report_cases(sm_count: int = 132):
     for model, H in (("124M", 12), ("1558M", 25)):
         for B in (1, 8):
             for dtype, t in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
-                with sm_count_of(__name__, sm_count):
+                with sm_count_of(__name__, SM_COUNT[cc]):
                     plan = _plan(B * H, 1, T, None, block_d=block_d, dtype=dtype)
                 cfg, S = plan.launch, plan.num_splits
                 label = f"{model} B{B} cache{T} {_TRITON_DTYPE[dtype]}"

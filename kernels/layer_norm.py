@@ -709,13 +709,13 @@ def aot_configs():
     return list({c["name"]: c for c in configs}.values())
 
 
-def report_cases(sm_count: int = 132):
+def report_cases(cc: int = 90):
     """GPT-2's add_layer_norm forward and backward at 8 x 1024 tokens, for the static report
     (kernels/report.py): widths 768, 1024, 1280, 1600 (124M..1558M), fp32 and bf16 activations
-    with parameters of their dtype, on a GPU of ``sm_count`` SMs. Per launch a label, its aot
-    config (specialised as the JIT specialises the call) and its grid size in programs, from
-    the launch plans ``_forward``/``_backward`` use."""
-    from kernels.testing import launch_config, sm_count_of
+    with parameters of their dtype, on a GPU of compute capability ``cc`` (its SM count). Per
+    launch a label, its aot config (specialised as the JIT specialises the call) and its grid
+    size in programs, from the launch plans ``_forward``/``_backward`` use."""
+    from kernels.testing import SM_COUNT, launch_config, sm_count_of
 
     m, cuda = 8 * 1024, torch.device("cuda")
     cases = []
@@ -732,7 +732,7 @@ def report_cases(sm_count: int = 132):
             cases.append({"label": label, "config": cfg, "grid": grid})
             tile, warps = _bwd_plan(n, dtype)
             col_blocks = triton.cdiv(n, tile["BLOCK_N"])
-            with sm_count_of(__name__, sm_count):
+            with sm_count_of(__name__, SM_COUNT[cc]):
                 groups, per_program = _bwd_groups(m, col_blocks, tile["ROWS"], warps, cuda)
                 sum_tile = _sum_plan(n, cuda)
             args = dict(X=p, DY=p, DS=p, DX=p, W=p, MEAN=f, RSTD=f, SUMS=f, PART_W=f, PART_B=f,

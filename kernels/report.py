@@ -35,7 +35,7 @@ def _worker(ccs: list[int], part: str) -> None:
     for module in MODULES:
         mod = importlib.import_module(module)
         for cc in ccs:
-            for case in mod.report_cases(testing.SM_COUNT[cc]):
+            for case in mod.report_cases(cc):
                 cfg = case["config"]
                 key = testing.config_key(cfg)
                 todo.setdefault((key, cc), cfg)

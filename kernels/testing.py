@@ -307,6 +307,8 @@ def compile_cost(cfg: dict) -> float:
 def compile_module(module: str, ccs=(80, 90), timeout=900, shards=1, pythonpath=None) -> list[dict]:
     """Compile every config of ``module.aot_configs()`` for each cc, in compiler subprocesses
     (``shards`` of them in parallel; ``pythonpath`` first on their path, e.g. another triton).
+    A config with a ``ccs`` entry (the compute capabilities whose launch plans pick it) is
+    compiled for those only.
 
     Returns one ``config_record`` per (config, cc).
     """
@@ -320,7 +322,8 @@ def _main(module: str, ccs: list[int], part: str) -> None:
     configs = importlib.import_module(module).aot_configs()
     for cfg in shard(configs, compile_cost, part):
         for cc in ccs:
-            print(json.dumps(config_record(cfg, cc)), flush=True)
+            if cc in cfg.get("ccs", ccs):  # a config the plans pick on some GPUs only
+                print(json.dumps(config_record(cfg, cc)), flush=True)
 
 
 if __name__ == "__main__":

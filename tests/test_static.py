@@ -106,6 +106,24 @@ def test_report_occupancy_and_grid_figures(compiled):
             assert r["grid"] == 12 * splits and 1 < splits <= 64
 
 
+def test_dropout_costs_at_most_twice_the_instructions_per_score(compiled):
+    """On sm_90, at GPT-2's bf16 training shapes, the main loop of each dropout kernel issues at
+    most 2x the warp-instructions per score of the dropout-free kernel (tiles and warps may
+    differ between the two: per score is what compares)."""
+    _, rows = compiled
+
+    def per_score(kernel, label):
+        (r,) = [r for r in rows if r["kernel"] == kernel and r["label"] == label and r["cc"] == 90]
+        block_m, block_n, _ = map(int, r["tile"].split("x"))
+        return r["main_loop"] * r["num_warps"] / (block_m * block_n)
+
+    for model in ("124M", "1558M"):
+        for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+            plain = per_score(kernel, f"{model} B8 T1024 bf16")
+            dropout = per_score(kernel, f"{model} B8 T1024 bf16 p=0.1")
+            assert dropout <= 2 * plain, f"{kernel} {model}: dropout {dropout:.2f} vs {plain:.2f} per score"
+
+
 def test_occupancy_by_hand():
     # 255 registers x 4 warps on an A100: 256 x 32 = 8192 per warp, 2 warps per quarter, 2 blocks
     assert occupancy(80, 4, 255, 0) == {

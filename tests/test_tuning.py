@@ -15,6 +15,7 @@ import torch
 from bench import tune
 from kernels import tuning
 
+attn = importlib.import_module("kernels.attention")
 dec = importlib.import_module("kernels.decode_attention")
 ln = importlib.import_module("kernels.layer_norm")
 
@@ -131,6 +132,41 @@ def test_layer_norm_plans_follow_the_table():
     assert (ln._fwd_plan(768, torch.bfloat16), ln._bwd_plan(768, torch.bfloat16)) == (static_fwd, static_bwd)
 
 
+def test_attention_plans_follow_the_table():
+    """Forward, dQ and dropout-free dK/dV launches come from the table at their shape class
+    (bf16, D=64, with or without dropout); other classes and dropout dK/dV stay static."""
+    from kernels._common import Launch
+
+    fwd = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    dq = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
+    dkdv = dict(block_m=32, block_n=64, num_warps=4, num_stages=3)
+    static = [attn._fwd_launch(64, torch.bfloat16, False), attn._dkdv_launch(64, torch.bfloat16, True),
+              attn._fwd_launch(64, torch.float16, False), attn._dq_launch(128, torch.bfloat16, True)]
+    table = {attn.FWD_KERNEL: {"bf16-d64-dropout": fwd}, attn.DQ_KERNEL: {"bf16-d64-dropout": dq},
+             attn.DKDV_KERNEL: {"bf16-d64": dkdv}}
+    with tuning.use(table):
+        assert attn._fwd_launch(64, torch.bfloat16, True) == Launch(**fwd)
+        assert attn._dq_launch(64, torch.bfloat16, True) == Launch(**dq)
+        assert attn._dkdv_launch(64, torch.bfloat16, False) == Launch(**dkdv)
+        assert [attn._fwd_launch(64, torch.bfloat16, False), attn._dkdv_launch(64, torch.bfloat16, True),
+                attn._fwd_launch(64, torch.float16, False), attn._dq_launch(128, torch.bfloat16, True)
+                ] == static
+    with pytest.raises(tuning.TuningTableError, match="not in the compile-checked space"):
+        with tuning.use({attn.FWD_KERNEL: {"bf16-d64": dict(fwd, num_warps=2)}}):
+            pass
+
+
+def test_tune_attention_dropout_candidates_agree():
+    """bench/tune.py's dropout classes compare the kernels against eager with the kernels' mask:
+    the static launches agree (forward, and the backward's dQ, dK, dV)."""
+    for kernel in (attn.FWD_KERNEL, attn.DQ_KERNEL):
+        for shape in tune.CASES[kernel]("bf16-d64-dropout", torch.device("cpu"), True):
+            results = [tune.agreement(o, e, r, 2.0, shape.slack)
+                       for o, e, r in zip(shape.run(), shape.eager, shape.ref)]
+            assert len(results) == (1 if kernel == attn.FWD_KERNEL else 3)
+            assert all(a["ok"] for a in results), results
+
+
 def test_tune_dry_run_writes_a_table_the_loader_reads(tmp_path):
     """bench/tune.py's sweep in the interpreter at tiny shapes (one shape class per kernel), with
     a mocked timer that makes one config of each class the fastest; every candidate runs and
@@ -154,8 +190,17 @@ def test_tune_dry_run_writes_a_table_the_loader_reads(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tuning, "use", spy)
-        entries = tune.tune(torch.device("cpu"), dry=True, timer=timer, log=lines.append)
+        saved = []
+        entries = tune.tune(torch.device("cpu"), dry=True, timer=timer, log=lines.append,
+                            save=lambda e: saved.append(json.loads(json.dumps(e))))
     assert entries == favourite
+    assert len(saved) == sum(map(len, favourite.values())) and saved[-1] == favourite  # per class
     assert not [line for line in lines if "REJECTED" in line]
     path = tuning.write(tmp_path / tuning.file_name("dry run"), entries, "dry run")
     assert tuning.load(path) == favourite
+
+
+def test_tune_budget_starts_no_class_past_it():
+    lines = []
+    assert tune.tune(torch.device("cpu"), dry=True, log=lines.append, budget_s=-1.0) == {}
+    assert len(lines) == len(tune.CASES) and all("budget" in line for line in lines)
