@@ -9,9 +9,9 @@ sm_80 (A100) and/or sm_90 (H100/H200), and prints per launch: warps, stages, til
 per thread, spill bytes (stores/loads), shared memory per block, resident blocks and warps per
 SM and the limit that binds them, the grid and the waves it makes on the GPU's SMs, whether the
 matrix products run on wgmma (sm_90) or mma.sync, whether loads use TMA or cp.async (and the
-widest plain load), and the SASS instructions of the main loop. The figures come from kernels/testing.py
-(``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in ``--jobs``
-subprocesses with the interpreter off, so this runs on any machine, GPU or not.
+widest plain load), and the SASS instructions of the main loop. The figures come from
+kernels/testing.py (``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in
+``--jobs`` subprocesses with the interpreter off, so this runs on any machine, GPU or not.
 """
 
 import argparse
