@@ -102,36 +102,6 @@ def compile_blocks(model):
     return model
 
 
-def chapter_to_hf(state: dict, n_layers: int) -> dict[str, torch.Tensor]:
-    """A chapter-model state_dict as Hugging Face ``GPT2LMHeadModel`` keys (Conv1D weights are
-    (in, out); query/key/value fused into ``c_attn``, zero bias when the chapter has none); the
-    inverse of ``gptfast.weights.hf_to_chapter``."""
-    t = "transformer."
-    out = {
-        t + "wte.weight": state["tok_emb.weight"],
-        t + "wpe.weight": state["pos_emb.weight"],
-        t + "ln_f.weight": state["final_norm.scale"],
-        t + "ln_f.bias": state["final_norm.shift"],
-        "lm_head.weight": state["out_head.weight"],
-    }
-    for i in range(n_layers):
-        h, b = f"{t}h.{i}.", f"trf_blocks.{i}."
-        qkv = [state[f"{b}att.W_{name}.weight"] for name in ("query", "key", "value")]
-        out[h + "attn.c_attn.weight"] = torch.cat(qkv).t()
-        biases = [state.get(f"{b}att.W_{name}.bias") for name in ("query", "key", "value")]
-        out[h + "attn.c_attn.bias"] = (
-            torch.cat(biases) if biases[0] is not None else qkv[0].new_zeros(3 * qkv[0].shape[0])
-        )
-        for dst, src in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
-                         ("mlp.c_proj", "ff.layers.2")):
-            out[h + dst + ".weight"] = state[b + src + ".weight"].t()
-            out[h + dst + ".bias"] = state[b + src + ".bias"]
-        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            out[h + dst + ".weight"] = state[b + src + ".scale"]
-            out[h + dst + ".bias"] = state[b + src + ".shift"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 class HFLogits(nn.Module):
     """Hugging Face ``GPT2LMHeadModel`` behind the chapter model's call: ids -> logits."""
 
@@ -180,9 +150,10 @@ def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
         pytest.skip(f"transformers cannot build GPT-2 with {attn_implementation}: "
                     f"{type(exc).__name__}: {exc}")
     hf.to(weight.dtype).train(model.training)
-    missing, unexpected = hf.load_state_dict(
-        chapter_to_hf(model.state_dict(), cfg["n_layers"]), strict=False
-    )
+    from gptfast.weights import chapter_to_hf
+
+    state = chapter_to_hf(model.state_dict(), zero_qkv_bias=True)  # GPT-2's c_attn has a bias
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     params = {name for name, _ in hf.named_parameters()}
     if set(missing) & params or unexpected:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")

@@ -37,7 +37,7 @@ from gptfast.dataset import TokenData
 from gptfast.generation import generate
 from gptfast.model import KERNEL_CHOICES, GPTModel, check_kernels
 from gptfast.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, tokenizer
-from gptfast.weights import load_weights, read_checkpoint
+from gptfast.weights import chapter_to_hf, load_weights, read_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CKPT_FORMAT = "gptfast-train-1"
@@ -278,29 +278,6 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def chapter_to_hf(state: dict) -> dict:
-    """The Hugging Face GPT-2 layout of a chapter state_dict (the inverse of ``hf_to_chapter``)."""
-    hf = {"wte.weight": state["tok_emb.weight"], "wpe.weight": state["pos_emb.weight"],
-          "ln_f.weight": state["final_norm.scale"], "ln_f.bias": state["final_norm.shift"],
-          "lm_head.weight": state["out_head.weight"]}
-    n_layers = len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")})
-    for i in range(n_layers):
-        b, h = f"trf_blocks.{i}.", f"h.{i}."
-        qkv = [state[b + f"att.W_{n}.weight"] for n in ("query", "key", "value")]
-        hf[h + "attn.c_attn.weight"] = torch.cat(qkv).t()
-        if b + "att.W_query.bias" in state:
-            hf[h + "attn.c_attn.bias"] = torch.cat([state[b + f"att.W_{n}.bias"]
-                                                    for n in ("query", "key", "value")])
-        for dst, src in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
-                         ("mlp.c_proj", "ff.layers.2")):
-            hf[h + dst + ".weight"] = state[b + src + ".weight"].t()
-            hf[h + dst + ".bias"] = state[b + src + ".bias"]
-        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            hf[h + dst + ".weight"] = state[b + src + ".scale"]
-            hf[h + dst + ".bias"] = state[b + src + ".shift"]
-    return {k: v.contiguous() for k, v in hf.items()}
 
 
 def hf_config(cfg: dict) -> dict:

@@ -2,7 +2,8 @@
 
 Hugging Face GPT-2 stores its linear layers as ``Conv1D`` (weight shape (in, out), the transpose
 of ``nn.Linear``) and fuses the query/key/value projections into one ``c_attn``; the output head
-shares the token embedding ``wte``. ``hf_to_chapter`` maps such a state_dict to this model's keys.
+shares the token embedding ``wte``. ``hf_to_chapter`` maps such a state_dict to this model's keys,
+``chapter_to_hf`` back.
 """
 
 import contextlib
@@ -99,6 +100,34 @@ def hf_to_chapter(state: dict) -> dict[str, torch.Tensor]:
     if hf:
         raise ValueError(f"unexpected key(s) in the GPT-2 checkpoint: {sorted(hf)[:5]}")
     return {k: t.contiguous() for k, t in out.items()}
+
+
+def chapter_to_hf(state: dict, zero_qkv_bias: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_to_chapter``: a chapter state_dict under ``GPT2LMHeadModel``'s keys
+    (``transformer.`` prefix, the chapter's untied ``lm_head.weight``, Conv1D weights (in, out),
+    query/key/value fused into ``c_attn``). A model without q/k/v biases gets no ``c_attn.bias``,
+    unless ``zero_qkv_bias`` (``GPT2LMHeadModel`` always has one): then zeros."""
+    t = "transformer."
+    out = {t + "wte.weight": state["tok_emb.weight"], t + "wpe.weight": state["pos_emb.weight"],
+           t + "ln_f.weight": state["final_norm.scale"], t + "ln_f.bias": state["final_norm.shift"],
+           "lm_head.weight": state["out_head.weight"]}
+    for i in range(_layer_count(state)):
+        h, b = f"{t}h.{i}.", f"trf_blocks.{i}."
+        qkv = [state[f"{b}att.W_{name}.weight"] for name in ("query", "key", "value")]
+        out[h + "attn.c_attn.weight"] = torch.cat(qkv).t()
+        if b + "att.W_query.bias" in state:
+            out[h + "attn.c_attn.bias"] = torch.cat(
+                [state[f"{b}att.W_{name}.bias"] for name in ("query", "key", "value")])
+        elif zero_qkv_bias:
+            out[h + "attn.c_attn.bias"] = qkv[0].new_zeros(3 * qkv[0].shape[0])
+        for dst, src in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                         ("mlp.c_proj", "ff.layers.2")):
+            out[h + dst + ".weight"] = state[b + src + ".weight"].t()
+            out[h + dst + ".bias"] = state[b + src + ".bias"]
+        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[h + dst + ".weight"] = state[b + src + ".scale"]
+            out[h + dst + ".bias"] = state[b + src + ".shift"]
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def load_weights(model: GPTModel, source) -> GPTModel:

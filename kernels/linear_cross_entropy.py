@@ -442,3 +442,27 @@ def aot_configs():
                                                  (True, True, True)):
             configs.append(_config(t, gpt2, write_grad, row_scale, smoothing))
     return configs
+
+
+def report_cases(cc: int = 90):
+    """GPT-2's training loss at 8 x 1024 tokens and vocabulary 50,257, for the static report
+    (kernels/report.py): one ``_ce_kernel`` launch per chunk, fp32 and bf16 logits, mean
+    reduction without label smoothing. The width (768..1600, 124M..1558M) only enters the
+    cuBLAS products, not this kernel's launch: one case per dtype. Per launch a label, its aot
+    config (specialised as the JIT specialises the call) and its grid (a full chunk's rows);
+    the same on every GPU (``cc``)."""
+    from kernels.testing import launch_config
+
+    tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
+    cases = []
+    for dtype, t in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        rows = chunk_rows(tokens, vocab, dtype.itemsize)
+        label = f"GPT-2 {tokens}x{vocab} {t} ({triton.cdiv(tokens, rows)} chunks)"
+        args = dict(LOGITS="*" + t, TARGETS="*i32", LOSS="*fp32", SCALE="*fp32", V=vocab,
+                    smoothing=0.0)
+        constexprs = dict(WRITE_GRAD=True, ROW_SCALE=False, HAS_SMOOTHING=False,
+                          BLOCK_V=launch.block_n)
+        cfg = launch_config(f"_ce_kernel {label}", _ce_kernel, args, constexprs,
+                            launch.num_warps, launch.num_stages)
+        cases.append({"label": label, "config": cfg, "grid": rows})
+    return cases

@@ -4,14 +4,14 @@
 
 Compiles every launch the heuristics pick at GPT-2 shapes (the ``report_cases()`` of each kernel
 module: 124M..1558M widths and head counts, 8 x 1024 training tokens, batch 1 and 8 decode
-steps, fp32 and bf16, with and without dropout) to cubin for sm_80 (A100) and/or sm_90
-(H100/H200), and prints per launch: warps, stages, tile, registers per thread, spill bytes
-(stores/loads), shared memory per block, resident blocks and warps per SM and the limit that
-binds them, the grid and the waves it makes on the GPU's SMs, whether the matrix products run
-on wgmma (sm_90) or mma.sync, whether loads use TMA or cp.async (and the widest plain load),
-and the SASS instructions of the main loop. The figures come from kernels/testing.py
-(``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in ``--jobs``
-subprocesses with the interpreter off, so this runs on any machine, GPU or not.
+steps, the fused loss's per-chunk launch, fp32 and bf16, with and without dropout) to cubin for
+sm_80 (A100) and/or sm_90 (H100/H200), and prints per launch: warps, stages, tile, registers
+per thread, spill bytes (stores/loads), shared memory per block, resident blocks and warps per
+SM and the limit that binds them, the grid and the waves it makes on the GPU's SMs, whether the
+matrix products run on wgmma (sm_90) or mma.sync, whether loads use TMA or cp.async (and the
+widest plain load), and the SASS instructions of the main loop. The figures come from
+kernels/testing.py (``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in
+``--jobs`` subprocesses with the interpreter off, so this runs on any machine, GPU or not.
 """
 
 import argparse
@@ -19,8 +19,9 @@ import importlib
 import json
 import sys
 
-MODULES = ("kernels.attention", "kernels.decode_attention", "kernels.layer_norm")
-_TILE_KEYS = ("ROWS", "BLOCK_G", "BLOCK_S", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+MODULES = ("kernels.attention", "kernels.decode_attention", "kernels.layer_norm",
+           "kernels.linear_cross_entropy")
+_TILE_KEYS = ("ROWS", "BLOCK_G", "BLOCK_S", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_V")
 
 
 def _tile(constexprs: dict) -> str:

@@ -155,19 +155,32 @@ def _sass_figures(sass: str) -> dict:
             "main_loop": min(lengths) if lengths else None, "sass": len(ops)}
 
 
-def kernel_stats(cubin: bytes, dynamic_shared: int) -> dict:
+def kernel_stats(cubin: bytes, dynamic_shared: int, sass: bool = True) -> dict:
     """Static figures of one compiled kernel: registers per thread, stack frame and spill bytes,
     shared memory per block (Triton's dynamic allocation plus the cubin's static one), and
-    ``_sass_figures``; from ``cuobjdump --dump-resource-usage`` and ``cuobjdump -sass``."""
+    ``_sass_figures``; from ``cuobjdump --dump-resource-usage`` and ``cuobjdump -sass``.
+
+    Disassembling takes ~0.8 s a kernel, the resource usage ~0.01 s: with ``sass=False`` the
+    SASS figures are None, and the spill bytes are 0 when the stack frame is empty (spill slots
+    live in it), read from the SASS otherwise."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        cmd = [nvidia_tool("cuobjdump"), "--dump-resource-usage", "-sass", str(path)]
-        # nvdisasm's format warnings on stderr are ignored
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return {"registers": int(found["REG"]), "stack": int(found["STACK"]),
-            "shared": dynamic_shared + int(found["SHARED"]), **_sass_figures(out)}
+
+        def cuobjdump(*args):  # nvdisasm's format warnings on stderr are ignored
+            cmd = [nvidia_tool("cuobjdump"), *args, str(path)]
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+        out = cuobjdump("--dump-resource-usage")
+        found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+        stats = {"registers": int(found["REG"]), "stack": int(found["STACK"]),
+                 "shared": dynamic_shared + int(found["SHARED"])}
+        if sass:
+            return {**stats, **_sass_figures(cuobjdump("-sass"))}
+        spills = _sass_figures(cuobjdump("-sass")) if stats["stack"] else {}
+        return {**stats, **dict.fromkeys(("mma", "loads", "loops", "main_loop", "sass")),
+                "spill_stores": spills.get("spill_stores", 0),
+                "spill_loads": spills.get("spill_loads", 0)}
 
 
 def occupancy(cc: int, num_warps: int, registers: int, shared: int) -> dict:
@@ -242,9 +255,9 @@ def config_key(cfg: dict) -> str:
                        cfg.get("num_stages", 3)], default=str)
 
 
-def config_record(cfg: dict, cc: int) -> dict:
+def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
     """Compile one aot config for ``cc``: its name, kernel, cc, triton version, ok/error, the
-    per-block shared-memory limit and ``kernel_stats``' figures."""
+    per-block shared-memory limit and ``kernel_stats``' figures (``sass``: see there)."""
     import triton
 
     record = {"name": cfg["name"], "kernel": cfg["fn"].__name__, "cc": cc,
@@ -253,7 +266,7 @@ def config_record(cfg: dict, cc: int) -> dict:
     try:
         kernel = _compiled(cfg["fn"], cfg["signature"], cfg["constexprs"], cc,
                            record["num_warps"], record["num_stages"], cfg.get("attrs"))
-        record.update(ok=True, error=None, **kernel_stats(kernel.asm["cubin"], kernel.metadata.shared))
+        record.update(ok=True, error=None, **kernel_stats(kernel.asm["cubin"], kernel.metadata.shared, sass))
     except Exception as exc:  # reported to the caller, which fails with the message
         record.update(ok=False, shared=None, error=f"{type(exc).__name__}: {exc}"[:2000])
     return record
@@ -304,33 +317,36 @@ def compile_cost(cfg: dict) -> float:
     return 4.0 if cfg["constexprs"].get("DROPOUT") else 1.0
 
 
-def compile_module(module: str, ccs=(80, 90), timeout=900, shards=1, pythonpath=None) -> list[dict]:
+def compile_module(module: str, ccs=(80, 90), timeout=900, shards=1, pythonpath=None,
+                   sass=True) -> list[dict]:
     """Compile every config of ``module.aot_configs()`` for each cc, in compiler subprocesses
     (``shards`` of them in parallel; ``pythonpath`` first on their path, e.g. another triton).
     A config with a ``ccs`` entry (the compute capabilities whose launch plans pick it) is
     compiled for those only.
 
-    Returns one ``config_record`` per (config, cc).
+    Returns one ``config_record`` per (config, cc); ``sass=False``: without the SASS figures
+    but the spills (``kernel_stats``), several times faster.
     """
-    args = ["kernels.testing", module, *map(str, ccs)]
+    args = ["kernels.testing", module, *map(str, ccs), *([] if sass else ["--no-sass"])]
     return run_shards(args, shards, pythonpath, timeout)
 
 
-def _main(module: str, ccs: list[int], part: str) -> None:
+def _main(module: str, ccs: list[int], part: str, sass: bool) -> None:
     import importlib
 
     configs = importlib.import_module(module).aot_configs()
     for cfg in shard(configs, compile_cost, part):
         for cc in ccs:
             if cc in cfg.get("ccs", ccs):  # a config the plans pick on some GPUs only
-                print(json.dumps(config_record(cfg, cc)), flush=True)
+                print(json.dumps(config_record(cfg, cc, sass)), flush=True)
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    part = "0/1"
+    part, sass = "0/1", "--no-sass" not in argv
+    argv = [a for a in argv if a != "--no-sass"]
     if "--shard" in argv:
         at = argv.index("--shard")
         part = argv[at + 1]
         del argv[at:at + 2]
-    _main(argv[0], [int(c) for c in argv[1:]] or [80, 90], part)
+    _main(argv[0], [int(c) for c in argv[1:]] or [80, 90], part, sass)

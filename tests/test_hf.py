@@ -26,7 +26,7 @@ ATOL = 1e-5
 
 
 def gpt2_config(**kw):
-    base = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, attn_pdrop=0.0,
+    base = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32, attn_pdrop=0.0,
                 resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return GPT2Config(**{**base, **kw})
 
@@ -48,20 +48,22 @@ def perturbed(model):
     return model
 
 
+def saved(tmp_path_factory, name, cls, config):
+    """A directory holding ``cls(config)``, seeded and ``perturbed``, as save_pretrained writes it."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name)
+    perturbed(cls(config)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gpt2")
-    perturbed(GPT2LMHeadModel(gpt2_config())).save_pretrained(path)
-    return path
+    return saved(tmp_path_factory, "gpt2", GPT2LMHeadModel, gpt2_config())
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bert")
-    perturbed(BertModel(bert_config())).save_pretrained(path)
-    return path
+    return saved(tmp_path_factory, "bert", BertModel, bert_config())
 
 
 def load(cls, path, attn, dtype=torch.float32):

@@ -342,17 +342,6 @@ def test_aot_configs_cover_every_plan():
             assert _key(ln._sum_partials_kernel, tile, 8) in listed, f"reduction for N={n} not compiled"
 
 
-def test_aot_compile_every_config():
-    from kernels.testing import compile_module
-
-    records = compile_module("kernels.layer_norm")
-    assert len(records) == 2 * len(ln.aot_configs())
-    failed = [(r["name"], r["cc"], r["error"]) for r in records if not r["ok"]]
-    assert not failed, failed
-    over = [(r["name"], r["cc"], r["shared"]) for r in records if r["shared"] > r["limit"]]
-    assert not over, f"shared memory over the limit: {over}"
-
-
 # ---- launch plans: latency cover and tuning ----------------------------------------------------
 
 

@@ -9,10 +9,6 @@ so that several chunks (and a short last one) run.
 """
 
 import importlib
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptfast import GPTModel
 from kernels import LinearCrossEntropyLoss, linear_cross_entropy
-from kernels.testing import ROOT, assert_agrees
+from kernels.testing import assert_agrees
 
 lce = importlib.import_module("kernels.linear_cross_entropy")  # the module, not the function
 
@@ -449,57 +445,7 @@ def test_opcheck():
                           (torch.rand(5), h, w, t, b, -100, 0.1, True, True, True))
 
 
-# ---- compiles for real GPUs ---------------------------------------------------------------------
-
-# Compiles every config to cubin (as kernels.testing.compile_kernel does, in a process without
-# the interpreter) and reads registers, stack and local memory with cuobjdump; prints one JSON
-# line per (config, cc), then the number of configs.
-_AOT_SCRIPT = r"""
-import json, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.linear_cross_entropy import aot_configs
-cuobjdump = sys.argv[1]
-configs = aot_configs()
-for cfg in configs:
-    for cc in (80, 90):
-        src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
-                        attrs=cfg["attrs"])
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True, check=True).stdout
-        print(json.dumps({"name": cfg["name"], "cc": cc,
-                          "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
-                          "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-                          "local": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
-                          "shared": k.metadata.shared}), flush=True)
-print(json.dumps({"count": len(configs), "triton": triton.__version__}))
-"""
-
-
-def cuobjdump() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-
-
-def aot_records(pythonpath: str = "") -> tuple[list[dict], int]:
-    """(one record per config and cc, the number of configs); ``pythonpath`` first on the path
-    (e.g. another triton's install)."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(cuobjdump())], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return lines[:-1], lines[-1]["count"]
+# ---- ahead-of-time configs (the static gate, tests/test_static.py, compiles them) -------------
 
 
 def test_aot_configs_cover_every_launch():
@@ -509,15 +455,3 @@ def test_aot_configs_cover_every_launch():
         launch = lce._launch(vocab)
         assert (launch.block_n, launch.num_warps) in listed, vocab
 
-
-def test_aot_compile_every_config_without_spills():
-    """Every config compiles for sm_80 and sm_90, fits shared memory, and spills nothing
-    (no stack or local memory per cuobjdump --dump-resource-usage)."""
-    from kernels.testing import SHARED_LIMIT
-
-    records, count = aot_records()
-    assert count == len(lce.aot_configs()) and len(records) == 2 * count
-    spilled = [r for r in records if r["stack"] or r["local"]]
-    assert not spilled, spilled
-    over = [r for r in records if r["shared"] > SHARED_LIMIT[r["cc"]]]
-    assert not over, over

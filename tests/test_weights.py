@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gptfast import GPTModel, load_gpt2, load_weights
+from gptfast.weights import chapter_to_hf, hf_to_chapter
 from tests.chapter_model import ChapterGPTModel
 
 transformers = pytest.importorskip("transformers")
@@ -70,6 +71,27 @@ def test_chapter_pth_checkpoint_round_trip(tmp_path):
     ours = load_weights(GPTModel(cfg, kernels="torch"), path).eval()
     idx = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(ours(idx), chapter(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_chapter_to_hf_is_the_exact_inverse_in_gpt2lmheadmodel_keys(qkv_bias):
+    cfg = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+           "drop_rate": 0.0, "qkv_bias": qkv_bias}
+    torch.manual_seed(5)
+    state = {k: v for k, v in GPTModel(cfg, kernels="torch").state_dict().items()
+             if not k.endswith(".att.mask")}
+    exported = chapter_to_hf(state)
+    back = hf_to_chapter(exported)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     tie_word_embeddings=False)
+    expected = {k: v.shape for k, v in transformers.GPT2LMHeadModel(config).state_dict().items()
+                if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    with_bias = chapter_to_hf(state, zero_qkv_bias=True)  # GPT2LMHeadModel's c_attn has a bias
+    assert {k: v.shape for k, v in with_bias.items()} == expected
+    biases = [k for k in expected if k.endswith("c_attn.bias")]
+    assert len(biases) == 2 and all(k in exported for k in biases) == qkv_bias
+    assert qkv_bias or not any(with_bias[k].any() for k in biases)
 
 
 def test_missing_key_is_named(tmp_path):
