@@ -25,8 +25,9 @@ of each row depends on its own grad_output, unknown in the forward: the forward 
 losses only, and the backward reruns the chunk loop (one more logits matmul) with per-row scales.
 Without gradients (no_grad, or no input requiring grad) only steps 1-2 run, loss only.
 
-Memory: peak extra memory is the chunk buffer, C x V elements of the input dtype with C chosen
-so that it holds at most CHUNK_BYTES = 128 MiB (1335 rows at V = 50,257 in bf16, 667 in fp32),
+Memory: peak extra memory is the chunk buffer, C x V elements of the input dtype (rows V rounded
+up to 16 elements apart: aligned, vectorised rows) with C chosen so that it holds at most
+CHUNK_BYTES = 128 MiB (at most 1334 rows at V = 50,257 in bf16, 667 in fp32),
 plus the fp32 dweight accumulator (V x d) and the gradients themselves (hidden's and weight's
 sizes): O(C x V + V x d), never a (tokens x vocab) tensor. (With fp16/bf16 on a torch whose
 addmm cannot accumulate into an fp32 tensor, each chunk's fp32 product is one more V x d.) Eager linear + cross-entropy holds
@@ -58,44 +59,83 @@ _BLOCK_V = (128, 4096)  # narrowest and widest column block of the row loop
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+@triton.jit
+def _load_block(z_row, start, cols, V, other, MASKED: tl.constexpr):
+    """Columns start + cols of a row as fp32; only the row's last, partial block is masked, so
+    that the others load 16 bytes per thread and instruction (the rows are 16-element aligned)."""
+    if MASKED:
+        return tl.load(z_row + start + cols, mask=start + cols < V, other=other).to(tl.float32)
+    return tl.load(z_row + start + cols).to(tl.float32)
+
+
+@triton.jit
+def _lse_step(m, s, z_sum, z, ok, HAS_SMOOTHING: tl.constexpr):
+    """Online max and sum of exp(z - max) over one more block (and the row sum for smoothing)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+    if HAS_SMOOTHING:
+        z_sum += tl.sum(tl.where(ok, z, 0.0), axis=0)
+    return m_new, s, z_sum
+
+
+@triton.jit
+def _grad_step(z_row, start, cols, V, m, inv_s, scale, target, valid, smoothing,
+               HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr):
+    """Overwrite one block of logits with their gradient (softmax - one-hot, smoothed) x scale."""
+    z = _load_block(z_row, start, cols, V, 0.0, MASKED)
+    grad = tl.exp(z - m) * inv_s
+    if HAS_SMOOTHING:
+        grad -= smoothing / V
+        grad = tl.where(start + cols == target, grad - (1.0 - smoothing), grad)
+    else:
+        grad = tl.where(start + cols == target, grad - 1.0, grad)
+    grad = tl.where(valid, grad * scale, 0.0).to(z_row.dtype.element_ty)
+    if MASKED:
+        tl.store(z_row + start + cols, grad, mask=start + cols < V)
+    else:
+        tl.store(z_row + start + cols, grad)
+
+
 # One program per logits row of a chunk, looping over BLOCK_V-column blocks of the row.
 # Pass 1 reads the row once (V elements of the input dtype) and keeps a running max and the sum
 # of exp(z - max) (one exp per element; each block's max rescales the sum), plus the row sum of
 # z for label smoothing, and reads the target's logit (one element). Pass 2, only when gradients
 # are wanted, re-reads the row and writes the gradient over it in place: a program's row (100 KB
-# at V = 50,257 in bf16) was read just before, and the rows in flight (2 programs of 8 warps per
-# SM at <= 99 registers: ~26 MB on an H100) fit in L2, so the second read comes from L2 and HBM
-# traffic is one read and one write of the logits; 8 bytes (target, loss) per row besides.
-# No atomics: each row's results belong to one program.
+# at V = 50,257 in bf16) was read just before, and the rows in flight (bf16: 3 programs of 8
+# warps per SM at 80 registers, ~40 MB on an H100) fit in its 50 MB L2, so the second read comes
+# from L2 and HBM traffic is one read and one write of the logits; 8 bytes (target, loss) per row
+# besides. (fp32 rows, 4 programs per SM at 56 registers: ~106 MB in flight, more than L2 holds:
+# part of the second read may come from HBM.)
+# Rows are stride_row apart (V rounded up to 16 elements by the host), so whole blocks load
+# and store 128 bits at a time. No atomics: each row's results belong to one program.
 @triton.jit
 def _ce_kernel(
-    LOGITS, TARGETS, LOSS, SCALE, V, smoothing,
+    LOGITS, TARGETS, LOSS, SCALE, V, stride_row, smoothing,
     WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    z_row = LOGITS + row.to(tl.int64) * V
+    z_row = LOGITS + row.to(tl.int64) * stride_row
     target = tl.load(TARGETS + row)  # -1: ignored (the host maps ignore_index to -1)
     valid = target >= 0
     cols = tl.arange(0, BLOCK_V)
+    full = V // BLOCK_V * BLOCK_V  # the columns of whole blocks
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
-    z_sum = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        ok = start + cols < V
-        z = tl.load(z_row + start + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        if HAS_SMOOTHING:
-            z_sum += tl.where(ok, z, 0.0)
+    z_sum = tl.zeros([], tl.float32)
+    for start in range(0, full, BLOCK_V):
+        z = _load_block(z_row, start, cols, V, float("-inf"), False)
+        m, s, z_sum = _lse_step(m, s, z_sum, z, True, HAS_SMOOTHING)
+    if full < V:
+        z = _load_block(z_row, full, cols, V, float("-inf"), True)
+        m, s, z_sum = _lse_step(m, s, z_sum, z, full + cols < V, HAS_SMOOTHING)
     # Relative to the max, as log_softmax does: loss = (m - z_t) + log(s), p = exp(z - m) / s
     # (exp(z - lse) would carry the rounding of lse at its magnitude into every probability).
     log_s = tl.log(s)
     safe_target = tl.where(valid & (target < V), target, 0)  # never read outside the row
     z_target = tl.load(z_row + safe_target).to(tl.float32)
     if HAS_SMOOTHING:
-        z_mean = tl.sum(z_sum, axis=0) / V
+        z_mean = z_sum / V
         loss = (1.0 - smoothing) * (m - z_target) + smoothing * (m - z_mean) + log_s
     else:
         loss = (m - z_target) + log_s
@@ -106,17 +146,12 @@ def _ce_kernel(
         else:
             scale = tl.load(SCALE)
         inv_s = 1.0 / s
-        for start in range(0, V, BLOCK_V):
-            ok = start + cols < V
-            z = tl.load(z_row + start + cols, mask=ok, other=0.0).to(tl.float32)
-            grad = tl.exp(z - m) * inv_s
-            if HAS_SMOOTHING:
-                grad -= smoothing / V
-                grad = tl.where(start + cols == target, grad - (1.0 - smoothing), grad)
-            else:
-                grad = tl.where(start + cols == target, grad - 1.0, grad)
-            grad = tl.where(valid, grad * scale, 0.0)
-            tl.store(z_row + start + cols, grad.to(LOGITS.dtype.element_ty), mask=ok)
+        for start in range(0, full, BLOCK_V):
+            _grad_step(z_row, start, cols, V, m, inv_s, scale, target, valid, smoothing,
+                       HAS_SMOOTHING, False)
+        if full < V:
+            _grad_step(z_row, full, cols, V, m, inv_s, scale, target, valid, smoothing,
+                       HAS_SMOOTHING, True)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------
@@ -127,6 +162,12 @@ def _launch(vocab: int) -> Launch:
     most) and warps for a vocabulary of ``vocab``."""
     block = min(_BLOCK_V[1], max(_BLOCK_V[0], triton.next_power_of_2(vocab)))
     return Launch(block_m=1, block_n=block, num_warps=max(1, block // 512), num_stages=1)
+
+
+def row_stride(vocab: int) -> int:
+    """Elements between logits rows in the chunk buffer: vocab rounded up to 16, so that every
+    row starts 16-byte aligned (and Triton, seeing a stride divisible by 16, vectorises)."""
+    return triton.cdiv(vocab, 16) * 16
 
 
 def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
@@ -183,8 +224,10 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
     acc_w = torch.zeros((vocab, d), dtype=torch.float32, device=hidden.device) if need_w else None
     acc_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
     launch = _launch(vocab)
-    rows = chunk_rows(n, vocab, hidden.element_size())
-    buffer = torch.empty((min(rows, n), vocab), dtype=hidden.dtype, device=hidden.device)
+    stride = row_stride(vocab)
+    rows = chunk_rows(n, stride, hidden.element_size())
+    buffer = torch.empty((min(rows, n), stride), dtype=hidden.dtype, device=hidden.device)
+    buffer = buffer[:, :vocab]  # 16-element aligned rows: cuBLAS writes them at that stride
     row_scale = scale.numel() > 1
     weight_t = weight.t()
     with on_device(hidden.device):
@@ -197,7 +240,7 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
                 torch.addmm(bias, h, weight_t, out=logits)
             _ce_kernel[(end - start,)](
                 logits, targets[start:end], loss[start:end], scale[start:end] if row_scale else scale,
-                vocab, smoothing, WRITE_GRAD=write_grad, ROW_SCALE=row_scale,
+                vocab, stride, smoothing, WRITE_GRAD=write_grad, ROW_SCALE=row_scale,
                 HAS_SMOOTHING=smoothing > 0, BLOCK_V=launch.block_n, num_warps=launch.num_warps,
             )
             if need_h:
@@ -414,11 +457,13 @@ def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=
     constexprs = dict(WRITE_GRAD=write_grad, ROW_SCALE=row_scale, HAS_SMOOTHING=smoothing,
                       BLOCK_V=launch.block_n)
     types = {"LOGITS": "*" + t, "TARGETS": "*i32", "LOSS": "*fp32", "SCALE": "*fp32",
-             "V": "i32", "smoothing": "fp32"}
+             "V": "i32", "stride_row": "i32", "smoothing": "fp32"}
     signature = {a: "constexpr" if a in constexprs else types[a] for a in _ce_kernel.arg_names}
-    pointers = [i for i, a in enumerate(_ce_kernel.arg_names) if signature[a].startswith("*")]
+    aligned_args = [i for i, a in enumerate(_ce_kernel.arg_names)
+                    if signature[a].startswith("*") or a == "stride_row"]
     flags = f"g{write_grad:d}r{row_scale:d}s{smoothing:d}"
-    aligned = {(i,): [["tt.divisibility", 16]] for i in pointers}  # what a launch's tensors get
+    # what a launch's tensors and row stride (a multiple of 16, see row_stride) get
+    aligned = {(i,): [["tt.divisibility", 16]] for i in aligned_args}
     return {"name": f"_ce_kernel/{t}/{flags}/{launch.block_n}w{launch.num_warps}", "fn": _ce_kernel,
             "signature": signature, "constexprs": constexprs, "num_warps": launch.num_warps,
             "num_stages": launch.num_stages, "attrs": aligned}
@@ -456,10 +501,10 @@ def report_cases(cc: int = 90):
     tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
     cases = []
     for dtype, t in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        rows = chunk_rows(tokens, vocab, dtype.itemsize)
+        rows = chunk_rows(tokens, row_stride(vocab), dtype.itemsize)
         label = f"GPT-2 {tokens}x{vocab} {t} ({triton.cdiv(tokens, rows)} chunks)"
         args = dict(LOGITS="*" + t, TARGETS="*i32", LOSS="*fp32", SCALE="*fp32", V=vocab,
-                    smoothing=0.0)
+                    stride_row=row_stride(vocab), smoothing=0.0)
         constexprs = dict(WRITE_GRAD=True, ROW_SCALE=False, HAS_SMOOTHING=False,
                           BLOCK_V=launch.block_n)
         cfg = launch_config(f"_ce_kernel {label}", _ce_kernel, args, constexprs,

@@ -99,9 +99,10 @@ def test_every_dtype_and_reduction(dtype, reduction, small_chunks):
     check(h, w, t, b, upstream, reduction=reduction)
 
 
-@pytest.mark.parametrize("vocab", [1, 7, 1000, 50257])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 8192, 50257])
 def test_vocab_sizes(vocab, monkeypatch):
-    """A single class, tiny and odd vocabularies, and GPT-2's 50,257 (no multiple of any tile).
+    """A single class, tiny and odd vocabularies, whole 4096-column blocks only (8192), and
+    GPT-2's 50,257 (12 whole blocks and a partial one: no multiple of any tile).
     Chunks of 4 rows at most (at 50,257 one chunk: CPU BLAS sums a one-row product over 50,257
     terms sequentially, which is not what this tests)."""
     monkeypatch.setattr(lce, "CHUNK_BYTES", max(16 * 1024, 5 * vocab * 4))
@@ -274,18 +275,21 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_no_tokens_by_vocab_allocation(monkeypatch):
-    """Every tensor the op and its backward create is at most the chunk buffer (32 rows here)
-    or the weight's size; eager's (tokens x vocab) logits show up in the same probe."""
+    """Every tensor the op and its backward create is at most the chunk buffer (31 rows of 1008
+    here) or the weight's size; eager's (tokens x vocab) logits show up in the same probe."""
     tokens, d, vocab = 256, 16, 1000
     monkeypatch.setattr(lce, "CHUNK_BYTES", 32 * vocab * 4)
     h, w, t, b = make(tokens, d, vocab, torch.float32)
     logits_bytes = tokens * vocab * 4
+    stride = lce.row_stride(vocab)  # 1008: rows 16-element aligned
+    buffer = lce.chunk_rows(tokens, stride, 4) * stride * 4
+    assert stride == 1008 and buffer <= lce.CHUNK_BYTES
     for reduction in ("mean", "none"):
         leaves = [x.clone().requires_grad_() for x in (h, w, b)]
         with LargestTensor() as probe:
             loss = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
             loss.sum().backward()
-        assert 32 * vocab * 4 <= probe.largest <= max(32 * vocab * 4, vocab * d * 4), probe.largest
+        assert buffer <= probe.largest <= max(buffer, vocab * d * 4), probe.largest
         assert probe.largest <= logits_bytes / 8
     with LargestTensor() as probe:
         reference(*leaves[:2], t, leaves[2]).backward()
