@@ -107,8 +107,8 @@ def _attention_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shape
     q, k, v, do = (torch.randn(B, T, H, head_dim, generator=g).to(device, dtype).transpose(1, 2)
                    for _ in range(4))
     seed = 1234
-    keep = attn.attention_dropout_mask(attn.dropout_seed(torch.Generator().manual_seed(seed)), B, H, T,
-                                  T, p, device) if p else None
+    kernel_seed = attn.dropout_seed(torch.Generator().manual_seed(seed))
+    keep = attn.attention_dropout_mask(kernel_seed, B, H, T, T, p, device) if p else None
     p = attn.effective_dropout_p(p)
 
     def run():

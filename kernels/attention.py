@@ -234,7 +234,7 @@ def _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL: tl.constexpr, LOWER: tl.
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, lo, hi,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, lo, hi,
     k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -244,6 +244,7 @@ def _fwd_tiles(
     In MASKED tiles a row may have seen no key yet (padding, or a query before every valid
     key): its running max stays -inf and its exponentials are taken against 0 instead.
     """
+    offs_m = start_m + tl.arange(0, q.shape[0])
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
     v_ptrs += _wide(lo) * stride_vn
@@ -309,11 +310,11 @@ def _fwd_kernel(
     k_lo, k_hi = _window(KL, off_b, Tk, HAS_KL, LEFT)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += _wide(offs_m)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += _wide(offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += _wide(offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     row_ok = (offs_m >= q_lo) & (offs_m < q_hi)
     d_ok = offs_d[None, :] < D
@@ -330,12 +331,12 @@ def _fwd_kernel(
     LOWER: tl.constexpr = HAS_KL and LEFT
     n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_lo,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, n_lo,
         n_full, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_full,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, n_full,
         n_end, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
@@ -348,7 +349,7 @@ def _fwd_kernel(
     # log-sum-exp of the scaled scores in base 2, as exp2 uses it; +inf gives weights 0.
     lse2 = tl.where(live, m_i + tl.log2(l_safe), float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o_ptrs += offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs += _wide(offs_m)[:, None] * stride_om + offs_d[None, :] * stride_od
     in_t = offs_m < Tq
     o_mask = in_t[:, None]
     if not EVEN_D:
@@ -369,7 +370,7 @@ def _bwd_preprocess_kernel(
     O, DO, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Tq, D,
+    H, Tq, D, delta_scale,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     off_bh = tl.program_id(1)
@@ -381,10 +382,10 @@ def _bwd_preprocess_kernel(
     if not EVEN_D:
         mask = mask & (offs_d[None, :] < D)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o = tl.load(o_ptrs + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    o = tl.load(o_ptrs + _wide(offs_m)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    do = tl.load(do_ptrs + _wide(offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
     tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
@@ -398,8 +399,8 @@ def _dkdv_tiles(
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi).
 
     With P the weights and Z the keep mask: dV += (P * Z)^T dO, dS = P * (Z * (dO V^T) - delta
-    (1 - p)), dK += dS^T Q; the kernel multiplies dK by scale / (1 - p) and dV by 1 / (1 - p)
-    once at the end. The scores are computed transposed (keys x queries: S^T = K Q^T, whose
+    (1 - p)), dK += dS^T Q (delta = rowsum(dO * O) comes times 1 - p from the preprocess
+    kernel); the kernel multiplies dK by scale / (1 - p) and dV by 1 / (1 - p) once at the end. The scores are computed transposed (keys x queries: S^T = K Q^T, whose
     tiles feed the dV and dK products from registers) or, if QUERY_MAJOR, as in the forward
     (S = Q K^T: the dropout RNG lands on its tiles without moving, see _dropout_keep; P and dS
     then reach the products transposed through shared memory).
@@ -421,8 +422,6 @@ def _dkdv_tiles(
         do = tl.load(do_ptrs, mask=qo_mask, other=0.0)
         lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
-        if DROPOUT:
-            delta = delta * (1.0 - dropout_p)
         if QUERY_MAJOR:
             s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, k.shape[0]], dtype=tl.float32)) * qk_scale
             p = tl.exp2(s - lse2[:, None])
@@ -497,14 +496,14 @@ def _bwd_dkdv_kernel(
     if not EVEN_D:
         kv_mask = kv_mask & (offs_d[None, :] < D)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k = tl.load(k_ptrs + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + _wide(offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v = tl.load(v_ptrs + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + _wide(offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q_ptrs += offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs += _wide(offs_m)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do_ptrs += offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do_ptrs += _wide(offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod
     lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq + offs_m
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
 
@@ -540,8 +539,8 @@ def _bwd_dkdv_kernel(
     # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
     dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
-    dk_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_offs = off_b * stride_dvb + off_h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_offs = off_b * stride_dkb + off_h * stride_dkh + _wide(offs_n)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_offs = off_b * stride_dvb + off_h * stride_dvh + _wide(offs_n)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     out_mask = offs_n[:, None] < Tk
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
@@ -551,13 +550,14 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, lo, hi,
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, lo, hi,
     k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
     MASKED: tl.constexpr, LOWER: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi): dQ += dS K, with dS as in
     _dkdv_tiles (delta comes in times 1 - p; the kernel applies scale / (1 - p) at the end)."""
+    offs_m = start_m + tl.arange(0, q.shape[0])
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += _wide(lo) * stride_kn  # 64-bit: lo * row stride may pass 2^31
     v_ptrs += _wide(lo) * stride_vn
@@ -627,18 +627,16 @@ def _bwd_dq_kernel(
     if not EVEN_D:
         qo_mask = qo_mask & (offs_d[None, :] < D)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
-    q = tl.load(q_ptrs + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+    q = tl.load(q_ptrs + _wide(offs_m)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
-    do = tl.load(do_ptrs + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
+    do = tl.load(do_ptrs + _wide(offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    if DROPOUT:
-        delta = delta * (1.0 - dropout_p)  # see _dq_tiles
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
-    k_ptrs += offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs += _wide(offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
-    v_ptrs += offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs += _wide(offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     key = _philox_key(seed, off_bh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -646,12 +644,12 @@ def _bwd_dq_kernel(
     LOWER: tl.constexpr = HAS_KL and LEFT
     n_lo, n_full, n_end = _key_range(start_m, q_lo, q_hi, k_lo, k_hi, CAUSAL, LOWER, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_lo,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, n_lo,
         n_full, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         False, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_m, offs_d, n_full,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start_m, offs_d, n_full,
         n_end, k_lo, k_hi, shift, Tk, D, qk_scale, key, dropout_p,
         True, LOWER, CAUSAL, DROPOUT, EVEN_D, BLOCK_N,
     )
@@ -662,7 +660,7 @@ def _bwd_dq_kernel(
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh
-    tl.store(dq_ptrs + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(dq_ptrs + _wide(offs_m)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=out_mask)
 
 
@@ -844,7 +842,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     pre = _preprocess_launch()
     delta = torch.empty_like(lse2)
     _bwd_preprocess_kernel[(triton.cdiv(Tq, pre.block_m), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p,
         EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
     )
     if need_dkdv:
@@ -1113,7 +1111,7 @@ def attention_dropout_mask(
 # --------------------------------------------------------------------------------------------
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "delta_scale"}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -1293,7 +1291,7 @@ def report_cases(cc: int = 90):
                     cases.append({"label": label, "config": cfg,
                                   "grid": triton.cdiv(T, getattr(launch, rows)) * B * H})
             pre = _preprocess_launch()
-            values = (t, t, "*fp32", *qkv * 2, H, T, D)
+            values = (t, t, "*fp32", *qkv * 2, H, T, D, 1.0)
             fn = _bwd_preprocess_kernel
             cfg = launch_config(f"{fn.__name__} {model} {_TRITON_DTYPE[dtype]}", fn,
                                 dict(zip(fn.arg_names, values)),
