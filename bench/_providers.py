@@ -67,7 +67,7 @@ def randn(shape, dtype, gen, scale=1.0, shift=0.0) -> torch.Tensor:
 
 def require_model_kernels() -> None:
     """Skip unless the kernels package exports what GPTModel(kernels="triton") calls."""
-    import kernels
+    from gptfast import kernels
 
     names = ("layer_norm", "add_layer_norm", "attention")
     missing = [n for n in names if not callable(getattr(kernels, n, None))]
@@ -126,7 +126,7 @@ def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
     """Hugging Face GPT-2 of the chapter model's size, built offline from a ``GPT2Config``,
     holding the chapter model's weights: untied output head (as the chapter's), tanh GELU, eps
     1e-5, its dropout rates. ``attn_implementation``: "sdpa", "eager", or "gptfast" (our
-    attention through ``gptfast.hf``, and every LayerNorm swapped for ``kernels.LayerNorm``).
+    attention through ``gptfast.hf``, and every LayerNorm swapped for ``gptfast.kernels.LayerNorm``).
     Skips if transformers is missing or cannot build it."""
     try:
         from transformers import AutoModelForCausalLM, GPT2Config
@@ -158,7 +158,7 @@ def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
     if set(missing) & params or unexpected:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")
     if attn_implementation == "gptfast":
-        from kernels import swap_layer_norms
+        from gptfast.kernels import swap_layer_norms
 
         swap_layer_norms(hf)
     return HFLogits(hf, (name for name, _ in model.named_parameters()))

@@ -4,7 +4,7 @@ A record is a dict written by bench/_runner.py (or bench/test_generation.py) for
 ``columns`` lists the fields each op's table shows (the model's records add ``tokens_per_s``,
 ``mfu`` and ``peak_gib``; generation's ``tokens_per_s`` and ``same_tokens``). Times are
 milliseconds; ``value`` is GB/s or TFLOP/s per ``metric``. ``meta["static_report"]``, when
-present (runs without CUDA), is the sm_90 table of ``python -m kernels.report``.
+present (runs without CUDA), is the sm_90 table of ``python -m gptfast.kernels.report``.
 """
 
 import json

@@ -2,7 +2,7 @@
 
 GPU case (``run_gpu_case``):
   1. agreement: the provider's outputs (and gradients, for modes with a backward) against a
-     float64 reference, next to eager PyTorch's in the same dtype (kernels.testing, 2x rule);
+     float64 reference, next to eager PyTorch's in the same dtype (gptfast.kernels.testing, 2x rule);
   2. warm-up call outside any timed region (Triton autotuning, torch.compile);
   3. CUDA-event timing with ``triton.testing.do_bench`` (median, L2 flushed between calls);
   4. pytest-benchmark's ``pedantic`` loop timed with ``sync_timer`` (synchronise + perf_counter
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench._metrics import sync_timer
-from kernels.testing import agreement, max_err
+from gptfast.kernels.testing import agreement, max_err
 
 RECORDS: list[dict] = []  # every case of this session, for the summary
 LIMITS: dict = {}  # device limits measured this session (empty without CUDA)

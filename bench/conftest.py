@@ -7,7 +7,7 @@
 The cases of a module come from its ``gpu_cases(quick)`` (parametrised as ``case``). The summary
 (Markdown + JSON + PNG plots) goes to ``bench/results/<device-slug>/`` by default; without CUDA,
 to ``bench/results/cpu/`` (git-ignored), so that a CPU run never overwrites GPU results; such a
-run's summary ends with the static kernel report for sm_90 (``python -m kernels.report``).
+run's summary ends with the static kernel report for sm_90 (``python -m gptfast.kernels.report``).
 """
 
 import datetime
@@ -22,7 +22,7 @@ import torch
 from bench import _runner
 from bench._metrics import device_name, device_slug
 from bench._report import markdown, write_summary
-from kernels._common import INTERPRETING
+from gptfast.kernels._common import INTERPRETING
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -94,8 +94,8 @@ def _meta(config) -> dict:
 
 def _static_report() -> str:
     """What can be said about speed without a GPU: the static kernel report's sm_90 table
-    (``python -m kernels.report``: registers, spills, occupancy, waves, main-loop SASS)."""
-    from kernels import report
+    (``python -m gptfast.kernels.report``: registers, spills, occupancy, waves, main-loop SASS)."""
+    from gptfast.kernels import report
 
     try:
         return report.markdown(report.collect((90,)), 90)

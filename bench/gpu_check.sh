@@ -16,7 +16,7 @@
 #            bench/test_model.py): OUTDIR/bench_model.log, OUTDIR/bench_model.json,
 #            OUTDIR/results-model/ (summary)
 #   tune     OUTDIR/tune.log, OUTDIR/configs/<device>.json: bench/tune.py's tuning table, to commit
-#            as kernels/configs/<device>.json (GPU_CHECK_TUNE=0 skips it; on CPU a dry run)
+#            as gptfast/kernels/configs/<device>.json (GPU_CHECK_TUNE=0 skips it; on CPU a dry run)
 #   profile  OUTDIR/profile.log, OUTDIR/profile/ (only if `python -m gptfast profile` exists)
 #   sanitizer_memcheck, sanitizer_racecheck  OUTDIR/sanitizer_*.log: a few small kernel tests
 #            (SANITIZER_TESTS below) under `compute-sanitizer --tool memcheck` and `--tool
@@ -129,7 +129,7 @@ step bench_model "${GPU_CHECK_TIMEOUT_BENCH_MODEL:-80}" "$PY" -m pytest "${MODEL
 
 # --- (b2) the per-device tuning table (bench/tune.py) ------------------------------------------
 # Sweeps the tunable launch configs at GPT-2 shapes (agreement-checked) and writes
-# OUTDIR/configs/<device name>.json, to commit as kernels/configs/<device name>.json.
+# OUTDIR/configs/<device name>.json, to commit as gptfast/kernels/configs/<device name>.json.
 # GPU_CHECK_TUNE=0 skips it; on CPU it is a dry run in the interpreter (plumbing only).
 if [ "${GPU_CHECK_TUNE:-1}" != 0 ]; then
     TUNE_TIMEOUT=${GPU_CHECK_TIMEOUT_TUNE:-120}

@@ -54,7 +54,7 @@ def provider(name: str):
     if name == "compile":
         return compiled(eager)
     if name == "triton":
-        add_layer_norm = optional("kernels.layer_norm", "add_layer_norm")
+        add_layer_norm = optional("gptfast.kernels.layer_norm", "add_layer_norm")
         return lambda x, residual, weight, bias: add_layer_norm(x, residual, weight, bias, EPS)
     raise ValueError(f"unknown provider {name!r}")
 

@@ -82,7 +82,7 @@ def provider(name: str, causal: bool, Tq: int, Tk: int, device):
         fn = chapter_attention if name == "eager" else compiled(chapter_attention)
         return lambda q, k, v: fn(q, k, v, mask)
     if name == "triton":
-        attention = optional("kernels.attention", "attention")
+        attention = optional("gptfast.kernels.attention", "attention")
         return lambda q, k, v: (attention(q, k, v, causal=causal),)
     if name == "sdpa":
         return lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, is_causal=causal),)

@@ -53,7 +53,7 @@ import torch
 from bench._metrics import decode_step_bytes
 from bench._providers import optional, require_model_kernels
 from bench._runner import BENCH_MARK, INTERPRETER_ONLY, LIMITS, RECORDS, Case
-from kernels.testing import max_err
+from gptfast.kernels.testing import max_err
 
 pytestmark = BENCH_MARK
 

@@ -53,7 +53,7 @@ def provider(name: str):
     if name == "compile":
         return compiled(eager)
     if name == "triton":
-        layer_norm = optional("kernels.layer_norm", "layer_norm")
+        layer_norm = optional("gptfast.kernels.layer_norm", "layer_norm")
         return lambda x, weight, bias: (layer_norm(x, weight, bias, EPS),)
     if name == "liger":
         liger = liger_layer_norm()

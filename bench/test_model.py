@@ -9,7 +9,7 @@ weights:
   triton   gptfast ``GPTModel(kernels="triton")``: fused LayerNorm / residual add + LayerNorm,
            flash attention
   triton-loss  the triton model with the training loss from ``GPTModel.loss``: output head and
-           cross-entropy fused (``kernels.linear_cross_entropy``, no (tokens x vocab) logits);
+           cross-entropy fused (``gptfast.kernels.linear_cross_entropy``, no (tokens x vocab) logits);
            (training step only: its forward is triton's)
   triton-compile  the triton model with every transformer block torch.compile'd as for
            ``compile`` (the kernels are ``gptfast::`` custom ops: one graph per block, no
@@ -22,7 +22,7 @@ weights:
            ``"sdpa"``, built offline from a ``GPT2Config`` of the same size with our weights
            (untied head, like the chapter's)
   hf-gptfast  the same with ``attn_implementation="gptfast"`` (``gptfast.hf``: our flash
-           attention) and every LayerNorm swapped for ``kernels.LayerNorm``
+           attention) and every LayerNorm swapped for ``gptfast.kernels.LayerNorm``
 
 Padded batch (op ``model_padded``): the same B x T batch right-padded, the rows' lengths spread
 evenly from 25% to 100% of T (the fine-tuning case), with the tokenizer-style 2-D attention

@@ -1,4 +1,4 @@
-"""Measure the tunable launch configs on this GPU and write its tuning table (kernels/tuning.py).
+"""Measure the tunable launch configs on this GPU and write its tuning table (gptfast/kernels/tuning.py).
 
     python -m bench.tune [--out-dir DIR] [--budget S]  # on a CUDA machine, ~2-4 minutes
     TRITON_INTERPRET=1 python -m bench.tune --dry-run  # the same plumbing on CPU, tiny shapes
@@ -6,12 +6,12 @@
 For every kernel that registers a tuning space and has a case below, and every shape class of
 that space, each candidate config runs at GPT-2 shapes through the public op (the config put in
 place with ``tuning.use``, exactly where a table would put it). A candidate whose outputs do not
-agree with a float64 reference (``kernels.testing.agreement``: within 2x eager PyTorch's error
+agree with a float64 reference (``gptfast.kernels.testing.agreement``: within 2x eager PyTorch's error
 in the same dtype, plus a small slack) is rejected; the others are timed with
 ``triton.testing.do_bench_cudagraph`` (summed over the class's shapes) and the fastest wins. The table
-``DIR/<device name>.json`` (default kernels/configs/) holds the winners; a class without a
+``DIR/<device name>.json`` (default gptfast/kernels/configs/) holds the winners; a class without a
 passing candidate is left out (the static heuristics stay). The table is rewritten after each
-class, so a run cut short keeps what it measured. Commit it as kernels/configs/<name>.
+class, so a run cut short keeps what it measured. Commit it as gptfast/kernels/configs/<name>.
 """
 
 import argparse
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from kernels import add_layer_norm, attention, decode_attention, tuning
-from kernels.testing import agreement
+from gptfast.kernels import add_layer_norm, attention, decode_attention, tuning
+from gptfast.kernels.testing import agreement
 
-attn = importlib.import_module("kernels.attention")
-dec = importlib.import_module("kernels.decode_attention")
-ln = importlib.import_module("kernels.layer_norm")
+attn = importlib.import_module("gptfast.kernels.attention")
+dec = importlib.import_module("gptfast.kernels.decode_attention")
+ln = importlib.import_module("gptfast.kernels.layer_norm")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EPS = 1e-5
@@ -200,7 +200,7 @@ def tune(device, dry: bool = False, timer: Callable = _do_bench, log=print,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=tuning.CONFIG_DIR,
-                        help="where <device name>.json goes (default: kernels/configs)")
+                        help="where <device name>.json goes (default: gptfast/kernels/configs)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU interpreter (TRITON_INTERPRET=1), tiny shapes, writes dry-run.json")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",

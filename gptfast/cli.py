@@ -59,7 +59,7 @@ def cmd_generate(args) -> None:
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     if device.type == "cpu" and args.kernels == "triton":
-        from kernels._common import INTERPRETING
+        from gptfast.kernels._common import INTERPRETING
 
         if not INTERPRETING:
             raise ValueError("--kernels triton on CPU needs Triton's interpreter (TRITON_INTERPRET=1 "

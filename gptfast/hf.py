@@ -3,7 +3,7 @@
 Importing this module (transformers is imported here, never by ``gptfast`` itself) registers
 ``"gptfast"`` twice with transformers, as its functional attention API asks:
 
-- ``AttentionInterface``: the attention function, ``kernels.attention`` (flash attention, with
+- ``AttentionInterface``: the attention function, ``gptfast.kernels.attention`` (flash attention, with
   per-row key/query lengths for padded batches);
 - ``AttentionMaskInterface``: the mask function that turns the model's 2-D padding mask into
   those lengths. Without one, transformers would build no mask at all for an unknown name and
@@ -11,7 +11,7 @@ Importing this module (transformers is imported here, never by ``gptfast`` itsel
 
 So ``GPT2LMHeadModel.from_pretrained(path, attn_implementation="gptfast")``,
 ``model.set_attn_implementation("gptfast")`` and ``apply(model)`` (attention + every
-``nn.LayerNorm`` through ``kernels.swap_layer_norms``) all run our kernels.
+``nn.LayerNorm`` through ``gptfast.kernels.swap_layer_norms``) all run our kernels.
 
 Masks. transformers hands the mask function the tokenizer's (batch, kv_len) padding mask and
 the kind of mask the model wants (causal or bidirectional), with the query offset of a KV cache.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-import kernels
+from gptfast import kernels
 
 NAME = "gptfast"
 MIN_TRANSFORMERS = (5, 17)  # tested: 5.17 (the GPU machine) and 5.24 (CI)
@@ -290,7 +290,7 @@ class Report:
 def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True) -> Report:
     """Patch a loaded Hugging Face model in place: its attention implementation becomes
     ``"gptfast"`` (through ``set_attn_implementation``, for the model and its sub-models), and
-    every plain ``nn.LayerNorm`` becomes ``kernels.LayerNorm`` (same module objects and
+    every plain ``nn.LayerNorm`` becomes ``gptfast.kernels.LayerNorm`` (same module objects and
     Parameters). Returns a ``Report``. A model whose attention cannot be switched raises
     before anything is changed."""
     if not isinstance(model, PreTrainedModel):

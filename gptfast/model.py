@@ -43,7 +43,7 @@ def label(name: str, owner: nn.Module | None = None):
 def triton_ops():
     """The kernels package, imported on first use so the torch path never needs Triton."""
     try:
-        import kernels
+        from gptfast import kernels
     except ImportError as exc:
         raise RuntimeError(f"kernels='triton' needs the Triton kernels, which failed to import: {exc}")
     return kernels
@@ -385,7 +385,7 @@ class GPTModel(nn.Module):
         logits of ``in_idx`` against ``targets`` (same shape), skipping ``ignore_index``.
 
         With Triton kernels the output head and the loss are one fused op
-        (``kernels.linear_cross_entropy``), which never stores the (tokens x vocab) logits.
+        (``gptfast.kernels.linear_cross_entropy``), which never stores the (tokens x vocab) logits.
         """
         ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
         if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):

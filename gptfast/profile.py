@@ -138,7 +138,7 @@ def check_options(cfg, batch, seq_len, mode, kernels, dtype, device, wait, warmu
         raise RuntimeError("device 'cuda' asked for, but CUDA is not available here "
                            f"(torch {torch.__version__}); use --device cpu")
     if device == "cpu" and kernels == "triton":
-        from kernels._common import INTERPRETING
+        from gptfast.kernels._common import INTERPRETING
 
         if not INTERPRETING:
             raise RuntimeError("kernels 'triton' on CPU needs Triton's interpreter: set "

@@ -1,4 +1,4 @@
-"""Flash attention kernels (kernels/attention.py) against eager PyTorch and a float64 reference.
+"""Flash attention kernels (gptfast/kernels/attention.py) against eager PyTorch and a float64 reference.
 
 FlashAttention's rule: for the output and each gradient, the kernel's max error against the
 float64 reference is at most 2x the error of eager attention in the same dtype, plus one ulp
@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
-import kernels._common
-from kernels.attention import (
+from gptfast import kernels
+import gptfast.kernels._common
+from gptfast.kernels.attention import (
     PHILOX_ROUNDS,
     _philox4x32,
     aot_configs,
@@ -26,7 +26,7 @@ from kernels.attention import (
     dropout_seed,
     effective_dropout_p,
 )
-from kernels.testing import assert_agrees
+from gptfast.kernels.testing import assert_agrees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = torch.cuda.is_available()
@@ -263,7 +263,7 @@ def dkdv_form(request, monkeypatch):
     """Run the dK/dV kernel in one form with dropout (on GPUs: query-major on sm_90 for fp16
     and bf16, transposed on sm_80 and for fp32), whatever the dtype."""
     query_major = request.param == "query-major"
-    monkeypatch.setattr(sys.modules["kernels.attention"], "_dkdv_query_major",
+    monkeypatch.setattr(sys.modules["gptfast.kernels.attention"], "_dkdv_query_major",
                         lambda dtype, dropout, cc: dropout and query_major)
     return request.param
 
@@ -573,7 +573,7 @@ def test_clear_length_errors(kwargs, exc, match):
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels._common, "INTERPRETING", False)
+    monkeypatch.setattr(gptfast.kernels._common, "INTERPRETING", False)
     x = torch.randn(1, 2, 8, 32)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         attention(x, x, x)
@@ -644,7 +644,7 @@ import re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.attention import aot_configs
+from gptfast.kernels.attention import aot_configs
 for cfg in aot_configs():
     if not re.match(r"(fwd|dkdv|dq)-bf16-d(32|64)-.*dropout0|preprocess-bf16-d64", cfg["name"]):
         continue
@@ -668,7 +668,7 @@ def test_row_offsets_are_64_bit():
     import subprocess
     import sys
 
-    from kernels.testing import ROOT
+    from gptfast.kernels.testing import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -19,8 +19,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from gptfast import GPTModel
-from kernels import add_layer_norm, attention, decode_attention, layer_norm
-from kernels.testing import assert_agrees
+from gptfast.kernels import add_layer_norm, attention, decode_attention, layer_norm
+from gptfast.kernels.testing import assert_agrees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -1,4 +1,4 @@
-"""Decode attention over a KV cache (kernels/decode_attention.py) against a float64 reference.
+"""Decode attention over a KV cache (gptfast/kernels/decode_attention.py) against a float64 reference.
 
 Every cache buffer is longer than the valid length and its unused tail is filled with NaN:
 a kernel that reads (or weights) a position at or past cache_len returns NaN and fails.
@@ -13,11 +13,12 @@ import pytest
 import torch
 import triton
 
-from kernels import tuning
-from kernels.decode_attention import decode_attention
-from kernels.testing import assert_agrees, max_err
+from gptfast.kernels import tuning
+from gptfast.kernels.decode_attention import decode_attention
+from gptfast.kernels.testing import assert_agrees, max_err
 
-dec = importlib.import_module("kernels.decode_attention")  # the package re-exports the function
+common = importlib.import_module("gptfast.kernels._common")
+dec = importlib.import_module("gptfast.kernels.decode_attention")  # the package re-exports the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="realistic shapes need a GPU (slow in the interpreter)")
@@ -143,9 +144,9 @@ def test_split_plan_covers_the_cache():
 
 def test_gpu_split_heuristic(monkeypatch):
     """The CUDA heuristic (with an H100's 132 SMs): split batch-1 decode, not big batches."""
-    monkeypatch.setattr(dec, "INTERPRETING", False)
+    monkeypatch.setattr(common, "_named", 90)
     monkeypatch.setattr(dec, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda", 0)
+    cuda = None  # planned as sm_90 with 132 SMs, without a GPU
     one = dec._plan(1 * 12, 1, 4096, cuda)
     assert one.launch == dec.Launch(1, 32, 4, 3) and 8 <= one.num_splits <= dec.MAX_SPLITS
     assert 12 * one.num_splits >= 132 and one.chunk >= dec._MIN_CHUNK_TILES * 32
@@ -161,7 +162,7 @@ def test_gpu_split_heuristic(monkeypatch):
 def test_split_plan_fills_every_sm(monkeypatch, sms, block_d, q_len):
     """Below one program per SM (B*H < SMs) the keys split until every SM has a program, as
     far as whole key tiles allow; chunks stay whole tiles, cover the cache, at most MAX_SPLITS."""
-    monkeypatch.setattr(dec, "INTERPRETING", False)
+    monkeypatch.setattr(common, "_named", 90)
     monkeypatch.setattr(dec, "_sm_count", lambda device: sms)
     for batch_heads in (1, 2, 12, 25, 96, 8 * 16, 200, 64 * 16):
         for max_len in (1, 40, 1000, 1024, 4096):
@@ -181,7 +182,7 @@ def test_split_plan_fills_every_sm(monkeypatch, sms, block_d, q_len):
 
 def test_plan_off_cuda_assumes_default_sm_count(monkeypatch):
     """Planning for a GPU on a machine without one (e.g. a static report) assumes 132 SMs."""
-    monkeypatch.setattr(dec, "INTERPRETING", False)
+    monkeypatch.setattr(common, "_named", 90)
     assert dec._sm_count(None) == dec._sm_count(torch.device("cpu")) == dec.DEFAULT_SM_COUNT == 132
     plan = dec._plan(12, 1, 1024, None)
     assert 12 * plan.num_splits >= 132  # 1024 keys = 32 tiles of 32: 16 chunks of 2 tiles
@@ -216,6 +217,7 @@ def test_tuned_launch_is_used_and_agrees():
 def test_tuning_space_is_compiled(monkeypatch):
     """Every config a table may pick is among aot_configs() (so the compile check covers it)."""
     monkeypatch.setattr(dec, "INTERPRETING", False)
+    monkeypatch.setattr(common, "_named", 90)
     names = {c["name"] for c in dec.aot_configs()}
     for cls, space in dec.TUNING_SPACE.items():
         t, d, q = cls.split("-")

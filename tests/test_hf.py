@@ -17,8 +17,8 @@ hf = pytest.importorskip("gptfast.hf")
 
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.testing import assert_agrees  # noqa: E402
+from gptfast import kernels  # noqa: E402
+from gptfast.kernels.testing import assert_agrees  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 97

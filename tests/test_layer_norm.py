@@ -1,4 +1,4 @@
-"""kernels.layer_norm: layer_norm and add_layer_norm against float64 with the 2x-eager rule.
+"""gptfast.kernels.layer_norm: layer_norm and add_layer_norm against float64 with the 2x-eager rule.
 
 On CPU the kernels run in Triton's interpreter, so shapes stay small (wide rows get 1-3 rows);
 the realistic GPT-2 shapes run only on CUDA.
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._common
-from kernels.layer_norm import MAX_N, add_layer_norm, layer_norm
-from kernels.testing import assert_agrees
+import gptfast.kernels._common
+from gptfast.kernels.layer_norm import MAX_N, add_layer_norm, layer_norm
+from gptfast.kernels.testing import assert_agrees
 
 # the module itself (the package exports a function of the same name, which `import ... as` finds)
-ln = importlib.import_module("kernels.layer_norm")
+ln = importlib.import_module("gptfast.kernels.layer_norm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic shapes run on CUDA only")
@@ -263,7 +263,7 @@ def test_rejects_mixed_devices():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors without the interpreter")
 def test_rejects_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(kernels._common, "INTERPRETING", False)
+    monkeypatch.setattr(gptfast.kernels._common, "INTERPRETING", False)
     with pytest.raises(RuntimeError, match="need CUDA"):
         layer_norm(torch.randn(2, 8))
 
@@ -368,7 +368,7 @@ def test_backward_prefetch_fits_shared_memory():
 def test_tuned_plans_agree_and_stay_deterministic():
     """Every tunable backward tile of a class runs here (interpreter) and gives the same
     bitwise-deterministic gradients as twice itself, within the rule of the reference."""
-    from kernels import tuning
+    from gptfast.kernels import tuning
 
     for config in ln.TUNING_SPACE[ln.BWD_KERNEL]["fp32-1024"][:3]:
         with tuning.use({ln.BWD_KERNEL: {"fp32-1024": config}}):

@@ -1,4 +1,4 @@
-"""kernels.nn.LayerNorm as a drop-in for torch.nn.LayerNorm, and swap_layer_norms on whole models."""
+"""gptfast.kernels.nn.LayerNorm as a drop-in for torch.nn.LayerNorm, and swap_layer_norms on whole models."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.nn import LayerNorm, swap_layer_norms
+from gptfast.kernels.nn import LayerNorm, swap_layer_norms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -143,7 +143,7 @@ def test_unknown_kernels_value_and_config_keys_are_rejected():
 
 
 def test_triton_on_cpu_without_interpreter_says_it_needs_cuda(monkeypatch):
-    import kernels._common as common
+    import gptfast.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRETING", False)
     model = GPTModel(SMALL, kernels="triton")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptfast import GPTModel
-from kernels.testing import assert_agrees
+from gptfast.kernels.testing import assert_agrees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Head dim 24 (not a power of two), odd length: the kernels' boundary paths run.

@@ -198,7 +198,7 @@ def test_option_errors_exit_2(args, message, monkeypatch, capsys):
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch, capsys):
-    common = pytest.importorskip("kernels._common")
+    common = pytest.importorskip("gptfast.kernels._common")
     monkeypatch.setattr(common, "INTERPRETING", False)
     assert main(["profile", *SMALL, "--kernels", "triton"]) == 2
     err = capsys.readouterr().err
@@ -216,7 +216,7 @@ def test_dtype_autocast_cannot_do_is_refused(monkeypatch):
 
 def _triton_kernels_present() -> bool:
     try:
-        import kernels
+        from gptfast import kernels
     except ImportError:
         return False
     return all(hasattr(kernels, op) for op in ("layer_norm", "add_layer_norm", "attention"))

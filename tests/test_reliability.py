@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+from gptfast import kernels
 from gptfast import GPTModel, generate, generate_batch, generate_tokens, load_gpt2, load_weights
 from gptfast.cli import main
 from gptfast.tokenizer import text_to_token_ids, token_ids_to_text
@@ -406,7 +406,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_cli_triton_kernels_on_cpu_without_the_interpreter_is_one_line(capsys, monkeypatch):
-    monkeypatch.setattr("kernels._common.INTERPRETING", False)
+    monkeypatch.setattr("gptfast.kernels._common.INTERPRETING", False)
     err = _cli_error(capsys, "generate", "x", "--kernels", "triton", "--device", "cpu")
     assert "needs Triton's interpreter" in err
 

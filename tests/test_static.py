@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-from kernels import report, testing
-from kernels.testing import _sass_figures, occupancy
+from gptfast.kernels import report, testing
+from gptfast.kernels.testing import _sass_figures, occupancy
 
 TRITON36 = os.environ.get("GPTFAST_TRITON36")
 CCS = (80, 90)
@@ -69,10 +69,10 @@ def test_every_config_compiles(compiled):
 
 
 _KERNELS = {
-    "kernels.attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
-    "kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
-    "kernels.linear_cross_entropy": {"_ce_kernel"},
+    "gptfast.kernels.attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "gptfast.kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
+    "gptfast.kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
+    "gptfast.kernels.linear_cross_entropy": {"_ce_kernel"},
 }
 
 

@@ -1,4 +1,4 @@
-"""Per-device tuning tables (kernels/tuning.py) and bench/tune.py's sweep, on CPU.
+"""Per-device tuning tables (gptfast/kernels/tuning.py) and bench/tune.py's sweep, on CPU.
 
 A table can only change speed: anything wrong in it (schema, types, names, a config outside the
 compile-checked space, another Triton version) is an error from ``load`` and, for the table of
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from bench import tune
-from kernels import tuning
+from gptfast.kernels import tuning
 
-attn = importlib.import_module("kernels.attention")
-dec = importlib.import_module("kernels.decode_attention")
-ln = importlib.import_module("kernels.layer_norm")
+attn = importlib.import_module("gptfast.kernels.attention")
+dec = importlib.import_module("gptfast.kernels.decode_attention")
+ln = importlib.import_module("gptfast.kernels.layer_norm")
 
 CLS = "bf16-d64-q1"
 GOOD = {dec.SPLIT_KERNEL: {CLS: dict(block_n=16, num_warps=4, num_stages=3)},
@@ -135,7 +135,7 @@ def test_layer_norm_plans_follow_the_table():
 def test_attention_plans_follow_the_table():
     """Forward, dQ and dropout-free dK/dV launches come from the table at their shape class
     (bf16, D=64, with or without dropout); other classes and dropout dK/dV stay static."""
-    from kernels._common import Launch
+    from gptfast.kernels._common import Launch
 
     fwd = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
     dq = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)

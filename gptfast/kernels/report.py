@@ -1,6 +1,6 @@
 """Static kernel report: what the compiled kernels say about speed, without a GPU.
 
-    python -m kernels.report [--cc 90] [--cc 80] [--json] [--jobs 2]
+    python -m gptfast.kernels.report [--cc 90] [--cc 80] [--json] [--jobs 2]
 
 Compiles every launch the heuristics pick at GPT-2 shapes (the ``report_cases()`` of each kernel
 module: 124M..1558M widths and head counts, 8 x 1024 training tokens, batch 1 and 8 decode
@@ -10,7 +10,7 @@ per thread, spill bytes (stores/loads), shared memory per block, resident blocks
 SM and the limit that binds them, the grid and the waves it makes on the GPU's SMs, whether the
 matrix products run on wgmma (sm_90) or mma.sync, whether loads use TMA or cp.async (and the
 widest plain load), and the SASS instructions of the main loop. The figures come from
-kernels/testing.py (``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in
+gptfast/kernels/testing.py (``kernel_stats``, ``occupancy``), read from the cubin; the compilers run in
 ``--jobs`` subprocesses with the interpreter off, so this runs on any machine, GPU or not.
 """
 
@@ -19,8 +19,8 @@ import importlib
 import json
 import sys
 
-MODULES = ("kernels.attention", "kernels.decode_attention", "kernels.layer_norm",
-           "kernels.linear_cross_entropy")
+MODULES = ("gptfast.kernels.attention", "gptfast.kernels.decode_attention", "gptfast.kernels.layer_norm",
+           "gptfast.kernels.linear_cross_entropy")
 _TILE_KEYS = ("ROWS", "BLOCK_G", "BLOCK_S", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_V")
 
 
@@ -30,7 +30,7 @@ def _tile(constexprs: dict) -> str:
 
 def _worker(ccs: list[int], part: str) -> None:
     """Print the cases (shard 0) and compile this shard's share of the distinct configs."""
-    from kernels import testing
+    from gptfast.kernels import testing
 
     todo = {}
     for module in MODULES:
@@ -56,9 +56,9 @@ def collect(ccs=(90,), jobs: int = 2, pythonpath: str | None = None) -> list[dic
 
     ``pythonpath`` goes first on the compilers' path (e.g. a side-installed triton 3.6).
     """
-    from kernels import testing
+    from gptfast.kernels import testing
 
-    args = ["kernels.report", "--worker", *(f"--cc={cc}" for cc in ccs)]
+    args = ["gptfast.kernels.report", "--worker", *(f"--cc={cc}" for cc in ccs)]
     records = testing.run_shards(args, jobs, pythonpath, timeout=1800)
     compiled = {(r["key"], r["cc"]): r for r in records if r["type"] == "config"}
     rows = []
@@ -101,7 +101,7 @@ LEGEND = (
     "warps, blocks); waves: grid / (blocks per SM x SMs), below 1 some SMs idle; mma: wgmma, "
     "mma.sync or none (fp32 products run on FMA units); loads: TMA, cp.async and the widest plain "
     "load (bits); loop SASS: instructions of the main loop (the shortest innermost loop; see "
-    "kernels/testing.py)."
+    "gptfast/kernels/testing.py)."
 )
 
 
@@ -127,7 +127,7 @@ def markdown(rows: list[dict], cc: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.report",
+    parser = argparse.ArgumentParser(prog="python -m gptfast.kernels.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--cc", type=int, action="append", choices=(80, 90),
                         help="compute capability (repeatable; default 90)")

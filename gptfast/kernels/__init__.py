@@ -35,7 +35,7 @@ call, ~28 µs with gradients, measured on a 2-core CPU machine: as much as a sma
   packaging) does not change the kernels' work: Inductor does not fuse into user kernels either
   way, and it still fuses everything around an opaque op. The ops launch on the current stream
   without host syncs, so ``mode="reduce-overhead"`` can capture them in CUDA graphs (dropout is
-  the exception, see ``kernels.attention``).
+  the exception, see ``gptfast.kernels.attention``).
 
 Shapes: a compiled model specializes on the first shapes it sees; a second sequence length
 recompiles once with a dynamic length, and that graph serves every later length (dynamo's
@@ -43,11 +43,11 @@ automatic dynamic shapes); ``torch._dynamo.mark_dynamic(ids, 1)`` or ``dynamic=T
 first graph dynamic. Repeated calls with the same shapes never recompile.
 """
 
-from kernels.attention import attention
-from kernels.decode_attention import decode_attention
-from kernels.layer_norm import add_layer_norm, layer_norm
-from kernels.linear_cross_entropy import linear_cross_entropy
-from kernels.nn import LayerNorm, LinearCrossEntropyLoss, swap_layer_norms
+from gptfast.kernels.attention import attention
+from gptfast.kernels.decode_attention import decode_attention
+from gptfast.kernels.layer_norm import add_layer_norm, layer_norm
+from gptfast.kernels.linear_cross_entropy import linear_cross_entropy
+from gptfast.kernels.nn import LayerNorm, LinearCrossEntropyLoss, swap_layer_norms
 
 __all__ = ["LayerNorm", "LinearCrossEntropyLoss", "add_layer_norm", "attention", "decode_attention",
            "layer_norm", "linear_cross_entropy", "swap_layer_norms"]

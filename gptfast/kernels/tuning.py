@@ -6,7 +6,7 @@ A kernel module registers what may be tuned: ``register(kernel, space)`` with ``
 ``lookup(kernel, shape_class, device)`` and gets one of those configs, or None: then it uses its
 static heuristics. ``bench/tune.py`` measures the candidates on a GPU and writes the table.
 
-The table of a device is ``kernels/configs/<device name>.json`` (``table_path``: the name
+The table of a device is ``gptfast/kernels/configs/<device name>.json`` (``table_path``: the name
 torch.cuda.get_device_name gives, lower case, runs of other characters than letters and digits
 turned into one '-', e.g. ``nvidia-h200.json``)::
 

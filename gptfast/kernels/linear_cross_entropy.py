@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, check_device, check_float, library_op, on_device
+from gptfast.kernels._common import Launch, check_device, check_float, library_op, on_device
 
 CHUNK_BYTES = 1 << 27  # the (C, V) logits buffer of one chunk holds at most this many bytes
 _ROW_ALIGN = 64  # chunk rows are rounded to this (GEMM tiles), within the byte budget
@@ -491,12 +491,12 @@ def aot_configs():
 
 def report_cases(cc: int = 90):
     """GPT-2's training loss at 8 x 1024 tokens and vocabulary 50,257, for the static report
-    (kernels/report.py): one ``_ce_kernel`` launch per chunk, fp32 and bf16 logits, mean
+    (gptfast/kernels/report.py): one ``_ce_kernel`` launch per chunk, fp32 and bf16 logits, mean
     reduction without label smoothing. The width (768..1600, 124M..1558M) only enters the
     cuBLAS products, not this kernel's launch: one case per dtype. Per launch a label, its aot
     config (specialised as the JIT specialises the call) and its grid (a full chunk's rows);
     the same on every GPU (``cc``)."""
-    from kernels.testing import launch_config
+    from gptfast.kernels.testing import launch_config
 
     tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
     cases = []

@@ -27,7 +27,7 @@ the applied drop probability is p quantised to a multiple of 2^-16 (``effective_
 within 2^-17 of p), and kept weights are scaled by 1/(1 - that). The backward regenerates
 exactly the forward's keep mask, as does ``attention_dropout_mask``.
 
-Under torch.compile (see kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
+Under torch.compile (see gptfast/kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
 graph, i.e. by the graph's RNG: ``torch.manual_seed`` repeats a compiled run, but the masks
 differ from eager mode's unless ``torch._inductor.config.fallback_random = True`` (then they
 are the same). Pass no ``generator`` to a compiled call: dynamo cannot trace a
@@ -35,7 +35,6 @@ torch.Generator (a graph break; an error with ``fullgraph=True``). The seed is r
 host, so dropout cannot run inside a captured CUDA graph: that raises an error.
 """
 
-import functools
 import math
 import numbers
 
@@ -43,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import tuning
-from kernels._common import (
+from gptfast.kernels import tuning
+from gptfast.kernels._common import (
     INTERPRETING, Launch, check_device, check_float, library_op, on_device, once_differentiable,
+    plan_capability,
 )
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -707,7 +707,7 @@ def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=
     and spill. fp32 at D=128: 16 x 32 with 8 warps, 32 x 32 with dropout."""
     if tuned := _tuned(FWD_KERNEL, block_d, dtype, dropout, device):
         return tuned
-    if INTERPRETING:  # small tiles keep the interpreter's numpy work per program small
+    if plan_capability(device) is None:  # the interpreter's: little numpy work per program
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:  # exact fp32 products run on FMA units: small tiles
         if block_d == 128:  # 32 x 32 spills on sm_90, and 16 x 32 does with dropout
@@ -716,24 +716,15 @@ def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=
     return Launch(128, 32 if block_d == 128 else 64, 8, 3)
 
 
-@functools.cache
-def _capability(device: torch.device) -> int:
-    """Compute capability of a CUDA device as 10 * major + minor (90 for sm_90); 90 for any
-    other device (the interpreter runs the plans of Hopper)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90
-
-
-def _dkdv_query_major(dtype: torch.dtype, dropout: bool, cc: int) -> bool:
+def _dkdv_query_major(dtype: torch.dtype, dropout: bool, cc: int | None) -> bool:
     """Whether dK/dV tiles compute query-major scores (the forward's orientation, see
     _dkdv_tiles): with dropout on Hopper, where that costs 1.8x the dropout-free kernel's SASS
-    per score against 2.8x in the transposed form. sm_80's mma.sync tiles spill in it."""
-    return dropout and cc >= 90 and dtype != torch.float32
+    per score against 2.8x in the transposed form. sm_80's mma.sync tiles spill in it. The
+    interpreter's own plans (cc None) take Hopper's form."""
+    return dropout and (cc or 90) >= 90 and dtype != torch.float32
 
 
-def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, cc: int = 90,
+def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, cc: int | None = 90,
                  device=None) -> Launch:
     """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed; the
     device's tuning table's without dropout, else 8 warps, 64 keys at D=128 (128 spill on sm_80
@@ -741,7 +732,7 @@ def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, cc: in
     spill under triton 3.6). The dropout tiles are not tuned: their form depends on the GPU."""
     if not dropout and (tuned := _tuned(DKDV_KERNEL, block_d, dtype, dropout, device)):
         return tuned
-    if INTERPRETING:
+    if cc is None:  # the interpreter's own
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
@@ -756,15 +747,15 @@ def _dq_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=N
     dropout too: 1.9x the dropout-free SASS per score on sm_90, where 8 warps cost 2.3x)."""
     if tuned := _tuned(DQ_KERNEL, block_d, dtype, dropout, device):
         return tuned
-    if INTERPRETING:
+    if plan_capability(device) is None:  # the interpreter's own
         return Launch(32, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(16, 32, 4, 2)  # 32 x 32 spills on sm_80 (4 warps at D=64/128, 8 at D=32)
     return Launch(128, 32, 8 if block_d == 128 else 4, 3)
 
 
-def _preprocess_launch() -> Launch:
-    return Launch(32 if INTERPRETING else 64, 0, 4, 1)
+def _preprocess_launch(device=None) -> Launch:
+    return Launch(32 if plan_capability(device) is None else 64, 0, 4, 1)
 
 
 # Launches a tuning table may pick (bench/tune.py sweeps them), per kernel and shape class, each
@@ -839,14 +830,14 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d, **len_flags)
 
-    pre = _preprocess_launch()
+    pre = _preprocess_launch(q.device)
     delta = torch.empty_like(lse2)
     _bwd_preprocess_kernel[(triton.cdiv(Tq, pre.block_m), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p,
         EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
     )
     if need_dkdv:
-        cc = _capability(q.device)
+        cc = plan_capability(q.device)
         cfg = _dkdv_launch(block_d, q.dtype, dropout_p > 0, cc, q.device)
         _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
             q, k, v, do, lse2, delta, dk, dv, *lens,
@@ -869,7 +860,7 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
 
 
 # gptfast::attention -> (o, lse2) and gptfast::attention_backward -> (dq, dk, dv): the ops
-# torch.compile sees (see kernels/__init__.py), over validated input. The dropout seed comes in
+# torch.compile sees (see gptfast/kernels/__init__.py), over validated input. The dropout seed comes in
 # as a (1,) int64 tensor drawn by torch.randint outside the op (None without dropout), so a
 # compiled graph draws it with its own RNG instead of breaking on a host read; the op reads it
 # on the host (a CPU tensor unless the caller's generator is on a GPU).
@@ -1107,7 +1098,7 @@ def attention_dropout_mask(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation check (kernels/testing.py)
+# Ahead-of-time compilation check (gptfast/kernels/testing.py)
 # --------------------------------------------------------------------------------------------
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -1241,7 +1232,7 @@ def aot_configs():
                     flags(launch, block_d, True, bool(dropout), True) | own)
     add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
-    from kernels.testing import config_key
+    from gptfast.kernels.testing import config_key
 
     unique = {}  # each compiled code once, under its first name
     for cfg in configs:
@@ -1251,11 +1242,11 @@ def aot_configs():
 
 def report_cases(cc: int = 90):
     """GPT-2's attention launches at 8 x 1024 tokens (head dim 64, causal), for the static report
-    (kernels/report.py): 124M (12 heads) and 1558M (25 heads), fp32 and bf16, without and with
+    (gptfast/kernels/report.py): 124M (12 heads) and 1558M (25 heads), fp32 and bf16, without and with
     dropout 0.1. Per launch a label, its aot config (specialised as the JIT specialises the
     model's call: q/k/v are (B, T, H, D) memory seen as (B, H, T, D)) and its grid size in
     programs, from the launch plans the op uses on a GPU of compute capability ``cc``."""
-    from kernels.testing import launch_config
+    from gptfast.kernels.testing import launch_config
 
     if INTERPRETING:
         raise RuntimeError("report_cases() describes GPU launches; call it with TRITON_INTERPRET unset")

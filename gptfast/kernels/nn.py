@@ -13,12 +13,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kernels.layer_norm import layer_norm
-from kernels.linear_cross_entropy import linear_cross_entropy
+from gptfast.kernels.layer_norm import layer_norm
+from gptfast.kernels.linear_cross_entropy import linear_cross_entropy
 
 
 class LayerNorm(nn.LayerNorm):
-    """torch.nn.LayerNorm computed by ``kernels.layer_norm.layer_norm`` (CUDA, or the interpreter)."""
+    """torch.nn.LayerNorm computed by ``gptfast.kernels.layer_norm.layer_norm`` (CUDA, or the interpreter)."""
 
     def forward(self, x: Tensor) -> Tensor:
         dims = len(self.normalized_shape)
@@ -62,7 +62,7 @@ class LinearCrossEntropyLoss(nn.Module):
     Options are those of ``nn.CrossEntropyLoss`` (``ignore_index``, ``reduction``,
     ``label_smoothing``); ``forward(hidden, weight, targets, bias=None)`` takes the projection's
     weight (e.g. a model's output head, tied or not) rather than owning one. See
-    ``kernels.linear_cross_entropy`` for dtypes, memory and autocast.
+    ``gptfast.kernels.linear_cross_entropy`` for dtypes, memory and autocast.
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):

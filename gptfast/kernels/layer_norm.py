@@ -22,10 +22,9 @@ Rows up to 8192 wide (padded to a power of 2) are held in registers; wider rows 
 4096-column blocks.
 
 torch.compile sees the ops gptfast::layer_norm, gptfast::add_layer_norm and
-gptfast::layer_norm_backward (see kernels/__init__.py).
+gptfast::layer_norm_backward (see gptfast/kernels/__init__.py).
 """
 
-import functools
 import math
 import numbers
 
@@ -33,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import tuning
-from kernels._common import check_device, check_float, library_op, on_device
+from gptfast.kernels import tuning
+from gptfast.kernels._common import check_device, check_float, library_op, on_device, plan_sm_count
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
 _MIN_BLOCK = 256  # narrowest padded row (narrower rows are packed many per tile instead)
@@ -349,11 +348,10 @@ def _sum_plan(n: int, device) -> dict:
     return dict(BLOCK_G=_SUM_TILE // block_n, BLOCK_N=block_n)
 
 
-@functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: few programs keep CPU runs fast
+    """SMs of a CUDA device, or of the planned GPU; 4 for the interpreter's own plans (few
+    programs keep CPU runs fast)."""
+    return plan_sm_count(device) or 4
 
 
 def _bwd_groups(m: int, col_blocks: int, rows: int, num_warps: int, device) -> tuple[int, int]:
@@ -446,7 +444,7 @@ def _zero(t):
 
 # ---- autograd, and the torch.library ops torch.compile sees ---------------------------------
 # gptfast::layer_norm -> (y, mean, rstd) and gptfast::add_layer_norm -> (y, s, mean, rstd) are
-# opaque ops (see kernels/__init__.py) over validated input (the public functions check it):
+# opaque ops (see gptfast/kernels/__init__.py) over validated input (the public functions check it):
 # they also return the fp32 row statistics the backward needs, which the public functions drop.
 # gptfast::layer_norm_backward serves both; it has no autograd (no double backward).
 
@@ -711,11 +709,11 @@ def aot_configs():
 
 def report_cases(cc: int = 90):
     """GPT-2's add_layer_norm forward and backward at 8 x 1024 tokens, for the static report
-    (kernels/report.py): widths 768, 1024, 1280, 1600 (124M..1558M), fp32 and bf16 activations
+    (gptfast/kernels/report.py): widths 768, 1024, 1280, 1600 (124M..1558M), fp32 and bf16 activations
     with parameters of their dtype, on a GPU of compute capability ``cc`` (its SM count). Per
     launch a label, its aot config (specialised as the JIT specialises the call) and its grid
     size in programs, from the launch plans ``_forward``/``_backward`` use."""
-    from kernels.testing import SM_COUNT, launch_config, sm_count_of
+    from gptfast.kernels.testing import SM_COUNT, launch_config, sm_count_of
 
     m, cuda = 8 * 1024, torch.device("cuda")
     cases = []

@@ -19,6 +19,72 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# ---- Whose launch plans ---------------------------------------------------------------------
+# Tile sizes, kernel forms and grids depend on the GPU generation. A launch on a CUDA device takes
+# that device's plan. Under the interpreter it takes the interpreter's own small tiles, unless a
+# capability is named (GPTFAST_PLAN_CC=80 or 90 in the environment, or ``plans_of(cc)``): then
+# every plan is the one a GPU of that capability (with SM_COUNTS[cc] SMs) would take, tuning
+# tables aside. That is how CPU tests run the GPU-only plans. Off CUDA without the interpreter
+# (compiling for the static gate and report) a plan is sm_90's unless one is named.
+PLAN_CCS = (80, 90)
+SM_COUNTS = {80: 108, 90: 132}  # an A100 and an H100/H200 (SXM)
+
+
+def _named_cc(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    if value not in {str(cc) for cc in PLAN_CCS}:
+        raise RuntimeError(f"GPTFAST_PLAN_CC must be one of {', '.join(map(str, PLAN_CCS))} "
+                           f"(a GPU's compute capability), got {value!r}")
+    return int(value)
+
+
+_named = _named_cc(os.environ.get("GPTFAST_PLAN_CC"))
+
+
+@functools.cache
+def _cuda_capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def plan_capability(device: torch.device | None) -> int | None:
+    """The compute capability (90 for sm_90) whose launch plans a launch on ``device`` takes; None
+    under the interpreter when none is named (its own small tiles)."""
+    if device is not None and device.type == "cuda":
+        return _cuda_capability(device)
+    if _named is not None:
+        return _named
+    return None if INTERPRETING else 90
+
+
+@functools.cache
+def _cuda_sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_sm_count(device: torch.device | None) -> int | None:
+    """SMs that plans spread work over: a CUDA device's own, else SM_COUNTS of the named (or
+    default) capability; None under the interpreter's own plans."""
+    if device is not None and device.type == "cuda":
+        return _cuda_sm_count(device)
+    cc = plan_capability(device)
+    return None if cc is None else SM_COUNTS[cc]
+
+
+@contextlib.contextmanager
+def plans_of(cc: int | None):
+    """Plan every launch off CUDA as a GPU of compute capability ``cc`` would (None: the
+    interpreter's own small tiles) inside the block. For tests and the static report."""
+    global _named
+    if cc is not None and cc not in PLAN_CCS:
+        raise ValueError(f"plans_of: cc must be one of {PLAN_CCS} or None, got {cc!r}")
+    saved, _named = _named, cc
+    try:
+        yield
+    finally:
+        _named = saved
+
 
 @dataclass(frozen=True)
 class Launch:

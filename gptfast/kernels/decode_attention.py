@@ -4,7 +4,7 @@
 head h, ``softmax(q @ k^T * scale + mask) @ v`` over the first ``cache_len[b]`` positions of
 the pre-allocated cache buffers. The Tq queries are the LAST Tq valid positions (already
 appended to the cache), so query i attends keys j < cache_len - Tq + i + 1: the causal mask
-aligned to the bottom-right corner, as in ``kernels.attention.attention(causal=True)``.
+aligned to the bottom-right corner, as in ``gptfast.kernels.attention.attention(causal=True)``.
 Positions at and beyond ``cache_len[b]`` are never read, so the unused tail of the buffers may
 hold anything (stale values, NaN).
 
@@ -15,9 +15,9 @@ running max and sum (fp32); a second small kernel merges the chunks with the log
 The split plan gives every SM a program while batch*heads is below the SM count (see
 ``_chunk_tiles``), and depends on shapes only. When one chunk suffices (many heads, short
 cache), the first kernel normalises and writes the output directly and the merge is skipped.
-Launch tiles may come from the device's tuning table (kernels/tuning.py). More than 16
+Launch tiles may come from the device's tuning table (gptfast/kernels/tuning.py). More than 16
 queries run as several 16-query blocks, each reading the keys it sees (for a long prompt,
-``kernels.attention.attention`` is the tool).
+``gptfast.kernels.attention.attention`` is the tool).
 
 Numerics: scores, the online softmax, the partial outputs and the merge are fp32. One query
 (Tq == 1) uses fp32 elementwise products and sums (no tensor cores: 1-row matrix products
@@ -25,10 +25,9 @@ would waste them); several queries use ``tl.dot`` on a query block padded to 16 
 operands in the input dtype (fp32 inputs: exact "ieee" fp32 products, no TF32).
 
 Inference only: there is no backward. Calling it with grad mode on and an input that requires
-grad is an error (use ``kernels.attention.attention`` to train).
+grad is an error (use ``gptfast.kernels.attention.attention`` to train).
 """
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -37,8 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import tuning
-from kernels._common import INTERPRETING, Launch, check_device, check_float, library_op, on_device
+from gptfast.kernels import tuning
+from gptfast.kernels._common import (
+    INTERPRETING, Launch, check_device, check_float, library_op, on_device, plan_capability,
+    plan_sm_count,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634
@@ -273,7 +275,7 @@ def _split_launch(q_len: int, block_d: int = 64, dtype: torch.dtype = torch.floa
     tuned = tuning.lookup(SPLIT_KERNEL, _shape_class(dtype, block_d, block_m), device)
     if tuned is not None:
         return Launch(block_m, tuned["block_n"], tuned["num_warps"], tuned["num_stages"])
-    if INTERPRETING:  # short key tiles so that small test caches still span several tiles
+    if plan_capability(device) is None:  # the interpreter's: small caches span several tiles
         return Launch(block_m, 16, 4, 1)
     if block_m == 1:
         return Launch(1, 16 if block_d == 128 else 32, 4, 3)
@@ -301,12 +303,9 @@ class _Plan:
     chunk: int  # keys per split, a whole number of key tiles
 
 
-@functools.cache
 def _sm_count(device: torch.device | None) -> int:
-    """SMs of a CUDA device; DEFAULT_SM_COUNT for any other (planning without a GPU)."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SM_COUNT
+    """SMs of a CUDA device; else those of the planned GPU (DEFAULT_SM_COUNT: sm_90's)."""
+    return plan_sm_count(device) or DEFAULT_SM_COUNT
 
 
 def _chunk_tiles(programs: int, tiles: int, sms: int) -> int:
@@ -328,14 +327,14 @@ def _plan(
 ) -> _Plan:
     """How to split the keys [0, max_len) of each (batch, head) across programs.
 
-    Default: ``_chunk_tiles`` with the device's SM count (DEFAULT_SM_COUNT off CUDA); in the
-    CPU interpreter: _INTERPRETER_SPLITS chunks. ``num_splits`` overrides the count; chunks
+    Default: ``_chunk_tiles`` with the device's SM count (the planned GPU's off CUDA); under
+    the interpreter's own plans: _INTERPRETER_SPLITS chunks. ``num_splits`` overrides the count; chunks
     are rounded up to whole key tiles, so fewer may result. The plan depends only on shapes,
     never on the lengths' values, so a captured CUDA graph replays it for every length.
     """
     launch = _split_launch(q_len, block_d, dtype, device)
     tiles = triton.cdiv(max_len, launch.block_n)
-    if num_splits is None and not INTERPRETING:
+    if num_splits is None and plan_capability(device) is not None:
         programs = batch_heads * triton.cdiv(q_len, launch.block_m)
         chunk_tiles = _chunk_tiles(programs, tiles, _sm_count(device))
     else:
@@ -377,7 +376,7 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
     return o
 
 
-# gptfast::decode_attention, the op torch.compile sees (see kernels/__init__.py): validated
+# gptfast::decode_attention, the op torch.compile sees (see gptfast/kernels/__init__.py): validated
 # input; lens and max_len as _check_lengths returns them. No autograd (inference only).
 def _decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     lens: torch.Tensor | None, max_len: int, scale: float,
@@ -521,7 +520,7 @@ def decode_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation check (kernels/testing.py)
+# Ahead-of-time compilation check (gptfast/kernels/testing.py)
 # --------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -610,11 +609,11 @@ def aot_configs():
 
 def report_cases(cc: int = 90):
     """GPT-2's decode step (one new query over 1024 cached keys, head dim 64), for the static
-    report (kernels/report.py): 124M (12 heads) and 1558M (25 heads), batch 1 and 8, fp32 and
+    report (gptfast/kernels/report.py): 124M (12 heads) and 1558M (25 heads), batch 1 and 8, fp32 and
     bf16, on a GPU of compute capability ``cc`` (its SM count). Per launch a label, its aot
     config (specialised as the JIT specialises the model's call) and its grid size in
     programs, from ``_plan``."""
-    from kernels.testing import SM_COUNT, launch_config, sm_count_of
+    from gptfast.kernels.testing import SM_COUNT, launch_config, sm_count_of
 
     if INTERPRETING:
         raise RuntimeError("report_cases() describes GPU launches; call it with TRITON_INTERPRET unset")

@@ -14,12 +14,12 @@ wheel. A kernel module opts in by defining ``aot_configs()``: an iterable of dic
 "constexpr" ...}), ``constexprs`` ({arg: value}) and optionally ``num_warps``/``num_stages``/``attrs``,
 covering every launch configuration its heuristics can pick. Kernels decorated under
 TRITON_INTERPRET=1 cannot be compiled, so ``compile_module`` runs the compiler in a subprocess
-with the interpreter switched off: ``python -m kernels.testing MODULE``.
+with the interpreter switched off: ``python -m gptfast.kernels.testing MODULE``.
 
 Static figures of a compiled kernel (``kernel_stats``, ``occupancy``): registers, spills, shared
 memory, resident blocks per SM, the matrix and load instructions and the main loop's length,
 read from the cubin with the ``cuobjdump`` that ships in the triton wheel. The gate
-(tests/test_static.py) and the report (``python -m kernels.report``) share them.
+(tests/test_static.py) and the report (``python -m gptfast.kernels.report``) share them.
 """
 
 import contextlib
@@ -66,7 +66,7 @@ def assert_agrees(out, eager, ref, factor=2.0, atol=0.0, what="output") -> None:
 
 # Shared memory a block may use (bytes): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-ROOT = Path(__file__).resolve().parents[1]  # the directory holding the kernels package
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding the gptfast package
 
 
 def _compiled(fn, signature, constexprs, cc, num_warps=4, num_stages=3, attrs=None):
@@ -327,7 +327,7 @@ def compile_module(module: str, ccs=(80, 90), timeout=900, shards=1, pythonpath=
     Returns one ``config_record`` per (config, cc); ``sass=False``: without the SASS figures
     but the spills (``kernel_stats``), several times faster.
     """
-    args = ["kernels.testing", module, *map(str, ccs), *([] if sass else ["--no-sass"])]
+    args = ["gptfast.kernels.testing", module, *map(str, ccs), *([] if sass else ["--no-sass"])]
     return run_shards(args, shards, pythonpath, timeout)
 
 
