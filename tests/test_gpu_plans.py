@@ -1,6 +1,6 @@
 """Every kernel under the launch plans of an A100 (sm_80) and an H100/H200 (sm_90), in the
-interpreter: the tile sizes, kernel forms (dK/dV's query-major form), grids and SM counts a GPU
-of that capability takes, at small shapes that still cross every tile edge once.
+interpreter: the tile sizes, kernel forms, grids and SM counts a GPU of that capability takes, at
+small shapes that still cross every tile edge once.
 
 ``plans_of(cc)`` (or GPTFAST_PLAN_CC=80|90 for a whole run) switches the plans off CUDA; on a
 GPU these tests run that GPU's own plans at the same shapes. The interpreter's default small
@@ -118,3 +118,4 @@ def test_linear_cross_entropy_under_gpu_plans(plan_cc, dtype):
 
     h, w, t, b = make(40, 32, 3001, dtype, ignored=0.2)
     check(h, w, t, b, reduction="mean")
+
