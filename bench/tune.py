@@ -1,7 +1,8 @@
 """Measure the tunable launch configs on this GPU and write its tuning table (gptfast/kernels/tuning.py).
 
     python -m bench.tune [--out-dir DIR] [--budget S]  # on a CUDA machine, ~2-4 minutes
-    TRITON_INTERPRET=1 python -m bench.tune --dry-run  # the same plumbing on CPU, tiny shapes
+    python -m bench.tune --dry-run  # the same plumbing at tiny shapes, on the GPU if there is one
+    TRITON_INTERPRET=1 python -m bench.tune --dry-run  # ... else on CPU, in the interpreter
 
 For every kernel that registers a tuning space and has a case below, and every shape class of
 that space, each candidate config runs at GPT-2 shapes through the public op (the config put in
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from gptfast.kernels import add_layer_norm, attention, decode_attention, tuning
+from gptfast.kernels._common import INTERPRETING
 from gptfast.kernels.testing import agreement
 
 attn = importlib.import_module("gptfast.kernels.attention")
@@ -202,16 +204,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=tuning.CONFIG_DIR,
                         help="where <device name>.json goes (default: gptfast/kernels/configs)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU interpreter (TRITON_INTERPRET=1), tiny shapes, writes dry-run.json")
+                        help="tiny shapes, on the GPU if any, else on CPU (needs TRITON_INTERPRET=1); "
+                             "writes dry-run.json")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="start no new shape class after this long (the table keeps the rest)")
     args = parser.parse_args(argv)
-    if args.dry_run:
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        name = "dry run" if args.dry_run else torch.cuda.get_device_name()
+    elif args.dry_run and INTERPRETING:
         device, name = torch.device("cpu"), "dry run"
-    elif torch.cuda.is_available():
-        device, name = torch.device("cuda"), torch.cuda.get_device_name()
     else:
-        print("tune.py: no CUDA device (use --dry-run with TRITON_INTERPRET=1 on CPU)", file=sys.stderr)
+        print("tune.py: error: no CUDA device (on CPU: TRITON_INTERPRET=1 python -m bench.tune "
+              "--dry-run)", file=sys.stderr)
         return 2
     start = time.perf_counter()
     path = args.out_dir / tuning.file_name(name)

@@ -21,24 +21,32 @@ A piece gets the model *label* around its op: the innermost enclosing range name
 an autograd node gets the label of the forward op that made the node (same ``sequence_nr`` and
 forward thread, the profiler's own forward/backward link).
 
-The first rule that matches, on the kernel name and the launching op's name, picks the family:
+The first rule that matches, on the kernel name, then the launching op's name, picks the family:
 
-1. ``flash``/``attn``/``attention``/``fmha``/``sdpa`` → attention;
-2. ``layer_norm``/``layernorm`` → LayerNorm;
-3. a batched matmul (``bmm``) inside an ``*.att`` range → attention: these are eager
+1. a kernel named ``flash``/``attn``/``attention``/``fmha``/``sdpa`` → attention, one named
+   ``layer_norm``/``layernorm`` → LayerNorm;
+2. a batched matmul (``bmm``) inside an ``*.att`` range → attention: these are eager
    attention's QKᵀ and AV, which flash attention does inside its own kernel;
-4. ``gemm``/``gemv``/``mm``/``addmm``/``matmul``/``linear``/``cutlass``/``xmma``/``cublas``/
-   ``nvjet`` → matmul (the Q/K/V/out projections, the feed-forward, the output head);
-5. anything else inside ``*.att`` → attention (eager masking, scaling, softmax, dropout);
-6. anything else inside ``*.norm1``/``*.norm2``/``final_norm`` → LayerNorm (the chapter's
+3. a GEMM library's kernel (cuBLAS, cuBLASLt, CUTLASS, cuDNN: a name with ``gemm``/``gemv``/
+   ``cutlass``/``xmma``/``cublas``/``nvjet``/``splitKreduce``, e.g.
+   ``cutlass_75_tensorop_bf16_s1688gemm_bf16_128x128_tn_align1``, ``sm90_xmma_gemm_...``,
+   ``nvjet_tst_...``, ``ampere_bf16_s16816gemm_...``, ``cutlass3x_sm90_tensorop_gemm_...``) →
+   matmul, whichever op launched it (the Q/K/V/out projections, the feed-forward, the output
+   head, the fused loss's logit chunks);
+4. an op named as in 1 → attention / LayerNorm (the Triton kernels' own names, such as
+   ``_fwd_kernel``, say nothing: their ops ``Attention``, ``LayerNorm``... do);
+5. ``mm``/``addmm``/``bmm``/``matmul``/``linear`` ops → matmul;
+6. anything else inside ``*.att`` → attention (eager masking, scaling, softmax, dropout);
+7. anything else inside ``*.norm1``/``*.norm2``/``final_norm`` → LayerNorm (the chapter's
    LayerNorm is a handful of reduction and elementwise kernels; ``norm2`` includes the residual
    add, which the Triton path fuses into it);
-7. everything else → elementwise/other (embedding, GELU, residual adds, dropout, loss, AdamW).
+8. everything else → elementwise/other (embedding, GELU, residual adds, dropout, loss, AdamW).
 
 So both kernel sets are compared on the same work: attention = everything the attention core
 does, LayerNorm = everything the norms do. The Triton path's ops are autograd Functions
 (``Attention``, ``LayerNorm``, ``AddLayerNorm`` and their ``...Backward`` nodes; under
-torch.compile the ``gptfast::*`` ops), whose names match rules 1-2, so their kernels count right even where no label encloses them.
+torch.compile the ``gptfast::*`` ops), whose names match rule 4, so their kernels count right
+even where no label encloses them.
 
 *idle* is the rest of the timeline. On CUDA: the active steps' wall time minus the union of
 the kernels' intervals, i.e. the gaps where the GPU waits for the CPU to launch work. On CPU:
@@ -80,23 +88,29 @@ LABEL = re.compile(r"embedding|trf_blocks\.\d+\.(norm1|att|norm2|ff)|final_norm|
                    r"|loss|backward|optimizer")
 ATTENTION = re.compile(r"flash|attn|attention|fmha|sdpa")
 LAYER_NORM = re.compile(r"layer_?norm")
-MATMUL = re.compile(r"gemm|gemv|matmul|linear|cutlass|xmma|cublas|nvjet"
-                    r"|(^|[^a-z])(add|b|baddb)?mm([^a-z]|backward|$)")
+GEMM_KERNEL = re.compile(r"gemm|gemv|cutlass|xmma|cublas|nvjet|splitkreduce")
+MATMUL = re.compile(r"matmul|linear|(^|[^a-z])(add|b|baddb)?mm([^a-z]|backward|$)")
 BACKWARD_SCOPE = 1  # FunctionEvent.scope of an autograd node (RecordScope::BACKWARD_FUNCTION)
 
 
 def classify(name: str, op: str = "", label: str | None = None) -> str:
     """The family of kernel (or CPU op) ``name``, launched by ``op`` inside ``label``."""
-    text = f"{name} {op}".lower()
+    name, op = name.lower(), op.lower()
     in_att = label is not None and label.endswith(".att")
     in_norm = label is not None and (label.endswith((".norm1", ".norm2")) or label == "final_norm")
-    if ATTENTION.search(text):
+    if ATTENTION.search(name):
         return "attention"
-    if LAYER_NORM.search(text):
+    if LAYER_NORM.search(name):
         return "LayerNorm"
-    if in_att and "bmm" in text:
+    if in_att and "bmm" in f"{name} {op}":
         return "attention"
-    if MATMUL.search(text):
+    if GEMM_KERNEL.search(name):
+        return "matmul"
+    if ATTENTION.search(op):
+        return "attention"
+    if LAYER_NORM.search(op):
+        return "LayerNorm"
+    if MATMUL.search(f"{name} {op}"):
         return "matmul"
     if in_att:
         return "attention"

@@ -192,6 +192,29 @@ class Dist:
         return self.world > 1 or dist.is_initialized()
 
 
+def _rank_device(name: str | None, local: int, local_world: int) -> torch.device:
+    """This rank's device: ``name`` (--device), else cuda if there is one, else cpu; plain
+    "cuda" is the node's GPU LOCAL_RANK. Checked before any CUDA call, so that a node with
+    fewer visible GPUs than processes gets one error line on every rank, not a CUDA error."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
+    if device.type == "cpu":
+        return device
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index is None and local_world > visible:
+        raise ValueError(f"{local_world} process(es) on this node train on a GPU each, but "
+                         f"{visible} CUDA device(s) are visible: start at most {visible} per node "
+                         "(torchrun --nproc_per_node), or pass --device cpu to train with gloo")
+    if device.index is not None and device.index >= visible:
+        raise ValueError(f"--device {name}: {visible} CUDA device(s) are visible")
+    return device if device.index is not None else torch.device("cuda", local)
+
+
 def setup_distributed(opts: TrainOptions) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -200,9 +223,7 @@ def setup_distributed(opts: TrainOptions) -> Dist:
     if opts.batch_size % world:
         raise ValueError(f"batch_size {opts.batch_size} is not divisible by the world size "
                          f"{world}: every rank needs the same number of rows")
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)  # one GPU per rank
+    device = _rank_device(opts.device, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 or opts.fsdp:

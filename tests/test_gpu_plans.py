@@ -1,6 +1,6 @@
 """Every kernel under the launch plans of an A100 (sm_80) and an H100/H200 (sm_90), in the
-interpreter: the tile sizes, kernel forms (dK/dV's query-major form), grids and SM counts a GPU
-of that capability takes, at small shapes that still cross every tile edge once.
+interpreter: the tile sizes, kernel forms, grids and SM counts a GPU of that capability takes, at
+small shapes that still cross every tile edge once.
 
 ``plans_of(cc)`` (or GPTFAST_PLAN_CC=80|90 for a whole run) switches the plans off CUDA; on a
 GPU these tests run that GPU's own plans at the same shapes. The interpreter's default small
@@ -118,3 +118,48 @@ def test_linear_cross_entropy_under_gpu_plans(plan_cc, dtype):
 
     h, w, t, b = make(40, 32, 3001, dtype, ignored=0.2)
     check(h, w, t, b, reduction="mean")
+
+
+# ---- every tuning-table entry a table may name ----------------------------------------------
+
+
+def _entries():
+    from gptfast.kernels import tuning
+
+    for kernel in tuning.registered():
+        for cls, configs in tuning.space(kernel).items():
+            for config in configs:
+                yield pytest.param(kernel, cls, config,
+                                   id=f"{kernel}-{cls}-" + "-".join(map(str, config.values())))
+
+
+def _run_class(kernel, cls):
+    """One small case of a shape class, through the public op: it crosses a tile edge of the
+    widest tile a table may pick (128 rows or keys; a 2048-wide row)."""
+    if kernel.startswith("attention."):
+        from tests.test_attention import assert_flash_rule
+
+        dropout = 0.1 if cls.endswith("-dropout") else 0.0
+        assert_flash_rule((1, 1, 130, 64), (1, 1, 130, 64), BF16, True, dropout_p=dropout,
+                          generator_seed=3)
+    elif kernel.startswith("decode_attention."):
+        from tests.test_decode_attention import check, make_inputs
+
+        q, k, v = make_inputs(2, 1, 1, 64, 80, BF16, [70, 33])
+        check(q, k, v, torch.tensor([70, 33]), cls)
+    else:
+        from tests.test_layer_norm import _compare_add, _compare_layer_norm
+
+        dtype, block = {"bf16": BF16, "fp32": F32}[cls.split("-")[0]], int(cls.split("-")[1])
+        _compare_layer_norm((3, block // 2 + 88), dtype)
+        _compare_add((3, block // 2 + 88), dtype)
+
+
+@pytest.mark.parametrize("kernel,cls,config", list(_entries()))
+def test_every_tuning_entry_under_gpu_plans(plan_cc, kernel, cls, config):
+    """Each config a tuning table may pick (every TUNING_SPACE entry), in its shape class, with
+    the other launches of the call on the plans of sm_80 / sm_90."""
+    from gptfast.kernels import tuning
+
+    with tuning.use({kernel: {cls: config}}):
+        _run_class(kernel, cls)

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -275,8 +276,10 @@ def cli_args(opts):
 
 @pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
+    """One process on the CPU: what the torchrun runs (gloo on the CPU, also on a GPU machine)
+    must follow."""
     opts = options(data_dir, tmp_path_factory.mktemp("one"), max_steps=4, grad_accum=2,
-                   eval_every=2, sample_every=4)
+                   eval_every=2, sample_every=4, device="cpu")
     train(**opts)
     return opts
 
@@ -290,6 +293,29 @@ def assert_same_run(one, two):
     a, b = load_file(Path(one) / "model.safetensors"), load_file(Path(two) / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env,device,match", [
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, None,
+     r"2 process\(es\) on this node train on a GPU each, but 1 CUDA device\(s\) are visible"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "cuda",
+     r"2 process\(es\) on this node .* pass --device cpu"),
+    ({}, "cuda:1", r"--device cuda:1: 1 CUDA device\(s\) are visible"),
+    ({}, "tpu", "--device 'tpu' is not a device"),
+], ids=["two-ranks-one-gpu", "cuda-two-ranks", "cuda-index", "not-a-device"])
+def test_more_processes_than_gpus_is_one_line(data_dir, tmp_path, monkeypatch, capsys, env, device,
+                                              match):
+    """torchrun with more processes per node than visible GPUs (simulated: one GPU) stops every
+    rank with one error line before any CUDA call, and writes nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    extra = {} if device is None else {"device": device}
+    assert main(["train", *cli_args(options(data_dir, tmp_path / "run", **extra))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and re.search(match, err), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_torchrun_ddp_follows_one_process(one_process, tmp_path):

@@ -1,4 +1,5 @@
-"""Per-device tuning tables (gptfast/kernels/tuning.py) and bench/tune.py's sweep, on CPU.
+"""Per-device tuning tables (gptfast/kernels/tuning.py) and bench/tune.py's sweep: its dry run at
+tiny shapes runs on the GPU where there is one, else in the interpreter on CPU.
 
 A table can only change speed: anything wrong in it (schema, types, names, a config outside the
 compile-checked space, another Triton version) is an error from ``load`` and, for the table of
@@ -19,6 +20,7 @@ attn = importlib.import_module("gptfast.kernels.attention")
 dec = importlib.import_module("gptfast.kernels.decode_attention")
 ln = importlib.import_module("gptfast.kernels.layer_norm")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
 CLS = "bf16-d64-q1"
 GOOD = {dec.SPLIT_KERNEL: {CLS: dict(block_n=16, num_warps=4, num_stages=3)},
         ln.BWD_KERNEL: {"bf16-1024": dict(rows=2, num_warps=8, num_stages=3)}}
@@ -160,7 +162,7 @@ def test_tune_attention_dropout_candidates_agree():
     """bench/tune.py's dropout classes compare the kernels against eager with the kernels' mask:
     the static launches agree (forward, and the backward's dQ, dK, dV)."""
     for kernel in (attn.FWD_KERNEL, attn.DQ_KERNEL):
-        for shape in tune.CASES[kernel]("bf16-d64-dropout", torch.device("cpu"), True):
+        for shape in tune.CASES[kernel]("bf16-d64-dropout", DEVICE, True):
             results = [tune.agreement(o, e, r, 2.0, shape.slack)
                        for o, e, r in zip(shape.run(), shape.eager, shape.ref)]
             assert len(results) == (1 if kernel == attn.FWD_KERNEL else 3)
@@ -168,9 +170,9 @@ def test_tune_attention_dropout_candidates_agree():
 
 
 def test_tune_dry_run_writes_a_table_the_loader_reads(tmp_path):
-    """bench/tune.py's sweep in the interpreter at tiny shapes (one shape class per kernel), with
-    a mocked timer that makes one config of each class the fastest; every candidate runs and
-    agrees (none rejected), and the table round-trips through the loader."""
+    """bench/tune.py's sweep at tiny shapes (one shape class per kernel; on CPU in the
+    interpreter), with a mocked timer that makes one config of each class the fastest; every
+    candidate runs and agrees (none rejected), and the table round-trips through the loader."""
     favourite = {k: {cls: space[len(space) // 2] for cls, space in tune._classes(k, True).items()}
                  for k in tune.CASES}
     current = {}
@@ -191,7 +193,7 @@ def test_tune_dry_run_writes_a_table_the_loader_reads(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tuning, "use", spy)
         saved = []
-        entries = tune.tune(torch.device("cpu"), dry=True, timer=timer, log=lines.append,
+        entries = tune.tune(DEVICE, dry=True, timer=timer, log=lines.append,
                             save=lambda e: saved.append(json.loads(json.dumps(e))))
     assert entries == favourite
     assert len(saved) == sum(map(len, favourite.values())) and saved[-1] == favourite  # per class
@@ -202,5 +204,5 @@ def test_tune_dry_run_writes_a_table_the_loader_reads(tmp_path):
 
 def test_tune_budget_starts_no_class_past_it():
     lines = []
-    assert tune.tune(torch.device("cpu"), dry=True, log=lines.append, budget_s=-1.0) == {}
+    assert tune.tune(DEVICE, dry=True, log=lines.append, budget_s=-1.0) == {}
     assert len(lines) == len(tune.CASES) and all("budget" in line for line in lines)

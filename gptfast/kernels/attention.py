@@ -393,17 +393,18 @@ def _bwd_preprocess_kernel(
 def _dkdv_tiles(
     dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
     start_n, offs_n, offs_d, lo, hi, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
-    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, QUERY_MAJOR: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi).
 
     With P the weights and Z the keep mask: dV += (P * Z)^T dO, dS = P * (Z * (dO V^T) - delta
     (1 - p)), dK += dS^T Q (delta = rowsum(dO * O) comes times 1 - p from the preprocess
-    kernel); the kernel multiplies dK by scale / (1 - p) and dV by 1 / (1 - p) once at the end. The scores are computed transposed (keys x queries: S^T = K Q^T, whose
-    tiles feed the dV and dK products from registers) or, if QUERY_MAJOR, as in the forward
-    (S = Q K^T: the dropout RNG lands on its tiles without moving, see _dropout_keep; P and dS
-    then reach the products transposed through shared memory).
+    kernel); the kernel multiplies dK by scale / (1 - p) and dV by 1 / (1 - p) once at the end.
+    The scores are computed transposed (keys x queries: S^T = K Q^T), so that their tiles feed
+    the dV and dK products from registers, and every product is a key-tile-tall one (wgmma on
+    sm_90). (A query-major form, S = Q K^T with P and dS transposed through shared memory, made
+    Triton 3.6 and 3.9 pipeline Q and dO into 2-slot buffers read by both mma.sync and async
+    wgmma: a slot was refilled while a wgmma still read it; see _dkdv_launch.)
     Rows outside [q_lo, q_hi) load q = dO = lse = delta = 0, which makes their dS and dO zero:
     they add nothing, so the query window needs no mask on the weights. DIAGONAL tiles
     (causal) mask the weights of keys a query may not see, and hold the query that sees only
@@ -422,40 +423,22 @@ def _dkdv_tiles(
         do = tl.load(do_ptrs, mask=qo_mask, other=0.0)
         lse2 = tl.load(lse2_ptrs + start_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
-        if QUERY_MAJOR:
-            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, k.shape[0]], dtype=tl.float32)) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if DIAGONAL:
-                p = tl.where(offs_n[None, :] <= rows[:, None] + shift, p, 0.0)
-            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], dtype=tl.float32))
-            if DROPOUT:
-                keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
-                                     BLOCK_M, k.shape[0], False)
-                p_kept, dp = tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0)
-            else:
-                p_kept = p
-            dv = _mma(tl.trans(p_kept.to(do.dtype)), do, dv)
-            ds = p * (dp - delta[:, None])
-            if DIAGONAL:
-                ds = tl.where(rows[:, None] + shift == k_lo, 0.0, ds)
-            dk = _mma(tl.trans(ds.to(q.dtype)), q, dk)
+        s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if DIAGONAL:
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
+        dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
+        if DROPOUT:
+            keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
+                                 BLOCK_M, k.shape[0], True)
+            dv = _mma(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep, dp_t, 0.0)
         else:
-            s_t = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
-            p_t = tl.exp2(s_t - lse2[None, :])
-            if DIAGONAL:
-                p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
-            dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
-            if DROPOUT:
-                keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p),
-                                     BLOCK_M, k.shape[0], True)
-                dv = _mma(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv)
-                dp_t = tl.where(keep, dp_t, 0.0)
-            else:
-                dv = _mma(p_t.to(do.dtype), do, dv)
-            ds_t = p_t * (dp_t - delta[None, :])
-            if DIAGONAL:
-                ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
-            dk = _mma(ds_t.to(q.dtype), q, dk)
+            dv = _mma(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if DIAGONAL:
+            ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
+        dk = _mma(ds_t.to(q.dtype), q, dk)
         q_ptrs += _wide(BLOCK_M) * stride_qm
         do_ptrs += _wide(BLOCK_M) * stride_dom
     return dk, dv
@@ -477,7 +460,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, QUERY_MAJOR: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -525,12 +508,12 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
             start_n, offs_n, offs_d, m_lo, tl.minimum(m_full, m_end), q_lo, q_hi, k_lo, shift, Tk, D,
-            qk_scale, key, dropout_p, True, DROPOUT, QUERY_MAJOR, EVEN_D, BLOCK_M,
+            qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, BLOCK_M,
         )
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, stride_qm, stride_dom,
         start_n, offs_n, offs_d, m_full, m_end, q_lo, q_hi, k_lo, shift, Tk, D, qk_scale, key, dropout_p,
-        False, DROPOUT, QUERY_MAJOR, EVEN_D, BLOCK_M,
+        False, DROPOUT, EVEN_D, BLOCK_M,
     )
 
     if DROPOUT:  # the kept weights' 1 / (1 - p), left out of the tiles
@@ -716,27 +699,26 @@ def _fwd_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, device=
     return Launch(128, 32 if block_d == 128 else 64, 8, 3)
 
 
-def _dkdv_query_major(dtype: torch.dtype, dropout: bool, cc: int | None) -> bool:
-    """Whether dK/dV tiles compute query-major scores (the forward's orientation, see
-    _dkdv_tiles): with dropout on Hopper, where that costs 1.8x the dropout-free kernel's SASS
-    per score against 2.8x in the transposed form. sm_80's mma.sync tiles spill in it. The
-    interpreter's own plans (cc None) take Hopper's form."""
-    return dropout and (cc or 90) >= 90 and dtype != torch.float32
-
-
 def _dkdv_launch(block_d: int, dtype: torch.dtype, dropout: bool = False, cc: int | None = 90,
                  device=None) -> Launch:
     """dK/dV tiles: a wide key tile (BLOCK_N) held in registers, thin query tiles streamed; the
     device's tuning table's without dropout, else 8 warps, 64 keys at D=128 (128 spill on sm_80
-    under triton 3.6); with dropout on sm_80 16-query tiles (the RNG's registers: 32 queries
-    spill under triton 3.6). The dropout tiles are not tuned: their form depends on the GPU."""
+    under triton 3.6). With dropout (not tuned: the plan depends on the GPU): on sm_80 16-query
+    tiles (the RNG's registers: 32 queries spill under triton 3.6); on sm_90 32 x 128 (16 x 128
+    at D=128) in 2 stages: 1.97x the dropout-free kernel's SASS per score at D=64 (3 stages:
+    2.04x), no spills. Its Q/dO buffers have 2 slots for a prefetch distance of 1, and its
+    wgmma products are waited for in the iteration that issues them (the 3-stage query-major
+    form that ran on the H200 refilled a slot under a pending wgmma: dK 10x outside the rule).
+    """
     if not dropout and (tuned := _tuned(DKDV_KERNEL, block_d, dtype, dropout, device)):
         return tuned
     if cc is None:  # the interpreter's own
         return Launch(16, 32, 4, 1)
     if dtype == torch.float32:
         return Launch(32, 32, 8 if block_d == 128 else 4, 2)  # 4 warps spill at D=128 (3.6)
-    if dropout and not _dkdv_query_major(dtype, dropout, cc):
+    if dropout and cc >= 90:
+        return Launch(16 if block_d == 128 else 32, 128, 8, 2)
+    if dropout:
         return Launch(16, 64 if block_d == 128 else 128, 8, 3)
     return Launch(32, 64 if block_d == 128 else 128, 8, 3)  # 4 warps spill at D=64
 
@@ -843,7 +825,6 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
             q, k, v, do, lse2, delta, dk, dv, *lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
-            QUERY_MAJOR=_dkdv_query_major(q.dtype, dropout_p > 0, cc),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -1174,21 +1155,14 @@ def aot_configs():
         })
 
     def attention_kernels(dtype, block_d, dropout=False):
-        """(name, kernel, launch, its own constexprs, the ccs it is picked on or None for all)."""
-        kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), {}, None),
-                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout), {}, None)]
-        dkdv = {cc: (_dkdv_launch(block_d, dtype, dropout, cc),
-                     _dkdv_query_major(dtype, dropout, cc)) for cc in (80, 90)}
+        """(name, kernel, launch, the ccs it is picked on or None for all, their name suffix)."""
+        kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), None),
+                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout), None)]
+        dkdv = {cc: _dkdv_launch(block_d, dtype, dropout, cc) for cc in (80, 90)}
         shared = dkdv[80] == dkdv[90]
         for cc in (90,) if shared else (80, 90):
-            launch, query_major = dkdv[cc]
-            kernels.append(("dkdv", _bwd_dkdv_kernel, launch, {"QUERY_MAJOR": query_major},
-                            None if shared else (cc,)))
-        return kernels
-
-    def _variant(own, ccs):  # dK/dV's form, and the GPUs that pick it if not all
-        form = f"-qm{int(own['QUERY_MAJOR'])}" if "QUERY_MAJOR" in own else ""
-        return form + "".join(f"-sm{cc}" for cc in ccs or ())
+            kernels.append(("dkdv", _bwd_dkdv_kernel, dkdv[cc], None if shared else (cc,)))
+        return [(*kernel, "".join(f"-sm{cc}" for cc in kernel[-1] or ())) for kernel in kernels]
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
         has_ql, has_kl, left = lens
@@ -1198,27 +1172,25 @@ def aot_configs():
     for dtype, tname in _TRITON_DTYPE.items():
         for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
-            for kname, fn, launch, own, ccs in attention_kernels(dtype, block_d, dropout):
+            for kname, fn, launch, ccs, on in attention_kernels(dtype, block_d, dropout):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
                     f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
-                    f"-lens{''.join(str(int(f)) for f in lens)}{_variant(own, ccs)}",
-                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens) | own,
-                    ccs)
+                    f"-lens{''.join(str(int(f)) for f in lens)}{on}",
+                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens), ccs)
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
     # dropout's tiles at the head dims the rotation lacks, and fp32's at D=128
     for dtype, block_d in ((torch.float16, 16), (torch.float16, 32), (torch.float16, 128),
                            (torch.float32, 128)):
-        for kname, fn, launch, own, ccs in attention_kernels(dtype, block_d, dropout=True):
+        for kname, fn, launch, ccs, on in attention_kernels(dtype, block_d, dropout=True):
             add(f"{kname}-{_TRITON_DTYPE[dtype]}-d{block_d}-{launch.block_m}x{launch.block_n}"
-                f"-w{launch.num_warps}s{launch.num_stages}-causal1-dropout1-even1-lens000"
-                f"{_variant(own, ccs)}", fn, dtype, launch,
-                flags(launch, block_d, True, True, True) | own, ccs)
-    for kname, fn, launch, own, ccs in attention_kernels(torch.float16, 64):
-        add(f"{kname}-fp16-d64-length1-head1{_variant(own, ccs)}", fn, torch.float16, launch,
-            flags(launch, 64, True, False, True) | own | dict(Tq=1, Tk=1, H=1), ccs)
+                f"-w{launch.num_warps}s{launch.num_stages}-causal1-dropout1-even1-lens000{on}",
+                fn, dtype, launch, flags(launch, block_d, True, True, True), ccs)
+    for kname, fn, launch, ccs, on in attention_kernels(torch.float16, 64):
+        add(f"{kname}-fp16-d64-length1-head1{on}", fn, torch.float16, launch,
+            flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1), ccs)
     kernel_fns = {FWD_KERNEL: _fwd_kernel, DKDV_KERNEL: _bwd_dkdv_kernel, DQ_KERNEL: _bwd_dq_kernel}
     for kernel, classes in TUNING_SPACE.items():  # what a tuning table may pick
         for cls, space in classes.items():
@@ -1226,10 +1198,9 @@ def aot_configs():
             dtype, block_d = {v: k for k, v in _TRITON_DTYPE.items()}[tname], int(d[1:])
             for config in space:
                 launch = Launch(**config)
-                own = {"QUERY_MAJOR": False} if kernel == DKDV_KERNEL else {}
                 add(f"tuning-{kernel}-{cls}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
                     f"s{launch.num_stages}", kernel_fns[kernel], dtype, launch,
-                    flags(launch, block_d, True, bool(dropout), True) | own)
+                    flags(launch, block_d, True, bool(dropout), True))
     add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
     from gptfast.kernels.testing import config_key
@@ -1275,8 +1246,6 @@ def report_cases(cc: int = 90):
                 ]
                 for fn, launch, rows, values in launches:
                     own = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
-                    if fn is _bwd_dkdv_kernel:
-                        own["QUERY_MAJOR"] = _dkdv_query_major(dtype, p > 0, cc)
                     cfg = launch_config(f"{fn.__name__} {label}", fn, dict(zip(fn.arg_names, values)),
                                         flags | own, launch.num_warps, launch.num_stages)
                     cases.append({"label": label, "config": cfg,
