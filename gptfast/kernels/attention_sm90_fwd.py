@@ -8,10 +8,10 @@ backward is the same. What differs is how the work reaches the tensor cores:
 - ``TMA``: Q, K, V are read and O written through host-made tensor descriptors over the
   (B, H, T, D) view, whatever its strides (the last 1, the others 16-byte multiples): one bulk
   copy per tile into shared memory, zero-filled past T and D, so no per-element masks or
-  addresses. Under triton 3.6 that takes the 128 x 64 forward from 190 to 128 registers per
-  thread at D=64: two 8-warp programs per SM instead of one, whose warpgroups then take turns
-  on the tensor cores (the ping-pong FlashAttention-3 schedules by hand). Without TMA: pointer
-  loads (cp.async), masked at the edges.
+  addresses. Under triton 3.6 the 128 x 64 forward at D=64 then takes 128 registers per thread
+  (the generic kernel 154, this kernel's pointer path 190): two 8-warp programs per SM instead
+  of one, whose warpgroups take turns on the tensor cores (the ping-pong FlashAttention-3
+  schedules by hand). Without TMA: pointer loads (cp.async), masked at the edges.
 - The grid: tiles go heaviest first across every (batch, head): rank r holds the causal query
   tile with the r-th most keys of every head, so the cheap diagonal tiles fill the end (longest
   processing time first) instead of each head's tiles going heavy to light in turn. With one
