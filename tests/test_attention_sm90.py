@@ -143,3 +143,25 @@ def test_generic_kernels_where_no_variant_applies(launched):
     assert launched == ["_fwd_kernel"]
     assert sm90.shape_class(torch.float16, 64, False) is None
     assert sm90.shape_class(BF16, 32, False) is None
+
+
+def test_the_gate_compiles_every_plannable_config():
+    """tuning's contract: a table can name only configs the static gate compiles. aot_configs()
+    needs the interpreter off: a subprocess lists them (no compiling)."""
+    import json
+    import subprocess
+
+    from gptfast.kernels.testing import compiler_env
+
+    code = ("import json; from gptfast.kernels import attention_sm90 as m; "
+            "print(json.dumps(sorted(c['name'] for c in m.aot_configs())))")
+    out = subprocess.run([sys.executable, "-c", code], env=compiler_env(), capture_output=True,
+                         text=True, check=True).stdout
+    names = set(json.loads(out))
+    for kernel, classes in sm90.SPACE.items():
+        for cls, space in classes.items():
+            d, dropout = cls.split("-")[1], int(cls.endswith("dropout"))
+            for cfg in space:
+                variant = sm90._variant(cfg).replace(" ", "-")
+                assert f"{kernel}-{variant}-{d}-causal1-dropout{dropout}-sm90" in names, (kernel, cls, cfg)
+    assert all(name.endswith("-sm90") for name in names)  # sm_90 only, as the plans
