@@ -186,8 +186,8 @@ def test_sass_figures():
         "/*0000*/ UTMALDG.4D [UR8], [UR4] ;", "/*0010*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9], RZ ;",
         "/*0020*/ @!P0 BRA 0x60 ;", "/*0030*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;",
         "/*0040*/ @P1 BRA 0x0 ;", "/*0050*/ EXIT ;",
-        "/*0060*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9], RZ ;", "/*0070*/ @!P0 BRA 0x60 ;",
-        "/*0080*/ BRA 0x20 ;"])
+        "/*0060*/ IMAD.U32 R3, RZ, RZ, UR9 ;", "/*0070*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3], RZ ;",
+        "/*0080*/ @!P0 BRA 0x60 ;", "/*0090*/ BRA 0x20 ;"])
     assert _sass_figures(poll)["loops"] == [5] and _sass_figures(poll)["loads"] == "TMA"
     assert _sass_figures("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
     assert _sass_figures("/*0000*/ FFMA R0, R1, R2, R0 ;") | {"loops": None} == {

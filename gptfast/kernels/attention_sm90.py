@@ -5,9 +5,9 @@ or ``tuning.use`` (tests, ``bench/experiments/attention_sm90.py``) maps one of t
 kernels below and a shape class to a config; without one, ``attention`` keeps its generic
 kernels. Each config is a dict of ints: the tile (``block_m`` x ``block_n``), ``num_warps``,
 ``num_stages``, ``tma`` (1: tensor-descriptor tiles, where the tensors allow them: 16-byte
-aligned, unit last stride, 16-byte multiples for the others; else pointer loads) and
+aligned, unit last stride, 16-byte multiples for the others; else pointer loads),
 ``programs_per_sm`` (0: one program per tile, heaviest first; n: a persistent grid of n
-programs per SM). The backward takes the variants when plans name both of its kernels: the
+programs per SM) and, for dK/dV, ``query_major`` (the scores' orientation, see its kernel). The backward takes the variants when plans name both of its kernels: the
 dQ kernel (which also computes the preprocess's delta) runs first, then dK/dV.
 
 The variants serve bf16 (the chapter model's training dtype under autocast) with a head dim
@@ -47,15 +47,16 @@ _TILES = {
         "bf16-d64-dropout": [(128, 32, 4, 3, 1, 0), (64, 64, 4, 3, 1, 0)],
         "bf16-d128-dropout": [(128, 32, 8, 2, 1, 0)],
     },
-    DKDV: {
-        "bf16-d64": [(64, 128, 8, 3, 1, 0), (32, 128, 8, 3, 1, 0), (64, 64, 4, 3, 1, 0),
-                     (64, 128, 8, 3, 1, 1)],
-        "bf16-d128": [(32, 64, 8, 3, 1, 0), (32, 128, 8, 2, 1, 0)],
-        "bf16-d64-dropout": [(32, 128, 8, 3, 1, 0), (32, 64, 4, 3, 1, 0)],
-        "bf16-d128-dropout": [(32, 64, 8, 3, 1, 0)],
+    DKDV: {  # + query-major scores (1) or keys-major (0)
+        "bf16-d64": [(64, 128, 8, 3, 1, 0, 0), (32, 128, 8, 3, 1, 0, 0), (64, 64, 4, 3, 1, 0, 0),
+                     (64, 128, 8, 3, 1, 1, 0)],
+        "bf16-d128": [(32, 64, 8, 3, 1, 0, 0), (32, 128, 8, 2, 1, 0, 0)],
+        "bf16-d64-dropout": [(32, 128, 8, 3, 1, 0, 1), (32, 128, 8, 3, 1, 0, 0),
+                             (32, 64, 4, 3, 1, 0, 1)],
+        "bf16-d128-dropout": [(32, 64, 8, 3, 1, 0, 1), (32, 64, 8, 3, 1, 0, 0)],
     },
 }
-_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "tma", "programs_per_sm")
+_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "tma", "programs_per_sm", "query_major")
 SPACE = {kernel: {cls: [dict(zip(_KEYS, tile)) for tile in tiles] for cls, tiles in classes.items()}
          for kernel, classes in _TILES.items()}
 for _kernel, _space in SPACE.items():
@@ -105,11 +106,12 @@ def _grid(cfg: dict, tiles: int, device: torch.device) -> tuple[int]:
     return (min(tiles, sms * cfg["programs_per_sm"]),)
 
 
-def _launch(fn, cfg, block_d, tensors, stats, tiled_by, scales, causal, seed, dropout_p):
+def _launch(fn, cfg, block_d, tensors, stats, tiled_by, scales, causal, seed, dropout_p, **own):
     """Launch a variant kernel with its tensor operands (``tensors``: name -> (tensor, the config
     key of its tile rows), in the kernel's order; descriptors of (rows x block_d) tiles or the
     tensors), the fp32 per-row statistics, every operand's strides, then the scalars all take.
-    ``tiled_by``: the tile rows that split the grid, block_m (queries) or block_n (keys)."""
+    ``tiled_by``: the tile rows that split the grid, block_m (queries) or block_n (keys);
+    ``own``: the kernel's own constexprs."""
     q, k = tensors["q"][0], tensors["k"][0]
     (B, H, Tq, D), Tk = q.shape, k.shape[2]
     operands, tma = _operands(cfg, block_d, {n: (t, cfg[rows]) for n, (t, rows) in tensors.items()})
@@ -119,7 +121,7 @@ def _launch(fn, cfg, block_d, tensors, stats, tiled_by, scales, causal, seed, dr
         *operands, *stats, *strides, B * H, H, Tq, Tk, D, *scales, seed, dropout_p,
         CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d, TMA=tma, BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], **own,
     )
 
 
@@ -162,7 +164,7 @@ def backward_dkdv(cfg, do, q, k, v, lse2, delta, dk, dv, causal, scale, seed, dr
     tensors = {"q": (q, "block_m"), "k": (k, "block_n"), "v": (v, "block_n"), "do": (do, "block_m"),
                "dk": (dk, "block_n"), "dv": (dv, "block_n")}
     _launch(_bwd_dkdv_sm90_kernel, cfg, block_d, tensors, (lse2, delta), "block_n",
-            (scale, scale * LOG2E), causal, seed, dropout_p)
+            (scale, scale * LOG2E), causal, seed, dropout_p, QUERY_MAJOR=bool(cfg["query_major"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +179,9 @@ _ROWS = {"Q": "block_m", "O": "block_m", "DO": "block_m", "DQ": "block_m", "K": 
 
 def _variant(cfg: dict) -> str:
     grid = f"persistent{cfg['programs_per_sm']}" if cfg["programs_per_sm"] else "tiles"
+    form = " query-major" if cfg.get("query_major") else ""
     return (f"{'tma' if cfg['tma'] else 'ptr'} {cfg['block_m']}x{cfg['block_n']} "
-            f"w{cfg['num_warps']}s{cfg['num_stages']} {grid}")
+            f"w{cfg['num_warps']}s{cfg['num_stages']} {grid}{form}")
 
 
 def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: bool, heads=12,
@@ -188,6 +191,8 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
     fn = _KERNEL_FNS[kernel]
     flags = dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=True, TMA=bool(cfg["tma"]),
                  BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d)
+    if kernel == DKDV:
+        flags["QUERY_MAJOR"] = bool(cfg["query_major"])
     signature, constexprs, attrs = {}, dict(flags), {}
     for i, arg in enumerate(fn.arg_names):
         if arg in flags:

@@ -146,9 +146,10 @@ def _sass_figures(sass: str) -> dict:
     inner = [(lo, hi) for lo, hi in loops
              if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
     bodies = [[op for a, op, _ in ops if lo <= a <= hi and op != "NOP"] for lo, hi in sorted(inner)]
-    # a loop of barrier polls only (a TMA copy's mbarrier wait: SYNCS.PHASECHK, BRA) is no work
+    # a barrier poll (a TMA copy's mbarrier wait: SYNCS.PHASECHK and the branch, at most an
+    # address computation beside them) is no work loop
     lengths = [len(body) for body in bodies
-               if not all(op.startswith(("SYNCS.", "BRA")) for op in body)]
+               if not (len(body) <= 4 and any(op.startswith("SYNCS.PHASECHK") for op in body))]
     mma = "wgmma" if "HGMMA" in names else "mma.sync" if "HMMA" in names else "none"
     loads = [name for name, ops_ in (("TMA", {"UTMALDG", "UBLKCP"}), ("cp.async", {"LDGSTS"}))
              if names & ops_]
