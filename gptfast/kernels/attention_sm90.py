@@ -7,8 +7,9 @@ kernels. Each config is a dict of ints: the tile (``block_m`` x ``block_n``), ``
 ``num_stages``, ``tma`` (1: tensor-descriptor tiles, where the tensors allow them: 16-byte
 aligned, unit last stride, 16-byte multiples for the others; else pointer loads),
 ``programs_per_sm`` (0: one program per tile, heaviest first; n: a persistent grid of n
-programs per SM) and, for dK/dV, ``query_major`` (the scores' orientation, see its kernel). The backward takes the variants when plans name both of its kernels: the
-dQ kernel (which also computes the preprocess's delta) runs first, then dK/dV.
+programs per SM) and, for dK/dV, ``query_major`` (the scores' orientation, see its kernel).
+The backward takes the variants when plans name both of its kernels: the dQ kernel (which also
+computes the preprocess's delta) runs first, then dK/dV.
 
 The variants serve bf16 (the chapter model's training dtype under autocast) with a head dim
 that the launch pads to 64 or 128, without per-row lengths; anything else keeps the generic
@@ -99,7 +100,7 @@ def _operands(cfg: dict, block_d: int, tensors: dict[str, tuple[torch.Tensor, in
 
 
 def _grid(cfg: dict, tiles: int, device: torch.device) -> tuple[int]:
-    """One program per tile, or the persistent grid: programs_per_sm per SM (at most one per tile)."""
+    """One program per tile, or the persistent grid: programs_per_sm per SM (at most one a tile)."""
     if not cfg["programs_per_sm"]:
         return (tiles,)
     sms = plan_sm_count(device) or _INTERPRETER_SMS
