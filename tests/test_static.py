@@ -70,6 +70,7 @@ def test_every_config_compiles(compiled):
 
 _KERNELS = {
     "gptfast.kernels.attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "gptfast.kernels.attention_sm90": {"_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel"},
     "gptfast.kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
     "gptfast.kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
     "gptfast.kernels.linear_cross_entropy": {"_ce_kernel"},
@@ -179,6 +180,15 @@ def test_sass_figures():
     # loops [0x30, 0x50] and [0x60, 0x90] (NOP not counted) lie inside [0x20, 0xa0]; the final
     # self-branch is no loop
     assert fig["loops"] == [3, 3] and fig["main_loop"] == 3 and fig["sass"] == 13
+    # a TMA wait in a loop: on a pending copy it branches to an out-of-line poll, which returns
+    # into the loop; the poll is no work loop, the span it returns over no innermost loop
+    poll = "\n".join([
+        "/*0000*/ UTMALDG.4D [UR8], [UR4] ;", "/*0010*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9], RZ ;",
+        "/*0020*/ @!P0 BRA 0x60 ;", "/*0030*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;",
+        "/*0040*/ @P1 BRA 0x0 ;", "/*0050*/ EXIT ;",
+        "/*0060*/ IMAD.U32 R3, RZ, RZ, UR9 ;", "/*0070*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3], RZ ;",
+        "/*0080*/ @!P0 BRA 0x60 ;", "/*0090*/ BRA 0x20 ;"])
+    assert _sass_figures(poll)["loops"] == [5] and _sass_figures(poll)["loads"] == "TMA"
     assert _sass_figures("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
     assert _sass_figures("/*0000*/ FFMA R0, R1, R2, R0 ;") | {"loops": None} == {
         "spill_stores": 0, "spill_loads": 0, "mma": "none", "loads": "none", "loops": None,

@@ -788,6 +788,10 @@ def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
     if scale <= 0:  # the forward's row max needs a positive scale: q (-k)^T |scale| is the same
         k, scale = (-k, -scale) if scale < 0 else (torch.zeros_like(k), 1.0)
+    padded = query_lens is not None or key_lens is not None
+    if sm90 := attention_sm90.plan(attention_sm90.FWD, q, block_d, dropout_p > 0, padded):
+        attention_sm90.forward(sm90, q, k, v, o, lse2, causal, scale, seed, dropout_p, block_d)
+        return o, lse2
     _fwd_kernel[grid](
         q, k, v, o, lse2, *lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
@@ -809,6 +813,10 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     dv = torch.empty_like(v) if need_dkdv else None
     block_d = _block_d(D)
     even_d = D == block_d
+    padded = query_lens is not None or key_lens is not None
+    if need_dq and attention_sm90.backward(do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed,
+                                           dropout_p, block_d, padded):
+        return dq, dk, dv
     lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d, **len_flags)
 
@@ -1260,3 +1268,6 @@ def report_cases(cc: int = 90):
             cases.append({"label": f"{model} B{B} T{T} {_TRITON_DTYPE[dtype]}", "config": cfg,
                           "grid": triton.cdiv(T, pre.block_m) * B * H})
     return cases
+
+
+from gptfast.kernels import attention_sm90  # noqa: E402  (its kernels use the helpers above)

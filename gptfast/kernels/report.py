@@ -19,8 +19,8 @@ import importlib
 import json
 import sys
 
-MODULES = ("gptfast.kernels.attention", "gptfast.kernels.decode_attention", "gptfast.kernels.layer_norm",
-           "gptfast.kernels.linear_cross_entropy")
+MODULES = ("gptfast.kernels.attention", "gptfast.kernels.attention_sm90", "gptfast.kernels.decode_attention",
+           "gptfast.kernels.layer_norm", "gptfast.kernels.linear_cross_entropy")
 _TILE_KEYS = ("ROWS", "BLOCK_G", "BLOCK_S", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_V")
 
 

@@ -125,7 +125,8 @@ def _sass_figures(sass: str) -> dict:
     innermost loop holds no other. ``loops`` are their instruction counts (NOPs aside) in
     program order; ``main_loop`` is the shortest: in the flash kernels the masked (diagonal,
     boundary) loop repeats the unmasked steady-state loop's work plus the masking, so the
-    shortest is the one most key or query tiles go through.
+    shortest is the one most key or query tiles go through. Loops that only poll a barrier (the
+    wait for a TMA copy) are left out.
     """
     ops = [(int(a, 16), op, rest) for a, op, rest in _INSTRUCTION.findall(sass)]
     names = {op.split(".")[0] for _, op, _ in ops}
@@ -144,7 +145,11 @@ def _sass_figures(sass: str) -> dict:
             loops.append((int(target.group(1), 16), addr))
     inner = [(lo, hi) for lo, hi in loops
              if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
-    lengths = [sum(lo <= a <= hi for a, op, _ in ops if op != "NOP") for lo, hi in sorted(inner)]
+    bodies = [[op for a, op, _ in ops if lo <= a <= hi and op != "NOP"] for lo, hi in sorted(inner)]
+    # a barrier poll (a TMA copy's mbarrier wait: SYNCS.PHASECHK and the branch, at most an
+    # address computation beside them) is no work loop
+    lengths = [len(body) for body in bodies
+               if not (len(body) <= 4 and any(op.startswith("SYNCS.PHASECHK") for op in body))]
     mma = "wgmma" if "HGMMA" in names else "mma.sync" if "HMMA" in names else "none"
     loads = [name for name, ops_ in (("TMA", {"UTMALDG", "UBLKCP"}), ("cp.async", {"LDGSTS"}))
              if names & ops_]

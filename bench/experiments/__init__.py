@@ -1,0 +1,1 @@
+"""Experiments: one-off side-by-side GPU runs that decide between kernel variants."""
