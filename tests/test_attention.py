@@ -670,7 +670,6 @@ def test_row_offsets_are_64_bit():
     int32 products left are scalar tile counts times a tile size."""
     import os
     import subprocess
-    import sys
 
     from gptfast.kernels.testing import ROOT
 
@@ -685,108 +684,6 @@ def test_row_offsets_are_64_bit():
     for line in products:
         narrow = re.search(r": (tensor<[0-9x]+xi32>|i32)$", line)
         assert not narrow or (" const " in line and line.endswith(": i32")), f"32-bit product: {line}"
-
-
-# Compiles (for sm_90) the configs of aot_configs() whose names match argv[1] and prints each as
-# one JSON line with its TTGIR.
-_TTGIR_OF = """
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from gptfast.kernels.attention import aot_configs
-for cfg in aot_configs():
-    if not re.match(sys.argv[1], cfg["name"]) or 90 not in cfg.get("ccs", (90,)):
-        continue
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
-                    attrs=cfg["attrs"])
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ttgir"]
-    print(json.dumps({"name": cfg["name"], "num_stages": cfg["num_stages"], "ttgir": ttgir}))
-"""
-
-
-def async_reads_of_refilled_buffers(ttgir: str, num_stages: int) -> list[str]:
-    """The asynchronous wgmma reads of a software-pipelined shared buffer that the pipeline
-    refills while they may still be pending: a WAR race on shared memory.
-
-    A ``warp_group_dot_wait {pendings = n > 0}`` leaves up to n wgmma groups in flight; its
-    operands name the shared buffers they still read. Such a buffer, if it is one of the
-    pipeline's multi-buffered allocations (``local_alloc : () -> memdesc<S x ...>``), needs a
-    slot more than the prefetch distance (S >= num_stages): with S = num_stages - 1 the load of
-    tile i + S is issued into the very slot that tile i's wgmma still reads. Returns one line
-    (the wait, the buffer, S) per such read; the interpreter cannot see this (it has no shared
-    memory and runs tl.dot synchronously).
-    """
-    defs = {}
-    for line in ttgir.splitlines():
-        if m := re.match(r"\s*(%[\w.]+)(?::\d+)? = (\S+) (.*)", line):
-            defs[m.group(1)] = (m.group(2), m.group(3))
-    views = ("ttg.memdesc_subslice", "ttg.memdesc_index", "ttg.memdesc_trans")
-
-    def allocation(value):  # through subviews to the op that made the buffer
-        while value in defs and defs[value][0] in views:
-            value = re.match(r"(%[\w.]+)", defs[value][1]).group(1)
-        return value, *defs.get(value, ("", ""))
-
-    races = []
-    for line in ttgir.splitlines():
-        if "ttng.warp_group_dot_wait" not in line or "{pendings = 0 " in line:
-            continue
-        operands = line.split("warp_group_dot_wait", 1)[1].split("{", 1)[0]
-        for value in re.findall(r"%[\w.]+", operands):
-            buffer, op, rest = allocation(value)
-            slots = re.match(r": \(\) -> !ttg.memdesc<(\d+)x", rest)
-            if op == "ttg.local_alloc" and slots and int(slots.group(1)) < num_stages:
-                wait = line.split("loc(")[0].strip()
-                races.append(f"{wait}: {buffer} has {slots.group(1)} slots")
-    return races
-
-
-def test_the_refill_race_check_sees_a_refilled_slot():
-    """The check on a hand-made loop: a wgmma left pending (pendings = 1) on a 2-slot buffer of
-    a 3-stage pipeline is a race; with 3 slots, or waited for (pendings = 0), it is not."""
-    def loop(slots, pendings):
-        return f"""
-    %q = ttg.local_alloc : () -> !ttg.memdesc<{slots}x32x64xbf16, #shared1, #smem, mutable>
-      %q_1 = ttg.memdesc_index %q[%i] : !ttg.memdesc<{slots}x32x64xbf16> -> !ttg.memdesc<32x64xbf16>
-      %q_2 = ttg.memdesc_subslice %q_1[16, 0] : !ttg.memdesc<32x64xbf16> -> !ttg.memdesc<16x64xbf16>
-      %dk = ttng.warp_group_dot %a, %q_2, %acc {{isAsync = true}} : tensor<128x16xbf16> * ...
-      %dk_3:2 = ttng.warp_group_dot_wait %dk, %q_2 {{pendings = {pendings} : i32}} : ...
-"""
-    (race,) = async_reads_of_refilled_buffers(loop(2, 1), num_stages=3)
-    assert race.endswith("%q has 2 slots") and "pendings = 1" in race
-    assert async_reads_of_refilled_buffers(loop(3, 1), num_stages=3) == []
-    assert async_reads_of_refilled_buffers(loop(2, 0), num_stages=3) == []
-
-
-@pytest.mark.parametrize("triton_version", ["installed", "3.6"])
-def test_no_wgmma_reads_a_slot_being_refilled(triton_version):
-    """The dK/dV kernels that sm_90 runs with dropout (every head-dim block, fp16 and fp32) and
-    without: no asynchronous wgmma reads a pipelined shared buffer while its slot is refilled
-    (see async_reads_of_refilled_buffers). The query-major form raced so (its mma.sync score
-    products and wgmma gradient products shared 2-slot Q/dO buffers in a 3-stage pipeline: dK
-    10x outside the 2x rule on the H200); Triton's interpreter cannot see it."""
-    import json
-    import os
-    import subprocess
-
-    from gptfast.kernels.testing import ROOT, compiler_env
-
-    pythonpath = None
-    if triton_version == "3.6":
-        if not os.environ.get("GPTFAST_TRITON36"):
-            pytest.skip("GPTFAST_TRITON36 is unset (see tests/test_static.py)")
-        pythonpath = os.path.abspath(os.environ["GPTFAST_TRITON36"])
-    names = r"dkdv-(fp16|fp32)-d\d+-.*-dropout1|dkdv-bf16-d64-"
-    proc = subprocess.run([sys.executable, "-c", _TTGIR_OF, names], cwd=ROOT,
-                          env=compiler_env(pythonpath), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    kernels = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(kernels) >= 5, [k["name"] for k in kernels]
-    races = [f"{k['name']}: {race}" for k in kernels
-             for race in async_reads_of_refilled_buffers(k["ttgir"], k["num_stages"])]
-    assert not races, "\n".join(races)
 
 
 def test_aot_configs_need_the_compiler():

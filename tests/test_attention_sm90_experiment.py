@@ -30,11 +30,11 @@ def test_winners_beat_the_generic_kernels_over_every_shape_of_a_class():
 
 def test_plans_put_one_config_in_place_and_labels_name_it():
     cls = "bf16-d64-dropout"
-    cfg = sm90.SPACE[sm90.DKDV][cls][2]
+    cfg = sm90.SPACE[sm90.DKDV][cls][0]
     plans = exp.item_plans(cls, ("dkdv", cfg))
     assert plans == {sm90.DQ: {cls: sm90.SPACE[sm90.DQ][cls][0]}, sm90.DKDV: {cls: cfg}}
     assert exp.item_plans(cls, ("fwd", cfg)) == {sm90.FWD: {cls: cfg}}
-    assert exp.label(("dkdv", cfg)) == "dkdv tma 32x64 w4s3 tiles query-major"
+    assert exp.label(("dkdv", cfg)) == "dkdv tma 32x128 w8s3 tiles"
     assert exp.label(("generic", "bwd")) == "generic bwd"
     assert {s.cls for s in exp.shapes(dry=False)} == set(sm90.SPACE[sm90.FWD])
     assert exp._cell(0.12345) == "0.1235" and exp._cell("error: a\nb") == "error: a b"

@@ -6,8 +6,9 @@ them) and every launch of the static report (``report_cases()``, GPT-2 shapes) i
 sm_80 and sm_90, with the installed triton and with triton 3.6 (the GPU machine's) when
 GPTFAST_TRITON36 names a directory holding it (``pip install --no-deps --target DIR
 triton==3.6.0``; .ci/run does this). No config may spill registers (or have a stack frame),
-each must fit its GPU's shared memory, and the report's occupancy and grid figures must be what
-a hand computation gives.
+each must fit its GPU's shared memory, no sm_90 config may race its software pipeline (a pending
+wgmma reading a buffer slot being refilled), and the report's occupancy and grid figures must be
+what a hand computation gives.
 """
 
 import os
@@ -85,6 +86,35 @@ def test_no_config_spills(compiled):
         for r in declared + rows if r["ok"] and (r["spill_stores"] or r["spill_loads"] or r["stack"])
     })
     assert not spills, f"{len(spills)} configs spill registers:\n" + "\n".join(spills)
+
+
+def test_no_wgmma_reads_a_slot_being_refilled(compiled):
+    """No sm_90 config leaves an asynchronous wgmma reading a software-pipelined shared buffer
+    whose slot the pipeline refills meanwhile (``testing.async_reads_of_refilled_buffers``). The
+    dK/dV kernels' query-major form raced so (its mma.sync score products and wgmma gradient
+    products shared 2-slot Q/dO buffers in a 3-stage pipeline: dK 10x outside the 2x rule on the
+    H200, 2026-12-04); Triton's interpreter cannot see it (no shared memory, synchronous dots)."""
+    declared, rows = compiled
+    races = [f"{_what(r)}: {race}" for r in declared + rows if r["ok"] for race in r.get("races", ())]
+    assert not races, "\n".join(races)
+    assert any("races" in r for r in declared), "no sm_90 record was checked"
+
+
+def test_the_refill_race_check_sees_a_refilled_slot():
+    """The check on a hand-made loop: a wgmma left pending (pendings = 1) on a 2-slot buffer of
+    a 3-stage pipeline is a race; with 3 slots, or waited for (pendings = 0), it is not."""
+    def loop(slots, pendings):
+        return f"""
+    %q = ttg.local_alloc : () -> !ttg.memdesc<{slots}x32x64xbf16, #shared1, #smem, mutable>
+      %q_1 = ttg.memdesc_index %q[%i] : !ttg.memdesc<{slots}x32x64xbf16> -> !ttg.memdesc<32x64xbf16>
+      %q_2 = ttg.memdesc_subslice %q_1[16, 0] : !ttg.memdesc<32x64xbf16> -> !ttg.memdesc<16x64xbf16>
+      %dk = ttng.warp_group_dot %a, %q_2, %acc {{isAsync = true}} : tensor<128x16xbf16> * ...
+      %dk_3:2 = ttng.warp_group_dot_wait %dk, %q_2 {{pendings = {pendings} : i32}} : ...
+"""
+    (race,) = testing.async_reads_of_refilled_buffers(loop(2, 1), num_stages=3)
+    assert race.endswith("%q has 2 slots") and "pendings = 1" in race
+    assert testing.async_reads_of_refilled_buffers(loop(3, 1), num_stages=3) == []
+    assert testing.async_reads_of_refilled_buffers(loop(2, 0), num_stages=3) == []
 
 
 def test_every_config_fits_shared_memory(compiled):

@@ -7,7 +7,9 @@ kernels. Each config is a dict of ints: the tile (``block_m`` x ``block_n``), ``
 ``num_stages``, ``tma`` (1: tensor-descriptor tiles, where the tensors allow them: 16-byte
 aligned, unit last stride, 16-byte multiples for the others; else pointer loads),
 ``programs_per_sm`` (0: one program per tile, heaviest first; n: a persistent grid of n
-programs per SM) and, for dK/dV, ``query_major`` (the scores' orientation, see its kernel).
+programs per SM). dK/dV computes its scores keys-major only: a query-major form (the
+forward's orientation) raced on sm_90 (see the generic ``_dkdv_tiles``), and the static gate
+rejects any config whose pending wgmma reads a pipelined buffer with fewer slots than stages.
 The backward takes the variants when plans name both of its kernels: the dQ kernel (which also
 computes the preprocess's delta) runs first, then dK/dV.
 
@@ -48,16 +50,15 @@ _TILES = {
         "bf16-d64-dropout": [(128, 32, 4, 3, 1, 0), (64, 64, 4, 3, 1, 0)],
         "bf16-d128-dropout": [(128, 32, 8, 2, 1, 0)],
     },
-    DKDV: {  # + query-major scores (1) or keys-major (0)
-        "bf16-d64": [(64, 128, 8, 3, 1, 0, 0), (32, 128, 8, 3, 1, 0, 0), (64, 64, 4, 3, 1, 0, 0),
-                     (64, 128, 8, 3, 1, 1, 0)],
-        "bf16-d128": [(32, 64, 8, 3, 1, 0, 0), (32, 128, 8, 2, 1, 0, 0)],
-        "bf16-d64-dropout": [(32, 128, 8, 3, 1, 0, 1), (32, 128, 8, 3, 1, 0, 0),
-                             (32, 64, 4, 3, 1, 0, 1)],
-        "bf16-d128-dropout": [(32, 64, 8, 3, 1, 0, 1), (32, 64, 8, 3, 1, 0, 0)],
+    DKDV: {
+        "bf16-d64": [(64, 128, 8, 3, 1, 0), (32, 128, 8, 3, 1, 0), (64, 64, 4, 3, 1, 0),
+                     (64, 128, 8, 3, 1, 1)],
+        "bf16-d128": [(32, 64, 8, 3, 1, 0), (32, 128, 8, 2, 1, 0)],
+        "bf16-d64-dropout": [(32, 128, 8, 3, 1, 0)],
+        "bf16-d128-dropout": [(32, 64, 8, 3, 1, 0)],
     },
 }
-_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "tma", "programs_per_sm", "query_major")
+_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "tma", "programs_per_sm")
 SPACE = {kernel: {cls: [dict(zip(_KEYS, tile)) for tile in tiles] for cls, tiles in classes.items()}
          for kernel, classes in _TILES.items()}
 for _kernel, _space in SPACE.items():
@@ -165,7 +166,7 @@ def backward_dkdv(cfg, do, q, k, v, lse2, delta, dk, dv, causal, scale, seed, dr
     tensors = {"q": (q, "block_m"), "k": (k, "block_n"), "v": (v, "block_n"), "do": (do, "block_m"),
                "dk": (dk, "block_n"), "dv": (dv, "block_n")}
     _launch(_bwd_dkdv_sm90_kernel, cfg, block_d, tensors, (lse2, delta), "block_n",
-            (scale, scale * LOG2E), causal, seed, dropout_p, QUERY_MAJOR=bool(cfg["query_major"]))
+            (scale, scale * LOG2E), causal, seed, dropout_p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +181,8 @@ _ROWS = {"Q": "block_m", "O": "block_m", "DO": "block_m", "DQ": "block_m", "K": 
 
 def _variant(cfg: dict) -> str:
     grid = f"persistent{cfg['programs_per_sm']}" if cfg["programs_per_sm"] else "tiles"
-    form = " query-major" if cfg.get("query_major") else ""
     return (f"{'tma' if cfg['tma'] else 'ptr'} {cfg['block_m']}x{cfg['block_n']} "
-            f"w{cfg['num_warps']}s{cfg['num_stages']} {grid}{form}")
+            f"w{cfg['num_warps']}s{cfg['num_stages']} {grid}")
 
 
 def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: bool, heads=12,
@@ -192,8 +192,6 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
     fn = _KERNEL_FNS[kernel]
     flags = dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=True, TMA=bool(cfg["tma"]),
                  BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d)
-    if kernel == DKDV:
-        flags["QUERY_MAJOR"] = bool(cfg["query_major"])
     signature, constexprs, attrs = {}, dict(flags), {}
     for i, arg in enumerate(fn.arg_names):
         if arg in flags:

@@ -13,7 +13,7 @@ tiles, each recomputing the weights from the log-sum-exp. What differs from the 
   query tiles with the most keys first, dK/dV's key tiles with the most queries (the first
   ones) first; or a persistent grid taking them round-robin.
 - dK/dV streams 64-query tiles where the generic kernel streams 32 (its registers under
-  cp.async did not fit 64); like it, keys-major scores, or query-major ones with dropout.
+  cp.async did not fit 64); like it, keys-major scores (a query-major form raced on sm_90).
 """
 
 import triton
@@ -118,12 +118,10 @@ def _bwd_dq_sm90_kernel(
 def _dkdv_steps(dk, dv, k, v, Qd, DOd, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
                 lse2_ptrs, delta_ptrs, off_b, off_h, start_n, lo, hi, Tq, Tk, D, shift, qk_scale,
                 key, dropout_p, DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
-                QUERY_MAJOR: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr):
     """dV += (P * Z)^T dO and dK += dS^T Q over the query tiles [lo, hi). The scores are computed
-    keys-major (S^T = K Q^T: its tiles feed the two products from registers) or, if QUERY_MAJOR,
-    as in the forward (S = Q K^T: the dropout bits land on its tiles without moving, see
-    _dropout_keep; P and dS reach the products transposed through shared memory). Rows past Tq
+    keys-major (S^T = K Q^T: its tiles feed the two products from registers; the query-major
+    form raced on sm_90, see the generic kernel's _dkdv_tiles). Rows past Tq
     load q = dO = lse = delta = 0: their dS and dO are zero, they add nothing. DIAGONAL tiles
     mask the keys a query may not see and hold the query that sees only key 0 (its weight is
     exactly 1, its dS exactly 0)."""
@@ -138,36 +136,24 @@ def _dkdv_steps(dk, dv, k, v, Qd, DOd, Q, DO, stride_qm, stride_qd, stride_dom, 
                         BLOCK_D, TMA, True, EVEN_D)
         lse2 = tl.load(lse2_ptrs + rows, mask=rows < Tq, other=0.0)
         delta = tl.load(delta_ptrs + rows, mask=rows < Tq, other=0.0)
-        if QUERY_MAJOR:  # (queries, keys) tiles
-            qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-            p = tl.exp2(qk * qk_scale - lse2[:, None])
-            seen = cols[None, :] <= rows[:, None] + shift
-            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-            row_delta = delta[:, None]
-            first_key_only = rows[:, None] + shift == 0
-        else:  # (keys, queries) tiles
-            qk = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
-            p = tl.exp2(qk * qk_scale - lse2[None, :])
-            seen = cols[:, None] <= rows[None, :] + shift
-            dp = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
-            row_delta = delta[None, :]
-            first_key_only = rows[None, :] + shift == 0
+        qk = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))  # (keys, queries)
+        p = tl.exp2(qk * qk_scale - lse2[None, :])
+        seen = cols[:, None] <= rows[None, :] + shift
+        dp = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
+        row_delta = delta[None, :]
+        first_key_only = rows[None, :] + shift == 0
         if DIAGONAL:
             p = tl.where(seen, p, 0.0)
         p_kept = p
         if DROPOUT:
             keep = _dropout_keep(key, start_m, start_n, Tk, _dropout_threshold(dropout_p), BLOCK_M,
-                                 BLOCK_N, not QUERY_MAJOR)
+                                 BLOCK_N, True)
             p_kept, dp = tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0)
         ds = p * (dp - row_delta)
         if DIAGONAL:
             ds = tl.where(first_key_only, 0.0, ds)
-        if QUERY_MAJOR:
-            dv = _mma(tl.trans(p_kept.to(do.dtype)), do, dv)
-            dk = _mma(tl.trans(ds.to(q.dtype)), q, dk)
-        else:
-            dv = _mma(p_kept.to(do.dtype), do, dv)
-            dk = _mma(ds.to(q.dtype), q, dk)
+        dv = _mma(p_kept.to(do.dtype), do, dv)
+        dk = _mma(ds.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -188,7 +174,7 @@ def _bwd_dkdv_sm90_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     BH, H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    QUERY_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n_n = tl.cdiv(Tk, BLOCK_N)
     shift = Tk - Tq
@@ -220,12 +206,11 @@ def _bwd_dkdv_sm90_kernel(
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, q_head, do_head, stride_qm, stride_qd,
                                  stride_dom, stride_dod, lse2_ptrs, delta_ptrs, off_b, off_h,
                                  start_n, m_lo, tl.minimum(m_full, m_end), Tq, Tk, D, shift,
-                                 qk_scale, key, dropout_p, True, DROPOUT, QUERY_MAJOR, EVEN_D,
-                                 TMA, BLOCK_M)
+                                 qk_scale, key, dropout_p, True, DROPOUT, EVEN_D, TMA, BLOCK_M)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, q_head, do_head, stride_qm, stride_qd,
                              stride_dom, stride_dod, lse2_ptrs, delta_ptrs, off_b, off_h, start_n,
                              m_full, m_end, Tq, Tk, D, shift, qk_scale, key, dropout_p, False,
-                             DROPOUT, QUERY_MAJOR, EVEN_D, TMA, BLOCK_M)
+                             DROPOUT, EVEN_D, TMA, BLOCK_M)
         if DROPOUT:  # the kept weights' 1 / (1 - p), left out of the tiles
             dk = dk * (1.0 / (1.0 - dropout_p))
             dv = dv * (1.0 / (1.0 - dropout_p))

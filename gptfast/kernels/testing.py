@@ -260,9 +260,47 @@ def config_key(cfg: dict) -> str:
                        cfg.get("num_stages", 3)], default=str)
 
 
+def async_reads_of_refilled_buffers(ttgir: str, num_stages: int) -> list[str]:
+    """The asynchronous wgmma reads of a software-pipelined shared buffer that the pipeline
+    refills while they may still be pending: a WAR race on shared memory.
+
+    A ``warp_group_dot_wait {pendings = n > 0}`` leaves up to n wgmma groups in flight; its
+    operands name the shared buffers they still read. Such a buffer, if it is one of the
+    pipeline's multi-buffered allocations (``local_alloc : () -> memdesc<S x ...>``), needs a
+    slot more than the prefetch distance (S >= num_stages): with S = num_stages - 1 the load of
+    tile i + S is issued into the very slot that tile i's wgmma still reads. Returns one line
+    (the wait, the buffer, S) per such read; the interpreter cannot see this (it has no shared
+    memory and runs tl.dot synchronously).
+    """
+    defs = {}
+    for line in ttgir.splitlines():
+        if m := re.match(r"\s*(%[\w.]+)(?::\d+)? = (\S+) (.*)", line):
+            defs[m.group(1)] = (m.group(2), m.group(3))
+    views = ("ttg.memdesc_subslice", "ttg.memdesc_index", "ttg.memdesc_trans")
+
+    def allocation(value):  # through subviews to the op that made the buffer
+        while value in defs and defs[value][0] in views:
+            value = re.match(r"(%[\w.]+)", defs[value][1]).group(1)
+        return value, *defs.get(value, ("", ""))
+
+    races = []
+    for line in ttgir.splitlines():
+        if "ttng.warp_group_dot_wait" not in line or "{pendings = 0 " in line:
+            continue
+        operands = line.split("warp_group_dot_wait", 1)[1].split("{", 1)[0]
+        for value in re.findall(r"%[\w.]+", operands):
+            buffer, op, rest = allocation(value)
+            slots = re.match(r": \(\) -> !ttg.memdesc<(\d+)x", rest)
+            if op == "ttg.local_alloc" and slots and int(slots.group(1)) < num_stages:
+                wait = line.split("loc(")[0].strip()
+                races.append(f"{wait}: {buffer} has {slots.group(1)} slots")
+    return races
+
+
 def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
     """Compile one aot config for ``cc``: its name, kernel, cc, triton version, ok/error, the
-    per-block shared-memory limit and ``kernel_stats``' figures (``sass``: see there)."""
+    per-block shared-memory limit, ``kernel_stats``' figures (``sass``: see there) and, for
+    sm_90, the races ``async_reads_of_refilled_buffers`` finds."""
     import triton
 
     record = {"name": cfg["name"], "kernel": cfg["fn"].__name__, "cc": cc,
@@ -272,6 +310,8 @@ def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
         kernel = _compiled(cfg["fn"], cfg["signature"], cfg["constexprs"], cc,
                            record["num_warps"], record["num_stages"], cfg.get("attrs"))
         record.update(ok=True, error=None, **kernel_stats(kernel.asm["cubin"], kernel.metadata.shared, sass))
+        if cc >= 90:  # wgmma's asynchronous reads against the software pipeline's refills
+            record["races"] = async_reads_of_refilled_buffers(kernel.asm["ttgir"], record["num_stages"])
     except Exception as exc:  # reported to the caller, which fails with the message
         record.update(ok=False, shared=None, error=f"{type(exc).__name__}: {exc}"[:2000])
     return record

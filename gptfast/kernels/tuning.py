@@ -85,7 +85,7 @@ def _is_int(v) -> bool:
 def validate(table, source: str = "tuning table") -> dict[str, dict[str, dict]]:
     """The entries {kernel: {shape class: config}} of a parsed table; TuningTableError if any
     part of it is wrong."""
-    importlib.import_module("kernels")  # every kernel module registers its space on import
+    importlib.import_module("gptfast.kernels")  # every kernel module registers its space on import
 
     def fail(problem):
         raise TuningTableError(f"{source}: {problem}")
