@@ -15,8 +15,9 @@ from gptfast.generation import generate_tokens
 from gptfast.model import KERNEL_CHOICES, GPTModel
 from gptfast.profile import add_profile_parser
 from gptfast.tokenizer import END_OF_TEXT_ID, tokenizer
-from gptfast.training import add_train_arguments, train
-from gptfast.weights import load_gpt2
+from gptfast.train_options import add_train_arguments, resolve_device
+from gptfast.training import train
+from gptfast.weights import ESCAPE_CODES, load_gpt2
 
 
 def parameter_counts(model: GPTModel) -> dict:
@@ -37,25 +38,8 @@ def cmd_info(args) -> None:
         print(f"{name:<22}{counts['total']:>16,}{counts['tied']:>20,}{counts['fp32_mb']:>17,.2f}")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device a command runs on: cpu or cuda[:N] (default: cuda if present), checked."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: generation runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: this torch has no CUDA device (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def cmd_generate(args) -> None:
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     if device.type == "cpu" and args.kernels == "triton":
@@ -70,14 +54,18 @@ def cmd_generate(args) -> None:
     else:
         model = GPTModel({**get_config(args.config), "drop_rate": 0.0}, kernels=args.kernels)
     model.to(device).eval()
-    enc = tokenizer()
+    enc, vocab = tokenizer(), model.cfg["vocab_size"]
     ids = enc.encode(args.prompt, allowed_special="all")
     if not ids:
         raise ValueError("the prompt is empty: give some text to continue")
+    if max(ids) >= vocab:
+        raise ValueError(f"the prompt holds GPT-2 token id {max(ids)}, outside the model's "
+                         f"vocabulary of {vocab} tokens")
     idx = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos_id = END_OF_TEXT_ID if END_OF_TEXT_ID < vocab else None  # a smaller vocab has no eos
     tokens = generate_tokens(model, idx, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, eos_id=END_OF_TEXT_ID, generator=generator,
+                             top_k=args.top_k, eos_id=eos_id, generator=generator,
                              use_cache=not args.no_cache)  # checks the arguments: nothing printed yet
     if not args.weights:
         print(f"note: no --weights given, generating from random {args.config} weights",
@@ -85,9 +73,12 @@ def cmd_generate(args) -> None:
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(args.prompt, end="", flush=True)
     start, n = time.perf_counter(), 0
+    unknown = "\N{REPLACEMENT CHARACTER}".encode()  # ids past GPT-2's (a padded vocabulary)
     for token in tokens:
         n += 1
-        print(utf8.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
+        t = token.item()
+        print(utf8.decode(enc.decode_single_token_bytes(t) if t < enc.n_vocab else unknown), end="",
+              flush=True)
     seconds = time.perf_counter() - start
     print(utf8.decode(b"", final=True))
     print(f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s) on {device}",
@@ -104,8 +95,20 @@ def cmd_train(args) -> None:
     train(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses (an unknown flag, a bad number, ...)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors become one ``error:`` line and exit status 2 in ``main``
+    (instead of the usage text), like every other bad input. Subcommands' parsers inherit it."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gptfast", description=__doc__)
+    parser = Parser(prog="python -m gptfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming it")
@@ -142,17 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run a subcommand. Any bad input (of any subcommand) prints one line to stderr and exits 2;
-    a reader that stops early (``| head``) ends the run quietly."""
-    args = build_parser().parse_args(argv)
+    a reader that stops early (``| head``) ends the run quietly; Ctrl-C exits 130."""
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
     except BrokenPipeError:
         _silence_stdout()
         return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(message: str) -> str:
+    """A message as one line of plain text: no line breaks, no terminal escape codes."""
+    return " ".join(ESCAPE_CODES.sub("", message).split())
 
 
 def _silence_stdout() -> None:

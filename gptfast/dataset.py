@@ -64,6 +64,8 @@ def prepare(files, out, val_fraction: float = 0.1, seq_len: int = 1024) -> dict:
         if f.stat().st_size == 0:
             raise ValueError(f"{f}: the file is empty")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file; give a directory for train.bin, val.bin and meta.json")
     out.mkdir(parents=True, exist_ok=True)
     tmp = {s: out / f"{s}.bin.tmp" for s in SPLITS}
     enc, total, docs = tokenizer(), 0, 0

@@ -9,13 +9,20 @@ import torch
 
 from gptfast.decoding import KVCacheDecoder, uncached
 
+# The most new tokens one call generates: ~1000 GPT-2 context windows. Past the context every
+# step re-runs a whole window, so a bigger request (10**30) is a mistake that would run until
+# killed; longer texts take several calls (or a consumer that stops a generate_tokens stream).
+MAX_NEW_TOKENS = 2**20
+
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):
     """The chapter's greedy decoding: append the most likely next token, ``max_new_tokens`` times.
 
     ``idx`` is a (batch, n) tensor of token ids; the model sees at most the last
-    ``context_size`` tokens.
+    ``context_size`` tokens. The arguments are checked as ``generate`` checks them.
     """
+    max_new_tokens, context_size, _ = _check_args(model, idx, max_new_tokens, context_size, 0.0,
+                                                  None, None, None, None)
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]
         with torch.no_grad():
@@ -206,6 +213,9 @@ def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, eo
         raise ValueError(f"idx is on {idx.device} but the model is on {weight.device}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens must be at most 2**20 = {MAX_NEW_TOKENS} per call, got "
+                         f"{max_new_tokens} (for longer texts, call again with the output)")
     if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy) and a finite number, got {temperature!r}")

@@ -392,6 +392,7 @@ class GPTModel(nn.Module):
             what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets must be a tensor shaped like the token ids {ids_shape}, "
                              f"got {what}")
+        ignore_index = self._check_targets(in_idx, targets, ignore_index)
         x = self.hidden_states(in_idx)
         if use_triton(self.kernels, x):
             with label("out_head"):
@@ -401,12 +402,33 @@ class GPTModel(nn.Module):
             logits = self.out_head(x)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
+    def _check_targets(self, in_idx, targets, ignore_index) -> int:
+        """The targets checked here for both paths, as the fused loss (kernels="triton") checks
+        them and in its words, so that both refuse the same input with one message; returns
+        ignore_index as an int (numpy integers too)."""
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
+        if isinstance(in_idx, torch.Tensor) and targets.device != in_idx.device:
+            raise ValueError(f"targets are on {targets.device}, the token ids on {in_idx.device}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        ignore_index, vocab = int(ignore_index), self.cfg["vocab_size"]
+        if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+            bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+            if bad.any():  # read on the CPU only: on CUDA it would sync every step
+                raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "
+                                 f"classes (and is not ignore_index={ignore_index})")
+        return ignore_index
+
     def _check_ids(self, in_idx, start_pos):
         if not isinstance(in_idx, torch.Tensor) or in_idx.dtype not in (torch.int64, torch.int32):
             what = in_idx.dtype if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
             raise TypeError(f"token ids must be an int64 or int32 tensor, got {what}")
         if in_idx.dim() != 2:
             raise ValueError(f"token ids must have shape (batch, seq_len), got {tuple(in_idx.shape)}")
+        weights = self.tok_emb.weight.device
+        if in_idx.device != weights:
+            raise ValueError(f"the token ids are on {in_idx.device} but the model is on {weights}")
         if in_idx.shape[1] > self.cfg["context_length"]:
             raise ValueError(
                 f"sequence length {in_idx.shape[1]} exceeds the context length "

@@ -3,6 +3,7 @@
 import base64
 import functools
 import hashlib
+import numbers
 from importlib import resources
 
 import tiktoken
@@ -44,13 +45,23 @@ def tokenizer() -> tiktoken.Encoding:
     )
 
 
+def _encoding(enc) -> tiktoken.Encoding:
+    """``enc``, or the GPT-2 tokenizer for None; anything else is a TypeError naming it."""
+    if enc is None:
+        return tokenizer()
+    if not isinstance(enc, tiktoken.Encoding):
+        raise TypeError(f"enc must be a tiktoken.Encoding (e.g. gptfast.tokenizer()) or None, got "
+                        f"{type(enc).__name__}")
+    return enc
+
+
 def text_to_token_ids(text: str, enc: tiktoken.Encoding | None = None):
     """Encode text to a (1, n) int64 tensor, as the book's helper does ("" gives (1, 0))."""
     import torch
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    enc = enc or tokenizer()
+    enc = _encoding(enc)
     return torch.tensor(enc.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.long).unsqueeze(0)
 
 
@@ -58,7 +69,7 @@ def token_ids_to_text(token_ids, enc: tiktoken.Encoding | None = None) -> str:
     """Decode a (1, n) or (n,) tensor of ids (or a list of ints) back to text."""
     import torch
 
-    enc = enc or tokenizer()
+    enc = _encoding(enc)
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
@@ -69,9 +80,9 @@ def token_ids_to_text(token_ids, enc: tiktoken.Encoding | None = None) -> str:
             )
         ids = token_ids.reshape(-1).tolist()
     elif isinstance(token_ids, (list, tuple)):
-        ids = list(token_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
             raise TypeError("token_ids must be a tensor or a list of ints")
+        ids = [int(t) for t in token_ids]  # numpy integers too
     else:
         raise TypeError(f"token_ids must be a tensor or a list of ints, got {type(token_ids).__name__}")
     bad = [t for t in ids if not 0 <= t < enc.n_vocab]

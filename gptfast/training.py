@@ -12,7 +12,6 @@ the counter alone. Validation uses the first ``eval_batches`` global batches of 
 ``OUT/config.json`` beside it hold the weights in the Hugging Face GPT-2 layout.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -23,8 +22,6 @@ import signal
 import sys
 import threading
 import time
-import types
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -35,102 +32,20 @@ from tqdm import tqdm
 from gptfast.config import check_config, get_config
 from gptfast.dataset import TokenData
 from gptfast.generation import generate
-from gptfast.model import KERNEL_CHOICES, GPTModel, check_kernels
+from gptfast.model import GPTModel
 from gptfast.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, tokenizer
-from gptfast.weights import chapter_to_hf, load_weights, read_checkpoint
+from gptfast.train_options import DTYPES, TRAJECTORY, TrainOptions, make_options, typed_options
+from gptfast.weights import chapter_to_hf, load_error, load_weights, read_checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CKPT_FORMAT = "gptfast-train-1"
 # Dense bf16 tensor-core peaks, for MFU; devices not listed get no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
               "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def _opt(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    """Every option of a run; ``python -m gptfast train`` has one flag per field."""
-
-    data: str | None = _opt(None, "a directory made by `python -m gptfast prepare` (required)")
-    out: str = _opt("out", "run directory: ckpt.pt, log.jsonl, loss.png, model.safetensors")
-    config: str = _opt("124M", "GPT-2 config name (124M, 355M, ...)")
-    config_json: str | None = _opt(None, "a JSON file holding a chapter config dict instead")
-    drop_rate: float | None = _opt(None, "dropout, overriding the config's")
-    init: str = _opt("random", "'random' or a weights file (safetensors or chapter .pth)")
-    batch_size: int = _opt(8, "sequences per micro-step, all ranks together")
-    seq_len: int | None = _opt(None, "tokens per sequence (default: the context length)")
-    grad_accum: int = _opt(1, "micro-steps per optimizer step")
-    lr: float = _opt(6e-4, "peak learning rate, reached after the warmup")
-    min_lr: float = _opt(6e-5, "the cosine schedule's floor, reached at the last step")
-    warmup_steps: int = _opt(100, "steps of linear warmup")
-    weight_decay: float = _opt(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "maximum global gradient norm; 0: no clipping")
-    dtype: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
-    kernels: str = _opt("auto", "LayerNorm/attention kernels (auto: triton on CUDA)")
-    compile: bool = _opt(False, "torch.compile the training step")
-    fsdp: bool = _opt(False, "shard with FSDP2 instead of DDP (under torchrun)")
-    seed: int = _opt(123, "seed of the initial weights, dropout and data order")
-    max_steps: int | None = _opt(None, "optimizer steps (this or --max-tokens is required)")
-    max_tokens: int | None = _opt(None, "training tokens (with both, the fewer steps win)")
-    eval_every: int = _opt(100, "steps between validation losses (and at the end)")
-    eval_batches: int = _opt(10, "validation batches (fixed: the first of val.bin)")
-    sample_every: int = _opt(100, "steps between greedy samples of --prompt; 0: never")
-    prompt: str = _opt("Every effort moves you", "the prompt of the samples")
-    sample_tokens: int = _opt(30, "new tokens per sample")
-    ckpt_every: int = _opt(100, "steps between checkpoints (also at the end and on a signal)")
-    device: str | None = _opt(None, "cpu or cuda (default: cuda if present; cuda: GPU LOCAL_RANK)")
-    resume: str | None = _opt(None, "continue the run in this directory, with its options")
-
-
-# Options that shape the trajectory: a resumed run must keep them (the others may change).
-TRAJECTORY = ("data", "config", "config_json", "drop_rate", "init", "batch_size", "seq_len",
-              "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
-              "grad_clip", "dtype", "seed", "max_steps", "max_tokens")
-
-
-def make_options(options: dict) -> TrainOptions:
-    names = {f.name for f in dataclasses.fields(TrainOptions)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown training option(s) {unknown}; see gptfast.TrainOptions")
-    opts = TrainOptions(**options)
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "ckpt_every"):
-        if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 1:
-            raise ValueError(f"{name} must be a positive int, got {getattr(opts, name)!r}")
-    for name in ("seq_len", "max_steps", "max_tokens"):
-        value = getattr(opts, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for name in ("warmup_steps", "sample_every", "sample_tokens"):
-        if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {getattr(opts, name)!r}")
-    if not opts.lr > 0 or not 0 <= opts.min_lr <= opts.lr:
-        raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={opts.lr}, min_lr={opts.min_lr}")
-    if opts.weight_decay < 0 or opts.grad_clip < 0:
-        raise ValueError("weight_decay and grad_clip must be >= 0")
-    if opts.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
-    check_kernels(opts.kernels)
-    if opts.max_steps is None and opts.max_tokens is None:
-        raise ValueError("give max_steps or max_tokens (--max-steps / --max-tokens)")
-    if opts.data is None:
-        raise ValueError("data is required (--data DIR, made by `python -m gptfast prepare`)")
-    opts.data = str(Path(opts.data).resolve())
-    opts.out = str(Path(opts.out).resolve())
-    if opts.init != "random":
-        opts.init = str(Path(opts.init).resolve())
-    if opts.config_json is not None:
-        opts.config_json = str(Path(opts.config_json).resolve())
-    return opts
-
-
 def resolve_options(options: dict) -> tuple[TrainOptions, dict | None]:
     """The run's options and, when resuming, its checkpoint (loaded on the CPU)."""
+    typed_options(options)  # type errors first, also of a resumed run's options
     resume = options.get("resume")
     if resume is None:
         opts = make_options(options)
@@ -159,7 +74,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle error: all mean the same to the user
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({load_error(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path}: not a gptfast training checkpoint")
     return ckpt
@@ -232,7 +147,9 @@ def setup_distributed(opts: TrainOptions) -> Dist:
 
 
 def full_tensor(t):
-    from torch.distributed.tensor import DTensor  # imported on use: it is slow to import
+    from torch.distributed.tensor import (
+        DTensor,  # imported on use: it is slow to import
+    )
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -406,6 +323,9 @@ class Run:
         self.opts, self.d, self.out = opts, d, Path(opts.out)
         self.data = TokenData(opts.data)
         self.cfg = model_config(opts)
+        if self.cfg["vocab_size"] <= END_OF_TEXT_ID:
+            raise ValueError(f"the config's vocab_size {self.cfg['vocab_size']} cannot hold the "
+                             f"prepared data, GPT-2 token ids up to {END_OF_TEXT_ID}")
         if ckpt is not None and ckpt["cfg"] != self.cfg:
             raise ValueError(f"{self.out / 'ckpt.pt'}: written for config {ckpt['cfg']}, the options "
                              f"now give {self.cfg}")
@@ -433,7 +353,8 @@ class Run:
             except FileNotFoundError:
                 raise
             except Exception as exc:  # a corrupt file, another config: the loader's reason, one line
-                raise ValueError(f"--init {opts.init}: {exc}") from None
+                named = str(exc).startswith(opts.init)  # the loader's messages name the file
+                raise ValueError(f"--init {exc}" if named else f"--init {opts.init}: {exc}") from None
         torch.manual_seed(opts.seed + d.rank)  # the dropout stream, one per rank
         self.model = model.to(d.device)
         self.ddp = None
@@ -605,6 +526,8 @@ def train(callback=None, **options) -> dict:
     Returns ``{"step", "loss", "val_loss", "out", "stopped_by"}``. ``callback(step, row)``, if
     given, is called on every rank after each step with that step's log row.
     """
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (step, row) or None, got {callback!r}")
     opts, ckpt = resolve_options(options)
     d = setup_distributed(opts)
     try:
@@ -674,19 +597,3 @@ def _loop(run: Run, callback) -> dict:
         print(f"stopped by {stop.caught} at step {run.step}; checkpoint in {out / 'ckpt.pt'}, "
               f"continue with --resume {out}", file=sys.stderr)
     return {"step": run.step, **last, "out": str(out), "stopped_by": stop.caught}
-
-
-def add_train_arguments(parser) -> None:
-    """One flag per ``TrainOptions`` field; flags not given are left out of the parsed namespace."""
-    choices = {"dtype": list(DTYPES), "kernels": list(KERNEL_CHOICES)}
-    for f in dataclasses.fields(TrainOptions):
-        flag, kind = "--" + f.name.replace("_", "-"), f.type
-        if isinstance(kind, types.UnionType):  # X | None
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        shown = "" if f.default is None else f" (default: {f.default})"
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, choices=choices.get(f.name), default=argparse.SUPPRESS,
-                                help=f.metadata["help"] + shown)

@@ -9,6 +9,7 @@ shares the token embedding ``wte``. ``hf_to_chapter`` maps such a state_dict to 
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,27 @@ from gptfast.model import GPTModel
 
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # the four GPT-2 sizes
 _HF_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers
+ESCAPE_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def load_error(exc: BaseException) -> str:
+    """Why a weights or checkpoint file did not load, in one line without terminal escape codes:
+    torch's weights-only refusal comes as six lines of advice, of which this keeps the reason."""
+    text = ESCAPE_CODES.sub("", str(exc))
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            return f"it pickles a Python object ({found.group(1)}), not only tensors"
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"not a torch file of tensors ({found.group(1).strip() if found else 'unpickling failed'})"
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(exc, (IndexError, KeyError)):  # torch's legacy loader on text or other data
+        return "not a torch file"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{re.split(r'(?<=[.!?]) ', lines[0])[0]:.200}"  # its first sentence
 
 
 def read_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -42,8 +64,7 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # each format fails its own way (EOFError, SafetensorError, ...)
         kind = "safetensors" if path.suffix == ".safetensors" else "torch (.pth/.pt/.bin)"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable {kind} weights file ({detail:.200})") from exc
+        raise ValueError(f"{path}: not a readable {kind} weights file ({load_error(exc)})") from exc
     if isinstance(state, dict) and "model_state_dict" in state:  # the book's training checkpoints
         state = state["model_state_dict"]
     return check_tensors(state, str(path))

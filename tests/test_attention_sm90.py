@@ -165,3 +165,16 @@ def test_the_gate_compiles_every_plannable_config():
                 variant = sm90._variant(cfg).replace(" ", "-")
                 assert f"{kernel}-{variant}-{d}-causal1-dropout{dropout}-sm90" in names, (kernel, cls, cfg)
     assert all(name.endswith("-sm90") for name in names)  # sm_90 only, as the plans
+
+
+@pytest.mark.parametrize("kind", ["k_nan", "q_nan", "do_nan"])
+def test_the_variants_propagate_nan(kind, launched):
+    """The generic kernels' NaN rules (tests/test_nan_propagation.py) hold in the variants: a
+    NaN or inf input gives NaN where the exact math does, never a zero row."""
+    from tests.test_nan_propagation import check_flash
+
+    cls = "bf16-d64-dropout" if kind == "q_nan" else "bf16-d64"
+    with plans_of(90), tuning.use(plans(cls, *(sm90.SPACE[k][cls][0] for k in KERNELS))):
+        check_flash(150, 150, 64, BF16, True, kind, 140, 130, 0.1 if kind == "q_nan" else 0.0)
+    assert launched == VARIANTS
+

@@ -1,9 +1,10 @@
-"""Issue 15: no silent wrong answers, no state shared between models or generations, clear errors.
+"""Issues 15 and 25: no silent wrong answers, no state shared between models or generations, clear errors.
 
 Each test is a reproducer of a probe that once gave a wrong result or a raw traceback.
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+import gptfast
 from gptfast import kernels
-from gptfast import GPTModel, generate, generate_batch, generate_tokens, load_gpt2, load_weights
+from gptfast import (GPTModel, generate, generate_batch, generate_text_simple, generate_tokens, load_gpt2,
+                     load_weights)
 from gptfast.cli import main
 from gptfast.tokenizer import text_to_token_ids, token_ids_to_text
 from tests.chapter_model import ChapterGPTModel
@@ -445,3 +448,228 @@ def test_bench_interpreter_cases_skip_with_a_reason_under_triton_interpret_0(tmp
     out = proc.stdout
     assert proc.returncode == 0, out
     assert "2 skipped" in out and "TRITON_INTERPRET=0" in out, out
+
+
+# --- issue 25: training options, numpy numbers, bounded requests, one message per problem ----
+
+TRAIN = {"data": "prepared", "max_steps": 1}  # enough for the checks, which read no file
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ({"grad_clip": float("nan")}, ValueError, "grad_clip must be a finite number, got nan"),
+    ({"grad_clip": float("inf")}, ValueError, "grad_clip must be a finite number"),
+    ({"grad_clip": -1.0}, ValueError, "grad_clip must be >= 0"),
+    ({"batch_size": True}, TypeError, "batch_size must be an int, got True"),
+    ({"max_steps": 2.0}, TypeError, "max_steps must be an int, got 2.0"),
+    ({"compile": "yes"}, TypeError, "compile must be True or False, got 'yes'"),
+    ({"fsdp": 1}, TypeError, "fsdp must be True or False, got 1"),
+    ({"seed": -1}, ValueError, r"seed must be in \[0, 2\*\*63\), got -1"),
+    ({"seed": 2**63}, ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+    ({"lr": "3e-4"}, TypeError, "lr must be a number, got '3e-4'"),
+    ({"lr": True}, TypeError, "lr must be a number, got True"),
+    ({"min_lr": float("nan")}, ValueError, "min_lr must be a finite number"),
+    ({"beta1": 1.0}, ValueError, r"beta1 must be in \[0, 1\)"),
+    ({"drop_rate": 1.5}, ValueError, r"drop_rate must be in \[0, 1\)"),
+    ({"prompt": 5}, TypeError, "prompt must be a str, got 5"),
+    ({"prompt": "", "sample_every": 10}, ValueError, "prompt is empty"),
+    ({"data": 5}, TypeError, "data must be a str or a path, got 5"),
+    ({"device": "gpu"}, ValueError, "device 'gpu' is not a device"),
+    ({"device": "meta"}, ValueError, "device 'meta': gptfast runs on cpu or cuda"),
+    ({"resume": 5}, TypeError, "resume must be a str or a path, got 5"),
+])
+def test_bad_training_options_are_refused_before_anything_runs(bad, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        gptfast.train(**{**TRAIN, "out": str(tmp_path / "run"), **bad})
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_options_take_numpy_numbers_and_paths(tmp_path):
+    from gptfast.train_options import make_options
+
+    opts = make_options({"data": tmp_path, "max_steps": np.int64(3), "batch_size": np.int32(4),
+                         "lr": np.float32(0.5), "compile": np.bool_(False), "out": tmp_path / "o"})
+    assert (type(opts.max_steps), type(opts.batch_size), type(opts.lr), type(opts.compile)) == (
+        int, int, float, bool)
+    assert (opts.max_steps, opts.batch_size, opts.lr) == (3, 4, 0.5) and opts.data == str(tmp_path)
+
+
+def test_training_errors_name_the_problem(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="is a file; give a directory for the run"):
+        gptfast.train(**TRAIN, out=str(a_file))
+    with pytest.raises(TypeError, match="callback must be callable"):
+        gptfast.train(**TRAIN, callback="print")
+    with pytest.raises(ValueError, match="is a file; give a directory"):
+        from gptfast.dataset import prepare
+
+        text = tmp_path / "a.txt"
+        text.write_text("some text\n")
+        prepare([text], a_file)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from gptfast.dataset import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "a.txt").write_text("every effort moves you to the big red ball.\n" * 40)
+    prepare([root / "a.txt"], root / "d", val_fraction=0.2, seq_len=16)
+    return root / "d"
+
+
+def test_a_config_whose_vocabulary_cannot_hold_the_data_is_refused(prepared, tmp_path):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**CFG, "context_length": 32}))
+    with pytest.raises(ValueError, match="vocab_size 61 cannot hold the prepared data"):
+        gptfast.train(data=str(prepared), config_json=str(small), max_steps=1, seq_len=16,
+                      kernels="torch", out=str(tmp_path / "run"))
+
+
+def test_a_corrupt_checkpoint_under_resume_is_one_plain_line(capsys, tmp_path):
+    """torch.load's weights-only refusal is six lines with escape codes; the user gets one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "gptfast-train-1", "model": nn.Linear(2, 2)}, run / "ckpt.pt")
+    err = _cli_error(capsys, "train", "--resume", str(run))
+    assert "ckpt.pt: not a readable checkpoint (it pickles a Python object" in err
+    assert "\x1b" not in err
+    (run / "ckpt.pt").write_bytes(b"\x80\x02garbage")
+    assert "not a readable checkpoint" in _cli_error(capsys, "train", "--resume", str(run))
+    (run / "ckpt.pt").write_bytes(b"")
+    assert "empty or truncated" in _cli_error(capsys, "train", "--resume", str(run))
+
+
+def test_bad_weight_files_are_described_in_one_line(tmp_path):
+    for name, path in _bad_files(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            load_gpt2(path, kernels="torch")
+        message = str(info.value)
+        assert "\n" not in message and "\x1b" not in message, (name, message)
+
+
+def test_train_options_of_the_cli_are_one_line_errors(capsys, tmp_path):
+    base = ["train", "--data", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "o")]
+    assert "grad_clip must be a finite number" in _cli_error(capsys, *base, "--grad-clip", "nan")
+    assert "seed must be in" in _cli_error(capsys, *base, "--seed", "-1")
+    assert "device 'cuda:7'" in _cli_error(capsys, *base, "--device", "cuda:7")
+
+
+def test_cli_usage_errors_are_one_line_and_exit_2(capsys):
+    assert "argument --lr: invalid float value: 'abc'" in _cli_error(capsys, "train", "--lr", "abc")
+    assert "the following arguments are required: prompt" in _cli_error(capsys, "generate")
+    assert "invalid choice: 'bogus'" in _cli_error(capsys, "bogus")
+    assert "unrecognized arguments: --steps" in _cli_error(capsys, "info", "--steps", "1")
+
+
+def _hf_weights(tmp_path, vocab):
+    """A small model saved as Hugging Face GPT-2 safetensors (n_head in config.json)."""
+    from safetensors.torch import save_file
+
+    from gptfast.weights import chapter_to_hf
+
+    model = tiny(vocab_size=vocab)
+    state = model.state_dict()
+    if vocab > 50257:  # the ids past GPT-2's win every greedy step: hidden = 1, logits = row sums
+        state["final_norm.scale"].zero_()
+        state["final_norm.shift"].fill_(1.0)
+        state["out_head.weight"].zero_()[50257:] = 1.0
+    path = tmp_path / f"v{vocab}" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.cpu() for k, v in chapter_to_hf(state).items()}, str(path))
+    (path.parent / "config.json").write_text(json.dumps({"n_head": CFG["n_heads"]}))
+    return str(path)
+
+
+def test_cli_generate_with_a_smaller_vocabulary_has_no_eos(capsys, tmp_path):
+    path = _hf_weights(tmp_path, 61)
+    gen = ["generate", "--weights", path, "--max-new-tokens", "3", "--device", DEVICE,
+           "--kernels", "torch"]
+    assert main([*gen, "!"]) == 0  # "!" is token 0: inside the model's 61
+    assert capsys.readouterr().err.endswith(f"on {DEVICE}\n")
+    err = _cli_error(capsys, *gen, "Hello")
+    assert "token id 15496, outside the model's vocabulary of 61 tokens" in err
+
+
+def test_cli_generate_prints_ids_past_the_tokenizer_as_replacement_characters(capsys, tmp_path):
+    gen = ["generate", "Hi", "--weights", _hf_weights(tmp_path, 50260), "--max-new-tokens", "3",
+           "--device", DEVICE, "--kernels", "torch"]
+    assert main(gen) == 0
+    assert capsys.readouterr().out == "Hi" + "\N{REPLACEMENT CHARACTER}" * 3 + "\n"
+
+
+def test_generate_text_simple_checks_its_arguments_as_generate_does():
+    model, x = tiny(), ids(1, 4)
+    with pytest.raises(ValueError, match="context_size must be a positive int, got -1"):
+        generate_text_simple(model, x, 2, -1)  # it used to drop the first token
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative int, got -1"):
+        generate_text_simple(model, x, -1, 16)
+    with pytest.raises(TypeError, match="model must be a torch module"):
+        generate_text_simple(None, x, 2, 16)
+    assert torch.equal(generate_text_simple(model, x, np.int64(3), np.int64(16)),
+                       generate(model, x, 3, use_cache=False))
+
+
+def test_max_new_tokens_is_bounded_before_anything_runs():
+    from gptfast.generation import MAX_NEW_TOKENS
+
+    model, x = tiny(), ids(1, 2)
+    for call in (lambda n: generate(model, x, n), lambda n: generate_tokens(model, x, n),
+                 lambda n: generate_batch(model, [[1, 2]], n),
+                 lambda n: generate_text_simple(model, x, n, 16)):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be at most 2\*\*20"):
+            call(10**30)
+        with pytest.raises(ValueError, match=r"at most 2\*\*20 = 1048576 per call, got 1048577"):
+            call(MAX_NEW_TOKENS + 1)
+    generate_tokens(model, x, MAX_NEW_TOKENS).close()  # the bound itself is a valid request
+
+
+def test_forward_checks_that_the_ids_are_on_the_models_device():
+    with pytest.raises(ValueError, match="the token ids are on meta but the model is on"):
+        tiny()(ids(1, 3).to("meta"))  # it used to return a tensor on the model's device
+    with pytest.raises(ValueError, match="targets are on meta, the token ids on"):
+        tiny().loss(ids(1, 3), ids(1, 3).to("meta"))
+
+
+@pytest.mark.parametrize("targets, ignore_index, error, match", [
+    (torch.full((1, 4), 99), -100, ValueError,
+     r"^target 99 is out of range for 61 classes \(and is not ignore_index=-100\)$"),
+    (torch.full((1, 4), -5), -100, ValueError, r"^target -5 is out of range for 61 classes"),
+    (torch.zeros(1, 4), -100, TypeError, r"^targets must be int64 or int32 class indices, got torch.float32$"),
+    (torch.zeros(1, 4, dtype=torch.uint8), -100, TypeError, "got torch.uint8"),
+    (torch.zeros(1, 4, dtype=torch.int16), -100, TypeError, "got torch.int16"),
+    (torch.zeros(1, 4, dtype=torch.long), 1.5, TypeError, r"^ignore_index must be an int, got 1.5$"),
+    (torch.zeros(1, 4, dtype=torch.long), None, TypeError, "ignore_index must be an int, got None"),
+])
+def test_the_loss_gives_one_message_on_both_paths(targets, ignore_index, error, match):
+    model, x = tiny(), ids(1, 4)
+    for path in ("torch", "triton"):
+        with pytest.raises(error, match=match):
+            model.use_kernels(path).loss(x, targets.to(DEVICE), ignore_index=ignore_index)
+
+
+def test_numpy_integers_for_ignore_index_and_the_kernels_numbers():
+    model, x = tiny(), ids(2, 5)
+    y = x.masked_fill(x < 20, 7)
+    for path in ("torch", "triton"):
+        model.use_kernels(path)
+        torch.testing.assert_close(model.loss(x, y, ignore_index=np.int64(7)),
+                                   model.loss(x, y, ignore_index=7))
+    h, w = torch.randn(4, 16, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+    t = torch.tensor([1, 2, 3, -1], device=DEVICE)
+    torch.testing.assert_close(
+        kernels.linear_cross_entropy(h, w, t, ignore_index=np.int32(-1), label_smoothing=np.float32(0.25)),
+        kernels.linear_cross_entropy(h, w, t, ignore_index=-1, label_smoothing=0.25))
+    q = torch.randn(1, 2, 1, 16, device=DEVICE)
+    c = torch.randn(1, 2, 9, 16, device=DEVICE)
+    torch.testing.assert_close(kernels.decode_attention(q, c, c, 9, scale=np.float32(0.5), num_splits=np.int64(2)),
+                               kernels.decode_attention(q, c, c, 9, scale=0.5, num_splits=2))
+
+
+def test_the_tokenizer_helpers_name_a_bad_encoding_and_take_numpy_ids():
+    with pytest.raises(TypeError, match="enc must be a tiktoken.Encoding .* got str"):
+        text_to_token_ids("hi", enc="gpt2")
+    with pytest.raises(TypeError, match="enc must be a tiktoken.Encoding .* got int"):
+        token_ids_to_text([1], enc=5)
+    assert token_ids_to_text([np.int64(15496), np.int32(11)]) == "Hello,"

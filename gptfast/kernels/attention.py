@@ -343,7 +343,9 @@ def _fwd_kernel(
 
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    live = row_ok & (l_i > 0.0)  # a valid row that saw at least one key
+    # A valid row that saw at least one key. A NaN sum (a NaN or +inf score: NaN weights) is
+    # live too (NaN != 0), so NaN reaches O and the LSE as in the exact math, not a zero row.
+    live = row_ok & (l_i != 0.0)
     l_safe = tl.where(live, l_i, 1.0)
     o = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
     # log-sum-exp of the scaled scores in base 2, as exp2 uses it; +inf gives weights 0.
@@ -436,8 +438,8 @@ def _dkdv_tiles(
         else:
             dv = _mma(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
-        if DIAGONAL:
-            ds_t = tl.where(rows[None, :] + shift == k_lo, 0.0, ds_t)
+        if DIAGONAL:  # times 0, not 0: a NaN stays NaN (see _single_key)
+            ds_t = ds_t * tl.where(rows + shift == k_lo, 0.0, 1.0)[None, :]
         dk = _mma(ds_t.to(q.dtype), q, dk)
         q_ptrs += _wide(BLOCK_M) * stride_qm
         do_ptrs += _wide(BLOCK_M) * stride_dom
@@ -520,7 +522,7 @@ def _bwd_dkdv_kernel(
         dk = dk * (1.0 / (1.0 - dropout_p))
         dv = dv * (1.0 / (1.0 - dropout_p))
     # One valid key: every weight is exactly 1 and dS exactly 0 (see _single_key).
-    dk = tl.where(key_ok[:, None] & (k_hi - k_lo != 1), dk * sm_scale, 0.0)
+    dk = tl.where(key_ok[:, None], dk * tl.where(k_hi - k_lo != 1, sm_scale, 0.0), 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     dk_offs = off_b * stride_dkb + off_h * stride_dkh + _wide(offs_n)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_offs = off_b * stride_dvb + off_h * stride_dvh + _wide(offs_n)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -573,7 +575,8 @@ def _dq_tiles(
 def _single_key(rows, k_lo, k_hi, shift, CAUSAL: tl.constexpr):
     """Whether each query row sees exactly one key. Its softmax weight is then exactly 1 and
     the gradient of its score exactly 0 (dS = P (dP - delta) with delta = P dP = dP); the
-    kernels write that 0 instead of the fp32 rounding residue of dP - rowsum(dO * O)."""
+    kernels multiply the fp32 rounding residue of dP - rowsum(dO * O) by 0 instead: exactly 0,
+    or NaN where a NaN or inf input made it NaN (as the exact math does)."""
     if CAUSAL:
         return tl.minimum(k_hi, rows + shift + 1) - k_lo == 1
     return (k_hi - k_lo == 1) | (rows < 0)
@@ -638,7 +641,9 @@ def _bwd_dq_kernel(
     )
     if DROPOUT:
         dq = dq * (1.0 / (1.0 - dropout_p))
-    dq = tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
+    dq = dq * tl.where(_single_key(offs_m, k_lo, k_hi, shift, CAUSAL), 0.0, sm_scale)[:, None]
+    if HAS_QL:  # padded rows: 0, also where a NaN key or value made them NaN (rows >= Tq: unwritten)
+        dq = tl.where(row_ok[:, None], dq, 0.0)
     out_mask = offs_m[:, None] < Tq
     if not EVEN_D:
         out_mask = out_mask & (offs_d[None, :] < D)

@@ -109,7 +109,8 @@ def _bwd_dq_sm90_kernel(
                        qk_scale, key, dropout_p, True, CAUSAL, DROPOUT, EVEN_D, TMA, BLOCK_N)
         if DROPOUT:
             dq = dq * (1.0 / (1.0 - dropout_p))
-        dq = tl.where(_single_key(rows, 0, Tk, shift, CAUSAL)[:, None], 0.0, dq * sm_scale)
+        # times 0, not 0: a NaN stays NaN (see _single_key)
+        dq = dq * tl.where(_single_key(rows, 0, Tk, shift, CAUSAL), 0.0, sm_scale)[:, None]
         _store_rows(DQ, _head(DQ, stride_dqb, stride_dqh, off_b, off_h, TMA), stride_dqm,
                     stride_dqd, off_b, off_h, start_m, Tq, D, dq.to(q.dtype), TMA, EVEN_D)
 
@@ -151,7 +152,7 @@ def _dkdv_steps(dk, dv, k, v, Qd, DOd, Q, DO, stride_qm, stride_qd, stride_dom, 
             p_kept, dp = tl.where(keep, p, 0.0), tl.where(keep, dp, 0.0)
         ds = p * (dp - row_delta)
         if DIAGONAL:
-            ds = tl.where(first_key_only, 0.0, ds)
+            ds = ds * tl.where(first_key_only, 0.0, 1.0)  # a NaN stays NaN
         dv = _mma(p_kept.to(do.dtype), do, dv)
         dk = _mma(ds.to(q.dtype), q, dk)
     return dk, dv
@@ -214,7 +215,7 @@ def _bwd_dkdv_sm90_kernel(
         if DROPOUT:  # the kept weights' 1 / (1 - p), left out of the tiles
             dk = dk * (1.0 / (1.0 - dropout_p))
             dv = dv * (1.0 / (1.0 - dropout_p))
-        dk = tl.where(Tk != 1, dk * sm_scale, 0.0)  # one key: every weight 1, dS exactly 0
+        dk = dk * tl.where(Tk != 1, sm_scale, 0.0)  # one key: every weight 1, dS exactly 0
         _store_rows(DK, _head(DK, stride_dkb, stride_dkh, off_b, off_h, TMA), stride_dkn,
                     stride_dkd, off_b, off_h, start_n, Tk, D, dk.to(k.dtype), TMA, EVEN_D)
         _store_rows(DV, _head(DV, stride_dvb, stride_dvh, off_b, off_h, TMA), stride_dvn,

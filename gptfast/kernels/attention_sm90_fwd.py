@@ -174,8 +174,13 @@ def _fwd_sm90_kernel(
 
         if DROPOUT:
             acc = acc * (1.0 / (1.0 - dropout_p))
-        o = (acc / l_i[:, None]).to(q.dtype)  # O has q's dtype
+        # As the generic kernel: a NaN sum (a NaN or +inf score) is live (NaN != 0), so NaN
+        # reaches O and the LSE as in the exact math; a row of no weight at all is 0.
+        live = l_i != 0.0
+        l_safe = tl.where(live, l_i, 1.0)
+        o = tl.where(live[:, None], acc / l_safe[:, None], 0.0).to(q.dtype)  # O has q's dtype
         rows = start_m + tl.arange(0, BLOCK_M)
-        tl.store(LSE2 + off_bh.to(tl.int64) * Tq + rows, m_i + tl.log2(l_i), mask=rows < Tq)
+        lse2 = tl.where(live, m_i + tl.log2(l_safe), float("inf"))
+        tl.store(LSE2 + off_bh.to(tl.int64) * Tq + rows, lse2, mask=rows < Tq)
         _store_rows(O, _head(O, stride_ob, stride_oh, off_b, off_h, TMA), stride_om, stride_od,
                     off_b, off_h, start_m, Tq, D, o, TMA, EVEN_D)

@@ -509,12 +509,13 @@ def decode_attention(
     _check_tensors(q, k_cache, v_cache)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
     if num_splits is not None and (
-        not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1
+        not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool) or num_splits < 1
     ):
         raise ValueError(f"{_OP}: num_splits must be a positive int or None, got {num_splits!r}")
+    num_splits = None if num_splits is None else int(num_splits)  # numpy integers too
     lens, max_len = _check_lengths(cache_len, q, k_cache.shape[2])
     return _decode_op(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
 

@@ -46,6 +46,7 @@ gptfast::linear_cross_entropy_backward (the per-token backward of reduction="non
 """
 
 import functools
+import numbers
 
 import torch
 import triton
@@ -392,11 +393,11 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
                          f"without its last dim), got {tuple(targets.shape)}")
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise ValueError(f"{_OP}: bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"{_OP}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if vocab >= 2**31 or targets.numel() >= 2**31:
@@ -431,6 +432,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     CHUNK_BYTES = 128 MiB) + an fp32 (V, d) accumulator + the gradients.
     """
     _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing)
+    ignore_index = int(ignore_index)  # numpy integers too
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # F.linear's autocast policy; the loss stays fp32
         dtype = torch.get_autocast_dtype(device)
