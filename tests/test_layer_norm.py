@@ -251,6 +251,44 @@ def test_fp32_parameters_cuda():
     _compare_layer_norm((4096, 1600), torch.bfloat16, param_dtype=torch.float32)
 
 
+# ---- the host path ---------------------------------------------------------------------------
+
+
+def test_inference_call_skips_autograd_and_agrees():
+    """Without gradients the forward launches directly (no graph node, no statistics stored)
+    and gives the very same output as the differentiable call."""
+    x, w, b, _ = _data((5, 300), torch.bfloat16)
+    r = torch.randn_like(x)
+    with torch.no_grad():
+        y, (h, s) = layer_norm(x, w, b), add_layer_norm(x, r, w, b)
+    assert y.grad_fn is None and h.grad_fn is None
+    x.requires_grad_()
+    y2, (h2, s2) = layer_norm(x, w, b), add_layer_norm(x, r, w, b)
+    assert y2.grad_fn is not None and h2.grad_fn is not None
+    for a, c in ((y, y2), (h, h2), (s, s2)):
+        assert torch.equal(a, c.detach())
+
+
+def test_plans_follow_the_named_gpu():
+    """The per-shape plan cache keys on the capability the plans are made for."""
+    cpu = torch.device("cpu")
+    with gptfast.kernels._common.plans_of(80):
+        sm80 = ln.bwd_plan(768, torch.bfloat16, cpu)
+    with gptfast.kernels._common.plans_of(90):
+        sm90 = ln.bwd_plan(768, torch.bfloat16, cpu)
+    assert (sm80[3], sm90[3]) == (108 * 2, 132 * 3)  # row groups: resident programs of all SMs
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_double_backward_is_refused_by_name(op):
+    x, w, b, dy = _data((3, 40), torch.float32)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y = layer_norm(x, w, b) if op == "layer_norm" else add_layer_norm(x, torch.randn_like(x), w, b)[0]
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{op}: double backward .* is not supported"):
+        dx.sum().backward()
+
+
 # ---- clear errors ------------------------------------------------------------------------
 
 
@@ -395,6 +433,9 @@ def test_tuned_plans_agree_and_stay_deterministic():
     for config in ln.TUNING_SPACE[ln.BWD_KERNEL]["fp32-1024"][:3]:
         with tuning.use({ln.BWD_KERNEL: {"fp32-1024": config}}):
             assert ln._bwd_plan(700, torch.float32)[0]["ROWS"] == config["rows"]
+            # the launch's cached plan follows the table too
+            cached = ln.bwd_plan(700, torch.float32, torch.device(DEVICE))
+            assert (cached[0]["ROWS"], cached[1]) == (config["rows"], config["num_warps"])
             _compare_add((9, 700), torch.float32)
             x, w, b, dy = _data((9, 700), torch.float32)
             first, second = _grads_twice(layer_norm, (x, w, b), [dy])
