@@ -536,3 +536,25 @@ def test_aot_configs_cover_every_launch():
         launch = lce._launch(vocab)
         assert (launch.block_n, launch.num_warps) in listed, vocab
 
+
+
+# ---- targets validated where the data is made (gptfast.dataset) --------------------------------
+
+
+def test_prepared_batches_are_valid_targets(tmp_path):
+    """TokenData's batches hold GPT-2 ids only (<|endoftext|> the largest) and check_vocab
+    refuses a model too small for them up front; such targets need no range check in the loss."""
+    from gptfast.dataset import TokenData, prepare
+
+    (tmp_path / "a.txt").write_text("the cat sat on the mat.\n" * 30)
+    prepare([tmp_path / "a.txt"], tmp_path / "d", val_fraction=0.2, seq_len=8)
+    data = TokenData(tmp_path / "d")
+    data.check_vocab(50257)
+    with pytest.raises(ValueError, match="up to 50256 .* do not fit a model vocabulary of 1000"):
+        data.check_vocab(1000)
+    _, targets = data.batch("train", [0, 5], 8)
+    assert targets.max() <= 50256
+    t = torch.from_numpy(targets).to(DEVICE)
+    h, w, _, _ = make((2, 8), 8, 50257, torch.float32, bias=False)
+    unchecked = linear_cross_entropy(h, w, t, check_targets=False)
+    torch.testing.assert_close(unchecked, linear_cross_entropy(h, w, t))
