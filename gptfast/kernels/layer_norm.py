@@ -43,8 +43,8 @@ from gptfast.kernels.layer_norm_kernels import (  # noqa: F401  (the gate and te
     _bwd_kernel, _bwd_row_sums_kernel, _fwd_rows_kernel, _fwd_wide_kernel, _sum_partials_kernel,
 )
 from gptfast.kernels.layer_norm_plans import (  # noqa: F401  (tests and bench/tune.py use these)
-    BWD_KERNEL, FWD_KERNEL, TUNING_SPACE, _bwd_groups, _bwd_plan, _fwd_plan, _sum_plan, aot_configs,
-    bwd_grid, bwd_plan, fwd_plan, report_cases,
+    _SUM_WARPS, BWD_KERNEL, FWD_KERNEL, TUNING_SPACE, _bwd_groups, _bwd_plan, _fwd_plan,
+    _sum_plan, aot_configs, bwd_grid, bwd_plan, fwd_plan, report_cases,
 )
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
@@ -121,7 +121,7 @@ def _backward(dy, dsum, xn, weight, bias, mean, rstd):
         if has_w or has_b:
             _sum_partials_kernel[(-(-n // sum_tile["BLOCK_N"]),)](
                 partials[0], partials[1], dx if dw is None else dw, dx if db is None else db,
-                groups, n, HAS_W=has_w, HAS_B=has_b, **sum_tile, num_warps=8,
+                groups, n, HAS_W=has_w, HAS_B=has_b, **sum_tile, num_warps=_SUM_WARPS,
             )
     return dx, dw, db
 
