@@ -69,7 +69,7 @@ def provider(name: str):
     if name == "compile":
         return compiled(eager)
     if name == "triton":
-        fused = optional("kernels", "linear_cross_entropy")
+        fused = optional("gptfast.kernels", "linear_cross_entropy")
         return lambda hidden, weight, targets: (fused(hidden, weight, targets),)
     if name == "liger":
         liger = liger_fused_linear_cross_entropy()

@@ -5,6 +5,14 @@ break (so memory stays bounded), encodes with the shipped GPT-2 tokenizer and ap
 ``<|endoftext|>`` after every document (a literal ``<|endoftext|>`` in the text is a document
 break too). The last ``val_fraction`` of the tokens becomes ``val.bin``. ``meta.json`` records the
 counts and the tokenizer's sha256, which ``TokenData`` checks against the shipped tokenizer.
+
+Token ids are validated here, on the host, where the data is made and read: ``prepare`` writes
+GPT-2 ids (``<|endoftext|>`` = 50256 the largest, in every file), ``TokenData.batch`` refuses a
+batch holding any other id (a corrupt file), and ``check_vocab(vocab_size)`` refuses, before any
+step, a model whose vocabulary cannot hold them. Batches of ``TokenData`` are therefore valid
+targets for a model that passed ``check_vocab``: the training loss may skip its own range check,
+which reads a flag back from the GPU every step (``linear_cross_entropy(...,
+check_targets=False)``).
 """
 
 import codecs
@@ -139,6 +147,15 @@ class TokenData:
                                  f"uint16 tokens ({2 * n} bytes): the file is corrupt or truncated")
             empty = np.zeros(0, np.uint16)  # np.memmap refuses empty files
             self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r") if n else empty
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The files' token ids (GPT-2's, up to ``<|endoftext|>`` = 50256, which every prepared file
+        holds) fit a model vocabulary of ``vocab_size``: else a ValueError now, not a bad target
+        in the loss later."""
+        if vocab_size <= END_OF_TEXT_ID:
+            raise ValueError(f"{self.dir}: GPT-2 token ids up to {END_OF_TEXT_ID} (<|endoftext|>) do "
+                             f"not fit a model vocabulary of {vocab_size}: vocab_size must be at "
+                             f"least {END_OF_TEXT_ID + 1}")
 
     def check_window(self, seq_len: int) -> None:
         for split, tokens in self.splits.items():

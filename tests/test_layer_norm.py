@@ -17,6 +17,7 @@ from gptfast.kernels.testing import assert_agrees
 
 # the module itself (the package exports a function of the same name, which `import ... as` finds)
 ln = importlib.import_module("gptfast.kernels.layer_norm")
+plans = importlib.import_module("gptfast.kernels.layer_norm_plans")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic shapes run on CUDA only")
@@ -91,14 +92,14 @@ def test_many_rows_several_programs(dtype):
     _compare_layer_norm((67, 96), dtype)
 
 
-def test_gpu_sized_grid(monkeypatch):
-    """As many backward programs as on a GPU (here 151 row groups): the partial sums take
+def test_gpu_sized_grid():
+    """As many backward programs as on an H100 (here 151 row groups): the partial sums take
     several BLOCK_G steps of the reduction."""
-    monkeypatch.setattr(ln, "_sm_count", lambda device: 132)  # an H100
-    tile, warps = ln._bwd_plan(1000)
-    groups, _ = ln._bwd_groups(301, 1, tile["ROWS"], warps, DEVICE)
-    assert groups > ln._sum_plan(1000, DEVICE)["BLOCK_G"]
-    _compare_add((301, 1000), torch.float16)
+    with gptfast.kernels._common.plans_of(None if DEVICE == "cuda" else 90):
+        tile, warps = ln._bwd_plan(1000)
+        groups, _ = ln._bwd_groups(301, 1, tile["ROWS"], warps, torch.device(DEVICE))
+        assert groups > ln._sum_plan(1000, torch.device(DEVICE))["BLOCK_G"]
+        _compare_add((301, 1000), torch.float16)
 
 
 @pytest.mark.parametrize("rows", [0, 1])
@@ -250,6 +251,44 @@ def test_fp32_parameters_cuda():
     _compare_layer_norm((4096, 1600), torch.bfloat16, param_dtype=torch.float32)
 
 
+# ---- the host path ---------------------------------------------------------------------------
+
+
+def test_inference_call_skips_autograd_and_agrees():
+    """Without gradients the forward launches directly (no graph node, no statistics stored)
+    and gives the very same output as the differentiable call."""
+    x, w, b, _ = _data((5, 300), torch.bfloat16)
+    r = torch.randn_like(x)
+    with torch.no_grad():
+        y, (h, s) = layer_norm(x, w, b), add_layer_norm(x, r, w, b)
+    assert y.grad_fn is None and h.grad_fn is None
+    x.requires_grad_()
+    y2, (h2, s2) = layer_norm(x, w, b), add_layer_norm(x, r, w, b)
+    assert y2.grad_fn is not None and h2.grad_fn is not None
+    for a, c in ((y, y2), (h, h2), (s, s2)):
+        assert torch.equal(a, c.detach())
+
+
+def test_plans_follow_the_named_gpu():
+    """The per-shape plan cache keys on the capability the plans are made for."""
+    cpu = torch.device("cpu")
+    with gptfast.kernels._common.plans_of(80):
+        sm80 = ln.bwd_plan(768, torch.bfloat16, cpu)
+    with gptfast.kernels._common.plans_of(90):
+        sm90 = ln.bwd_plan(768, torch.bfloat16, cpu)
+    assert (sm80[3], sm90[3]) == (108 * 2, 132 * 3)  # row groups: resident programs of all SMs
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_double_backward_is_refused_by_name(op):
+    x, w, b, dy = _data((3, 40), torch.float32)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y = layer_norm(x, w, b) if op == "layer_norm" else add_layer_norm(x, torch.randn_like(x), w, b)[0]
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{op}: double backward .* is not supported"):
+        dx.sum().backward()
+
+
 # ---- clear errors ------------------------------------------------------------------------
 
 
@@ -320,24 +359,25 @@ def _key(kernel, constexprs, warps):
     return kernel.__name__, tuple(sorted(constexprs.items())), warps
 
 
-def test_aot_configs_cover_every_plan():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_aot_configs_cover_every_plan(dtype):
     """Whatever width comes in, the configs the heuristics pick are among aot_configs()."""
-    flags = {"HAS_RESIDUAL", "HAS_DSUM", "HAS_W", "HAS_B"}
+    flags = {"HAS_RESIDUAL", "HAS_DSUM", "HAS_W", "HAS_B", "STATS"}
     listed = {_key(c["fn"], {k: v for k, v in c["constexprs"].items() if k not in flags}, c["num_warps"])
               for c in ln.aot_configs()}
     widths = {1, 2, 5, 768, 1000, 1600, 12289, 65536, MAX_N}
     widths |= {(1 << k) + d for k in range(21) for d in (-1, 0, 1) if 1 <= (1 << k) + d <= MAX_N}
     for n in sorted(widths):
-        kernel, tile, warps = ln._fwd_plan(n)
+        kernel, tile, warps = ln._fwd_plan(n, dtype)
         assert _key(kernel, tile, warps) in listed, f"forward plan for N={n} not compiled ahead of time"
-        tile, warps = ln._bwd_plan(n)
+        tile, warps = ln._bwd_plan(n, dtype)
         assert _key(ln._bwd_kernel, tile, warps) in listed, f"backward plan for N={n} not compiled"
         if not tile["WHOLE_ROW"]:
             sums = dict(BLOCK_N=tile["BLOCK_N"])
             assert _key(ln._bwd_row_sums_kernel, sums, warps) in listed, f"row sums for N={n} not compiled"
         for sms in (4, 108, 132, 170):  # interpreter, A100, H100, B200
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(ln, "_sm_count", lambda device: sms)
+                mp.setattr(plans, "_sm_count", lambda device: sms)
                 tile = ln._sum_plan(n, None)
             assert _key(ln._sum_partials_kernel, tile, 8) in listed, f"reduction for N={n} not compiled"
 
@@ -351,18 +391,38 @@ def test_backward_plan_keeps_enough_bytes_in_flight(n):
     least ~29 KB of loads in flight (an H200's 4.8 TB/s over 132 SMs times ~0.8 us), counting
     the NUM_STAGES - 1 tiles that the pipelined row loop prefetches."""
     tile, warps = ln._bwd_plan(n, torch.bfloat16)
-    programs_per_sm = ln._WARPS_PER_SM // warps
+    programs_per_sm = plans._programs_per_sm(warps, 90)
     in_flight = programs_per_sm * (tile["NUM_STAGES"] - 1) * tile["ROWS"] * n * 2 * 2
     assert tile["NUM_STAGES"] > 1 and in_flight >= 29_000, f"N={n}: {in_flight} bytes in flight per SM"
 
 
-def test_backward_prefetch_fits_shared_memory():
-    """The prefetched fp32 x/dy/ds tiles (NUM_STAGES - 1 of them) stay within the budget that
-    keeps 3 programs per SM on an A100; the widest rows are not pipelined."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_prefetch_fits_shared_memory(dtype):
+    """The prefetched x/dy/ds tiles (NUM_STAGES - 1 of them, in their dtype) stay within the
+    budget that keeps 3 programs per SM on an A100; the widest fp32 rows are not pipelined, the
+    widest half-precision ones prefetch one tile."""
     for n in [256, 768, 1600, 2048, 4096, 8192, 8193, 65536]:
-        tile, _ = ln._bwd_plan(n)
-        assert (tile["NUM_STAGES"] - 1) * tile["ROWS"] * tile["BLOCK_N"] * 3 * 4 <= ln._BWD_PREFETCH_BYTES
-    assert ln._bwd_plan(8192)[0]["NUM_STAGES"] == 1 and ln._bwd_plan(1600)[0]["NUM_STAGES"] == 3
+        tile, _ = ln._bwd_plan(n, dtype)
+        prefetched = (tile["NUM_STAGES"] - 1) * tile["ROWS"] * tile["BLOCK_N"] * 3 * dtype.itemsize
+        assert prefetched <= plans._BWD_PREFETCH_BYTES
+    assert ln._bwd_plan(8192, dtype)[0]["NUM_STAGES"] == (1 if dtype == torch.float32 else 2)
+    assert ln._bwd_plan(1600, dtype)[0]["NUM_STAGES"] == 3
+
+
+@pytest.mark.parametrize("warps", [2, 4, 8, 16])
+def test_backward_register_budget_keeps_one_wave(warps):
+    """Within its register budget (which the static gate checks on the compiled kernels) the
+    planned programs per SM are resident at once by the occupancy calculator's count, and no
+    more fit at 8 registers more, so the persistent grid (SMs x programs per SM) is one wave."""
+    from gptfast.kernels.testing import occupancy
+
+    for cc, sms in ((80, 108), (90, 132)):
+        budget, programs = plans._bwd_max_registers(warps, cc), plans._programs_per_sm(warps, cc)
+        assert occupancy(cc, warps, budget, 0)["blocks"] >= programs
+        assert occupancy(cc, warps, budget + 8, 0)["blocks"] < programs or budget == 255
+        with gptfast.kernels._common.plans_of(cc):
+            groups, _ = ln._bwd_groups(1 << 20, 1, 2, warps, torch.device("cpu"))
+        assert groups == sms * programs
 
 
 def test_tuned_plans_agree_and_stay_deterministic():
@@ -373,6 +433,9 @@ def test_tuned_plans_agree_and_stay_deterministic():
     for config in ln.TUNING_SPACE[ln.BWD_KERNEL]["fp32-1024"][:3]:
         with tuning.use({ln.BWD_KERNEL: {"fp32-1024": config}}):
             assert ln._bwd_plan(700, torch.float32)[0]["ROWS"] == config["rows"]
+            # the launch's cached plan follows the table too
+            cached = ln.bwd_plan(700, torch.float32, torch.device(DEVICE))
+            assert (cached[0]["ROWS"], cached[1]) == (config["rows"], config["num_warps"])
             _compare_add((9, 700), torch.float32)
             x, w, b, dy = _data((9, 700), torch.float32)
             first, second = _grads_twice(layer_norm, (x, w, b), [dy])

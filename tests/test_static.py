@@ -149,6 +149,20 @@ def test_report_occupancy_and_grid_figures(compiled):
             assert r["grid"] == 12 * splits and 1 < splits <= 64
 
 
+def test_layer_norm_backward_grid_is_one_wave(compiled):
+    """The persistent LayerNorm backward sizes its grid to the programs an SM holds at once: every
+    compiled config stays within that register budget, so the report's launches are one wave."""
+    from gptfast.kernels.layer_norm_plans import _bwd_max_registers
+
+    declared, rows = compiled
+    over = [f"{_what(r)}: {r['registers']} registers > {_bwd_max_registers(r['num_warps'], r['cc'])}"
+            for r in declared + rows if r["ok"] and r["kernel"] == "_bwd_kernel"
+            and r["registers"] > _bwd_max_registers(r["num_warps"], r["cc"])]
+    assert not over, "\n".join(over)
+    waves = [r["waves"] for r in rows if r["ok"] and r["kernel"] == "_bwd_kernel"]
+    assert waves and max(waves) <= 1.0
+
+
 def test_dropout_costs_at_most_twice_the_instructions_per_score(compiled):
     """On sm_90, at GPT-2's bf16 training shapes, the main loop of each dropout kernel issues at
     most 2x the warp-instructions per score of the dropout-free kernel (tiles and warps may

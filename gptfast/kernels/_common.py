@@ -142,7 +142,10 @@ def once_differentiable(op: str):
                 outputs = backward(ctx, *grads)
             if not torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return outputs
+            # The gradients depend on the op's differentiable inputs even where the backward
+            # reads only values saved without grad (the fused loss saves its gradients).
             if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads) and not any(
+                    ctx.needs_input_grad) and not any(
                     isinstance(t, torch.Tensor) and t.requires_grad for t in ctx.saved_tensors):
                 return outputs
             error = torch._C._functions.DelayedError(message, len(outputs))

@@ -7,36 +7,56 @@ weight (V, d), targets (...) of class indices.
 
 Plan, per chunk of C tokens (one (C, V) buffer, reused by every chunk):
   1. logits = hidden_c @ weight^T (+ bias): cuBLAS, in the input dtype with fp32 accumulation,
-     exactly what F.linear computes, written into the buffer;
+     rounded once (F.linear's numbers), written into the buffer;
   2. one Triton program per token row (``_ce_kernel``): online max / log-sum-exp over the row in
      fp32, the row's loss (label smoothing included, 0 for ignore_index), and, when gradients
      are wanted, d(loss)/d(logits) = scale * (softmax - smoothed one-hot) written over the
      logits in place (the scale is 1/count of non-ignored targets for "mean", 1 for "sum");
-  3. grad_hidden_c = dlogits @ weight (cuBLAS, straight into its rows of grad_hidden);
-     dweight += dlogits^T @ hidden_c into one fp32 (V, d) accumulator (cuBLAS with an fp32
-     output on CUDA: no rounding to bf16 between chunks); dbias += column sums in fp32.
+  3. grad_hidden_c = dlogits @ weight (cuBLAS, fp32 output, rounded once into its rows of
+     grad_hidden); dweight += dlogits^T @ hidden_c into one fp32 (V, d) accumulator (cuBLAS with
+     an fp32 output on CUDA: no rounding to bf16 between chunks); dbias += column sums in fp64.
 The loss is the fp32 sum of the per-token losses (divided by the count for "mean": all ignored
 gives 0/0 = nan, as torch does).
+
+Aligned GEMMs: cuBLAS picks its fast (sm_90, 16-byte vectorised) kernels only when the
+contiguous extent of every operand is a multiple of 8 elements (ATen passes the strided views
+through with their leading dimensions, see prepare_matrix_for_cublas in ATen's Blas.cpp); a
+vocabulary of 50,257 makes the logits' M, grad_hidden's K and dweight's N odd, and cuBLAS falls
+back to an sm_75 align-1 kernel (``cutlass_75_tensorop_bf16_s1688gemm_bf16_128x128_tn_align1``
+on the H200, 2026-12-04). So without a bias each product runs over an aligned main part of the
+vocabulary (V rounded down to a multiple of 64: weight[:V_main], a contiguous view, and the
+buffer's first V_main columns) and a small tail (the last V - V_main < 64 rows, 0.03% of the
+FLOPs at V = 50,257), with no copy of the weight. With a bias, weight and bias are padded with
+zero rows to the buffer's 16-aligned row length (one copy per call, V x d more memory): the
+logits are then one contiguous ``addmm`` whose bias cuBLASLt adds in its epilogue before the
+single rounding, as F.linear does. (An ``addmm`` into a strided view copies the bias into it and
+adds the product with beta = 1; on the H200, cuBLAS with torch's default reduced-precision
+reductions rounded the product to fp16 before adding the bias: 6x eager's loss error in fp16.)
 
 Gradients for "mean"/"sum" are computed in the forward and saved; the backward only multiplies
 them by grad_output into new tensors (the saved ones are never modified, so in-place changes of
 the loss, or a second backward with retain_graph, work). For ``reduction="none"`` the gradient
 of each row depends on its own grad_output, unknown in the forward: the forward computes the
 losses only, and the backward reruns the chunk loop (one more logits matmul) with per-row scales.
-Without gradients (no_grad, or no input requiring grad) only steps 1-2 run, loss only.
+Without gradients (no_grad, or no input requiring grad) only steps 1-2 run, loss only. Double
+backward is not supported (a clear error says so).
 
 Memory: peak extra memory is the chunk buffer, C x V elements of the input dtype (rows V rounded
 up to 16 elements apart: aligned, vectorised rows) with C chosen so that it holds at most
 CHUNK_BYTES = 128 MiB (at most 1334 rows at V = 50,257 in bf16, 667 in fp32),
-plus the fp32 dweight accumulator (V x d) and the gradients themselves (hidden's and weight's
-sizes): O(C x V + V x d), never a (tokens x vocab) tensor. (With fp16/bf16 on a torch whose
-addmm cannot accumulate into an fp32 tensor, each chunk's fp32 product is one more V x d.) Eager linear + cross-entropy holds
-the logits, their fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
+plus the fp32 dweight accumulator (V x d), one chunk's fp32 grad_hidden (C x d), the padded
+weight with a bias (V x d), and the gradients themselves (hidden's and weight's sizes):
+O(C x V + V x d), never a (tokens x vocab) tensor. (With fp16/bf16 on a torch whose addmm cannot accumulate into an fp32 tensor, each
+chunk's fp32 product is one more V x d.) Eager linear + cross-entropy holds the logits, their
+fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
 
-Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error. On
-CPU it is checked before anything runs; on CUDA (where reading it back would synchronise every
-call) and under torch.compile a device-side assert checks it without a sync, and the kernel
-never reads outside the row whatever the target.
+Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error.
+One small kernel (``_targets_kernel``) maps the targets to the kernel's int32 form, counts the
+non-ignored ones and finds the first bad one; the call then reads that index (a host sync,
+``check_targets=True``, the default) and raises the same ValueError on CUDA as on CPU before the
+GEMMs run: no device-side assert, the process goes on. ``check_targets=False`` (targets already
+validated, e.g. by ``gptfast.dataset``) skips the read, and so does a CUDA graph capture: a bad
+target then gives a NaN loss for its token (and NaN gradients), never a read outside the row.
 
 Autocast: hidden, weight and bias are cast to the autocast dtype (F.linear's policy) and the
 loss is computed in fp32 (cross-entropy's), so the op behaves like the unfused pair under it.
@@ -50,109 +70,19 @@ import numbers
 
 import torch
 import triton
-import triton.language as tl
 
-from gptfast.kernels._common import Launch, check_device, check_float, library_op, on_device
+from gptfast.kernels._common import (
+    Launch, check_device, check_float, library_op, on_device, once_differentiable,
+)
+from gptfast.kernels.linear_cross_entropy_kernels import _ce_kernel, _targets_kernel
 
+_OP = "linear_cross_entropy"
 CHUNK_BYTES = 1 << 27  # the (C, V) logits buffer of one chunk holds at most this many bytes
 _ROW_ALIGN = 64  # chunk rows are rounded to this (GEMM tiles), within the byte budget
+_VOCAB_ALIGN = 64  # the GEMMs' main part of the vocabulary is a multiple of this many rows
 _BLOCK_V = (128, 4096)  # narrowest and widest column block of the row loop
+_TARGETS_BLOCK = 4096  # targets per step of _targets_kernel's loop
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-@triton.jit
-def _load_block(z_row, start, cols, V, other, MASKED: tl.constexpr):
-    """Columns start + cols of a row as fp32; only the row's last, partial block is masked, so
-    that the others load 16 bytes per thread and instruction (the rows are 16-element aligned)."""
-    if MASKED:
-        return tl.load(z_row + start + cols, mask=start + cols < V, other=other).to(tl.float32)
-    return tl.load(z_row + start + cols).to(tl.float32)
-
-
-@triton.jit
-def _lse_step(m, s, z_sum, z, ok, HAS_SMOOTHING: tl.constexpr):
-    """Online max and sum of exp(z - max) over one more block (and the row sum for smoothing)."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-    if HAS_SMOOTHING:
-        z_sum += tl.sum(tl.where(ok, z, 0.0), axis=0)
-    return m_new, s, z_sum
-
-
-@triton.jit
-def _grad_step(z_row, start, cols, V, m, inv_s, scale, target, valid, smoothing,
-               HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr):
-    """Overwrite one block of logits with their gradient (softmax - one-hot, smoothed) x scale."""
-    z = _load_block(z_row, start, cols, V, 0.0, MASKED)
-    grad = tl.exp(z - m) * inv_s
-    if HAS_SMOOTHING:
-        grad -= smoothing / V
-        grad = tl.where(start + cols == target, grad - (1.0 - smoothing), grad)
-    else:
-        grad = tl.where(start + cols == target, grad - 1.0, grad)
-    grad = tl.where(valid, grad * scale, 0.0).to(z_row.dtype.element_ty)
-    if MASKED:
-        tl.store(z_row + start + cols, grad, mask=start + cols < V)
-    else:
-        tl.store(z_row + start + cols, grad)
-
-
-# One program per logits row of a chunk, looping over BLOCK_V-column blocks of the row.
-# Pass 1 reads the row once (V elements of the input dtype) and keeps a running max and the sum
-# of exp(z - max) (one exp per element; each block's max rescales the sum), plus the row sum of
-# z for label smoothing, and reads the target's logit (one element). Pass 2, only when gradients
-# are wanted, re-reads the row and writes the gradient over it in place: a program's row (100 KB
-# at V = 50,257 in bf16) was read just before, and the rows in flight (bf16: 3 programs of 8
-# warps per SM at 80 registers, ~40 MB on an H100) fit in its 50 MB L2, so the second read comes
-# from L2 and HBM traffic is one read and one write of the logits; 8 bytes (target, loss) per row
-# besides. (fp32 rows, 4 programs per SM at 56 registers: ~106 MB in flight, more than L2 holds:
-# part of the second read may come from HBM.)
-# Rows are stride_row apart (V rounded up to 16 elements by the host), so whole blocks load
-# and store 128 bits at a time. No atomics: each row's results belong to one program.
-@triton.jit
-def _ce_kernel(
-    LOGITS, TARGETS, LOSS, SCALE, V, stride_row, smoothing,
-    WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0)
-    z_row = LOGITS + row.to(tl.int64) * stride_row
-    target = tl.load(TARGETS + row)  # -1: ignored (the host maps ignore_index to -1)
-    valid = target >= 0
-    cols = tl.arange(0, BLOCK_V)
-    full = V // BLOCK_V * BLOCK_V  # the columns of whole blocks
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    z_sum = tl.zeros([], tl.float32)
-    for start in range(0, full, BLOCK_V):
-        z = _load_block(z_row, start, cols, V, float("-inf"), False)
-        m, s, z_sum = _lse_step(m, s, z_sum, z, True, HAS_SMOOTHING)
-    if full < V:
-        z = _load_block(z_row, full, cols, V, float("-inf"), True)
-        m, s, z_sum = _lse_step(m, s, z_sum, z, full + cols < V, HAS_SMOOTHING)
-    # Relative to the max, as log_softmax does: loss = (m - z_t) + log(s), p = exp(z - m) / s
-    # (exp(z - lse) would carry the rounding of lse at its magnitude into every probability).
-    log_s = tl.log(s)
-    safe_target = tl.where(valid & (target < V), target, 0)  # never read outside the row
-    z_target = tl.load(z_row + safe_target).to(tl.float32)
-    if HAS_SMOOTHING:
-        z_mean = z_sum / V
-        loss = (1.0 - smoothing) * (m - z_target) + smoothing * (m - z_mean) + log_s
-    else:
-        loss = (m - z_target) + log_s
-    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-    if WRITE_GRAD:
-        if ROW_SCALE:
-            scale = tl.load(SCALE + row)
-        else:
-            scale = tl.load(SCALE)
-        inv_s = 1.0 / s
-        for start in range(0, full, BLOCK_V):
-            _grad_step(z_row, start, cols, V, m, inv_s, scale, target, valid, smoothing,
-                       HAS_SMOOTHING, False)
-        if full < V:
-            _grad_step(z_row, full, cols, V, m, inv_s, scale, target, valid, smoothing,
-                       HAS_SMOOTHING, True)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------
@@ -181,6 +111,14 @@ def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
     return min(budget, triton.cdiv(per_chunk, _ROW_ALIGN) * _ROW_ALIGN)
 
 
+def vocab_parts(vocab: int) -> tuple[tuple[int, int], ...]:
+    """The (start, end) row ranges of the vocabulary that each product runs over: an aligned
+    main part (a multiple of _VOCAB_ALIGN rows) and the tail, or the whole vocabulary when it
+    is aligned already or smaller than one alignment step."""
+    main = vocab // _VOCAB_ALIGN * _VOCAB_ALIGN
+    return ((0, vocab),) if main in (0, vocab) else ((0, main), (main, vocab))
+
+
 # ---- host side -----------------------------------------------------------------------------
 
 
@@ -198,70 +136,110 @@ def _accumulating_addmm(device: torch.device) -> bool:
     return True
 
 
-def _accumulate_dweight(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """acc (V, d) fp32 += dlogits^T @ hidden without rounding the chunk's product to the inputs'
-    dtype: cuBLAS with an fp32 output on CUDA (accumulating in place where torch allows it, else
-    through an fp32 product); on CPU (the interpreter) by an fp32 product of upcast inputs."""
-    if hidden.dtype == torch.float32:
-        acc.addmm_(dlogits.t(), hidden)
-    elif not acc.is_cuda:
-        acc.addmm_(dlogits.t().float(), hidden.float())
-    elif _accumulating_addmm(acc.device):
-        torch.addmm(acc, dlogits.t(), hidden, out_dtype=torch.float32, out=acc)
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as an fp32 tensor, the product of the inputs' values without rounding to their
+    dtype: cuBLAS with an fp32 output on CUDA. On CPU (the interpreter) in fp64 (one chunk's
+    fp64 copy): the fp32 rounding noise of a chunk's product against eager's product of all
+    rows, blocked otherwise, decided the 2x rule at K = 1000 classes by chance (1 seed in 60:
+    20 ulps where eager's draw was 4); exact products keep the CPU tests about the kernels."""
+    if a.is_cuda:
+        return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.double(), b.double()).float()
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b without rounding the product to the inputs' dtype: in place where
+    cuBLAS can accumulate into an fp32 output (fp32 inputs; fp16/bf16 where torch allows it),
+    else through an fp32 product (_mm_fp32)."""
+    if a.is_cuda and a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _accumulating_addmm(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc += torch.mm(dlogits.t(), hidden, out_dtype=torch.float32)
+        acc += _mm_fp32(a, b)
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with zero rows appended up to ``rows`` rows (a new contiguous tensor)."""
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
 
 
 def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
     """Writes the per-token losses into ``loss`` (fp32, (N,)) and returns, for each of (hidden,
     weight, bias) flagged in ``needs``, its gradient for upstream per-token weights ``scale``
     (a 1-element or (N,) fp32 tensor), else None. hidden (N, d) and weight (V, d) contiguous;
-    targets (N,) int32 with -1 for ignored tokens."""
+    targets (N,) int32 as _targets_kernel maps them."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     need_h, need_w, need_b = needs
     write_grad = any(needs)
-    grad_h = torch.empty_like(hidden) if need_h else None
-    acc_w = torch.zeros((vocab, d), dtype=torch.float32, device=hidden.device) if need_w else None
-    acc_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
     launch = _launch(vocab)
     stride = row_stride(vocab)
     rows = chunk_rows(n, stride, hidden.element_size())
     buffer = torch.empty((min(rows, n), stride), dtype=hidden.dtype, device=hidden.device)
-    buffer = buffer[:, :vocab]  # 16-element aligned rows: cuBLAS writes them at that stride
+    if bias is None:  # the products over an aligned main part and the tail (vocab_parts)
+        parts = [(weight[lo:hi], lo, hi) for lo, hi in vocab_parts(vocab)]
+    else:  # the bias inside the product, rounded once with it: weight and bias padded to the
+        parts = [(_padded(weight, stride), 0, stride)]  # buffer's aligned rows (zeros beyond V)
+        bias_rows = _padded(bias, stride)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=hidden.device) if need_w else None
+    acc_b = torch.zeros(vocab, dtype=torch.float64, device=hidden.device) if need_b else None
     row_scale = scale.numel() > 1
-    weight_t = weight.t()
     with on_device(hidden.device):
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            h, logits = hidden[start:end], buffer[: end - start]
+            h, full = hidden[start:end], buffer[: end - start]
+            logits = full[:, :vocab]  # 16-element aligned rows: cuBLAS writes them at that stride
             if bias is None:
-                torch.mm(h, weight_t, out=logits)
-            else:
-                torch.addmm(bias, h, weight_t, out=logits)
+                for w, lo, hi in parts:
+                    torch.mm(h, w.t(), out=full[:, lo:hi])
+            else:  # (contiguous output: cuBLASLt's bias epilogue, as F.linear; 0 beyond V)
+                torch.addmm(bias_rows, h, parts[0][0].t(), out=full)
             _ce_kernel[(end - start,)](
                 logits, targets[start:end], loss[start:end], scale[start:end] if row_scale else scale,
                 vocab, stride, smoothing, WRITE_GRAD=write_grad, ROW_SCALE=row_scale,
                 HAS_SMOOTHING=smoothing > 0, BLOCK_V=launch.block_n, num_warps=launch.num_warps,
             )
-            if need_h:
-                torch.mm(logits, weight, out=grad_h[start:end])
-            if need_w:
-                _accumulate_dweight(acc_w, logits, h)
+            if need_h:  # summed over the parts in fp32, rounded once
+                w, lo, hi = parts[0]
+                grad = _mm_fp32(full[:, lo:hi], w)
+                for w, lo, hi in parts[1:]:
+                    _addmm_fp32(grad, full[:, lo:hi], w)
+                grad_h[start:end] = grad
+            for w, lo, hi in parts if need_w else ():
+                _addmm_fp32(acc_w[lo:hi], full[:, lo:hi].t(), h)
             if need_b:
-                acc_b += logits.sum(0, dtype=torch.float32)
-    del buffer
-    grad_w = None if acc_w is None else acc_w.to(weight.dtype)
+                acc_b += logits.sum(0, dtype=torch.float64)
+    del buffer, parts
+    grad_w = None if acc_w is None else acc_w[:vocab].to(weight.dtype)
     grad_b = None if acc_b is None else acc_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 
 
-def _prepare(hidden, weight, targets, bias, ignore_index):
-    """(hidden rows (N, d), weight, bias contiguous; targets as int32 with -1 where ignored)."""
+def _prepare(hidden, weight, targets, bias, ignore_index, check):
+    """(hidden rows (N, d), weight, bias contiguous; targets as int32, -1 where ignored and -2
+    where out of range; the count of valid targets, fp32, on the device). ``check``: raise the
+    ValueError for the first out-of-range target (one host read of its index, skipped while a
+    CUDA graph is captured)."""
     rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    flat = targets.reshape(-1)
-    mapped = torch.where(flat == ignore_index, -1, flat).to(torch.int32)
-    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), mapped
+    flat = targets.reshape(-1).contiguous()
+    n = flat.numel()
+    mapped = torch.empty(n + 2, dtype=torch.int32, device=flat.device)  # and the 2 statistics
+    mapped, stats = mapped[:n], mapped[n:]
+    vocab = weight.shape[0]
+    with on_device(flat.device):
+        _targets_kernel[(1,)](flat, mapped, stats, n, vocab, ignore_index, BLOCK=_TARGETS_BLOCK,
+                              num_warps=4)
+    if check and not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):
+        first_bad = int(stats[1])
+        if first_bad < n:
+            raise ValueError(f"{_OP}: target {int(flat[first_bad])} is out of range for {vocab} "
+                             f"classes (and is not ignore_index={ignore_index})")
+    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), mapped, \
+        stats[0].to(torch.float32)
 
 
 def _no_autocast(device: torch.device):
@@ -281,13 +259,12 @@ def _or_empty(t, like):
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
-             need_hidden: bool, need_weight: bool, need_bias: bool
+             check_targets: bool, need_hidden: bool, need_weight: bool, need_bias: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, w, b, t = _prepare(hidden, weight, targets, bias, ignore_index)
+    h, w, b, t, count = _prepare(hidden, weight, targets, bias, ignore_index, check_targets)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     if reduction == "none":
         needs = (False, False, False)  # the backward computes them, with per-token scales
-    count = (t >= 0).sum().to(torch.float32)
     scale = (1.0 / count if reduction == "mean" else torch.ones((), device=h.device)).reshape(1)
     losses = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
     with _no_autocast(h.device):
@@ -295,12 +272,13 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if reduction == "none":
         loss = losses
     else:
-        loss = losses.sum() / count if reduction == "mean" else losses.sum()
+        total = losses.sum(dtype=torch.float64)  # exact enough to add no rounding of its own
+        loss = (total / count if reduction == "mean" else total).to(torch.float32)
     grad_h = None if grad_h is None else grad_h.view(hidden.shape)
     return loss, _or_empty(grad_h, h), _or_empty(grad_w, h), _or_empty(grad_b, h)
 
 
-def _fake(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing,
+def _fake(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, check_targets,
           need_hidden, need_weight, need_bias):
     loss_shape = targets.shape if reduction == "none" else ()
     loss = hidden.new_empty(loss_shape, dtype=torch.float32)
@@ -323,6 +301,7 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
 
 
+@once_differentiable(_OP)
 def _backward(ctx, grad_loss, _gh, _gw, _gb):
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     if ctx.reduction == "none":
@@ -335,7 +314,7 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
         pairs = ((saved_h, need_h), (saved_w, need_w), (saved_b, need_b))
         grad_h, grad_w, grad_b = (g * grad_loss if need else None for g, need in pairs)
     return (grad_h if need_h else None, grad_w if need_w else None, None,
-            grad_b if need_b and ctx.has_bias else None, None, None, None, None, None, None)
+            grad_b if need_b and ctx.has_bias else None, None, None, None, None, None, None, None)
 
 
 @torch.library.custom_op("gptfast::linear_cross_entropy_backward", mutates_args=())
@@ -344,8 +323,9 @@ def _backward_none(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
                    label_smoothing: float, need_hidden: bool, need_weight: bool, need_bias: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of reduction="none" for upstream per-token gradients ``grad_loss`` (targets'
-    shape): the chunk loop again, each row's gradient scaled by its own grad_loss."""
-    h, w, b, t = _prepare(hidden, weight, targets, bias, ignore_index)
+    shape): the chunk loop again, each row's gradient scaled by its own grad_loss (the targets
+    were checked by the forward)."""
+    h, w, b, t, _ = _prepare(hidden, weight, targets, bias, ignore_index, False)
     scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
     with _no_autocast(h.device):
         grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing,
@@ -367,11 +347,11 @@ _linear_cross_entropy = library_op("linear_cross_entropy", _forward, _fake, _set
 
 # ---- input checks and the public function ---------------------------------------------------
 
-_OP = "linear_cross_entropy"
 
-
-def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing) -> None:
-    """Every input problem named in Python, before any launch (values of CPU targets too)."""
+def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing,
+           check_targets) -> None:
+    """Every input problem named in Python, before any launch (the targets' values: see
+    _prepare)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
         if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -382,6 +362,9 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
     if hidden.dim() == 0:
         raise ValueError(f"{_OP}: hidden must have at least one dimension (the last one is d)")
     d = hidden.shape[-1]
+    if d == 0:
+        raise ValueError(f"{_OP}: hidden's last dimension d (the projection's input width) must be "
+                         f"at least 1, got hidden of shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"{_OP}: weight must have shape (vocab, {d}) (d = hidden.shape[-1]), "
                          f"got {tuple(weight.shape)}")
@@ -400,26 +383,16 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"{_OP}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(check_targets, bool):
+        raise TypeError(f"{_OP}: check_targets must be True or False, got {check_targets!r}")
     if vocab >= 2**31 or targets.numel() >= 2**31:
         raise ValueError(f"{_OP}: at most 2**31 - 1 classes and tokens")
 
 
-def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Targets in [0, vocab) or ignore_index: checked now on CPU in eager mode; otherwise by a
-    device-side assert (no host sync), which fails the call's stream on a bad target."""
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
-        if targets.numel() and bad.any():
-            value = targets[bad][0].item()
-            raise ValueError(f"{_OP}: target {value} is out of range for {vocab} classes "
-                             f"(and is not ignore_index={ignore_index})")
-        return
-    torch._assert_async(~bad.any(), f"{_OP}: a target is out of range for {vocab} classes")
-
-
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+                         reduction: str = "mean", label_smoothing: float = 0.0, *,
+                         check_targets: bool = True) -> torch.Tensor:
     """Cross-entropy of the logits ``hidden @ weight.T + bias`` against ``targets``, fused.
 
     Equals ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=...,
@@ -430,8 +403,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets ("none"). Differentiable in hidden, weight and bias; gradients are accumulated in fp32
     (dweight across chunks too). Peak extra memory: one (C, V) chunk of logits (at most
     CHUNK_BYTES = 128 MiB) + an fp32 (V, d) accumulator + the gradients.
+
+    A target out of range raises ValueError, on CUDA as on CPU; that check reads one number back
+    from the device (a host sync). ``check_targets=False`` skips it for targets known to be
+    valid (e.g. batches of ``gptfast.dataset.TokenData``): a bad target then gives a NaN loss.
     """
-    _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing)
+    _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, check_targets)
     ignore_index = int(ignore_index)  # numpy integers too
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # F.linear's autocast policy; the loss stays fp32
@@ -442,17 +419,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if len(dtypes) > 1:
         raise TypeError(f"{_OP}: hidden, weight and bias must have one dtype (as for F.linear), "
                         f"got {', '.join(str(t) for t in sorted(dtypes, key=str))}")
-    _check_targets(targets, weight.shape[0], ignore_index)
     grad = torch.is_grad_enabled()
     needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)
     return _linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction,
-                                 float(label_smoothing), *needs)[0]
+                                 float(label_smoothing), check_targets, *needs)[0]
 
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _aligned(fn, signature, *names) -> dict:
+    """The divisibility hints a launch gives its pointers and ``names`` (16-byte aligned tensors;
+    the row stride is a multiple of 16, see row_stride)."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if signature[a].startswith("*") or a in names}
 
 
 def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=True) -> dict:
@@ -461,14 +444,20 @@ def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=
     types = {"LOGITS": "*" + t, "TARGETS": "*i32", "LOSS": "*fp32", "SCALE": "*fp32",
              "V": "i32", "stride_row": "i32", "smoothing": "fp32"}
     signature = {a: "constexpr" if a in constexprs else types[a] for a in _ce_kernel.arg_names}
-    aligned_args = [i for i, a in enumerate(_ce_kernel.arg_names)
-                    if signature[a].startswith("*") or a == "stride_row"]
     flags = f"g{write_grad:d}r{row_scale:d}s{smoothing:d}"
-    # what a launch's tensors and row stride (a multiple of 16, see row_stride) get
-    aligned = {(i,): [["tt.divisibility", 16]] for i in aligned_args}
     return {"name": f"_ce_kernel/{t}/{flags}/{launch.block_n}w{launch.num_warps}", "fn": _ce_kernel,
             "signature": signature, "constexprs": constexprs, "num_warps": launch.num_warps,
-            "num_stages": launch.num_stages, "attrs": aligned}
+            "num_stages": launch.num_stages, "attrs": _aligned(_ce_kernel, signature, "stride_row")}
+
+
+def _targets_config(t: str) -> dict:
+    constexprs = dict(BLOCK=_TARGETS_BLOCK)
+    types = {"TARGETS": "*" + t, "MAPPED": "*i32", "STATS": "*i32", "N": "i32", "V": "i32",
+             "ignore_index": "i32"}
+    signature = {a: "constexpr" if a in constexprs else types[a] for a in _targets_kernel.arg_names}
+    return {"name": f"_targets_kernel/{t}", "fn": _targets_kernel, "signature": signature,
+            "constexprs": constexprs, "num_warps": 4, "num_stages": 3,
+            "attrs": _aligned(_targets_kernel, signature)}
 
 
 def _plan_vocabs() -> list[int]:
@@ -480,7 +469,8 @@ def aot_configs():
     """Every (BLOCK_V, num_warps) the heuristic can pick, for fp32/fp16/bf16 logits, compiled
     with the gradient pass and label smoothing on (the most code and registers); the other flag
     combinations (forward only, per-row scales of reduction="none", no smoothing) only drop or
-    swap a scalar load and a few elementwise ops, and are compiled at GPT-2's block (4096)."""
+    swap a scalar load and a few elementwise ops, and are compiled at GPT-2's block (4096). And
+    the targets kernel for int64 and int32 targets."""
     configs = [_config(t, _launch(v)) for t in _TYPES.values() for v in _plan_vocabs()]
     gpt2 = _launch(50257)
     for t in _TYPES.values():
@@ -488,20 +478,23 @@ def aot_configs():
                                                  (True, False, False), (True, True, False),
                                                  (True, True, True)):
             configs.append(_config(t, gpt2, write_grad, row_scale, smoothing))
-    return configs
+    return configs + [_targets_config(t) for t in ("i64", "i32")]
 
 
 def report_cases(cc: int = 90):
     """GPT-2's training loss at 8 x 1024 tokens and vocabulary 50,257, for the static report
-    (gptfast/kernels/report.py): one ``_ce_kernel`` launch per chunk, fp32 and bf16 logits, mean
-    reduction without label smoothing. The width (768..1600, 124M..1558M) only enters the
-    cuBLAS products, not this kernel's launch: one case per dtype. Per launch a label, its aot
-    config (specialised as the JIT specialises the call) and its grid (a full chunk's rows);
-    the same on every GPU (``cc``)."""
+    (gptfast/kernels/report.py): the targets kernel (one program), then one ``_ce_kernel``
+    launch per chunk, fp32 and bf16 logits, mean reduction without label smoothing. The
+    width (768..1600, 124M..1558M) only enters the cuBLAS products, not these launches: one case
+    per dtype. Per launch a label, its aot config (specialised as the JIT specialises the call)
+    and its grid (a full chunk's rows); the same on every GPU (``cc``)."""
     from gptfast.kernels.testing import launch_config
 
     tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
-    cases = []
+    args = dict(TARGETS="*i64", MAPPED="*i32", STATS="*i32", N=tokens, V=vocab, ignore_index=-100)
+    cfg = launch_config(f"_targets_kernel GPT-2 {tokens} int64", _targets_kernel, args,
+                        dict(BLOCK=_TARGETS_BLOCK), 4)
+    cases = [{"label": f"GPT-2 {tokens} int64 targets", "config": cfg, "grid": 1}]
     for dtype, t in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         rows = chunk_rows(tokens, row_stride(vocab), dtype.itemsize)
         label = f"GPT-2 {tokens}x{vocab} {t} ({triton.cdiv(tokens, rows)} chunks)"

@@ -60,22 +60,26 @@ class LinearCrossEntropyLoss(nn.Module):
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets)`` without the logits.
 
     Options are those of ``nn.CrossEntropyLoss`` (``ignore_index``, ``reduction``,
-    ``label_smoothing``); ``forward(hidden, weight, targets, bias=None)`` takes the projection's
-    weight (e.g. a model's output head, tied or not) rather than owning one. See
+    ``label_smoothing``) and ``check_targets`` (False: targets known to be in range, no host
+    read of the range check); ``forward(hidden, weight, targets, bias=None)`` takes the
+    projection's weight (e.g. a model's output head, tied or not) rather than owning one. See
     ``gptfast.kernels.linear_cross_entropy`` for dtypes, memory and autocast.
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 check_targets: bool = True):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
+        self.check_targets = check_targets
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor,
                 bias: Tensor | None = None) -> Tensor:
         return linear_cross_entropy(hidden, weight, targets, bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing)
+                                    self.label_smoothing, check_targets=self.check_targets)
 
     def extra_repr(self) -> str:
+        checked = "" if self.check_targets is True else f", check_targets={self.check_targets}"
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}")
+                f"label_smoothing={self.label_smoothing}{checked}")

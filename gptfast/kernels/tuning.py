@@ -36,6 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 _SPACES: dict[str, dict[str, tuple[dict, ...]]] = {}  # kernel -> shape class -> configs
 _override: dict | None = None  # set by ``use`` (bench/tune.py)
+_generation = 0  # changes whenever lookup's answers may change (``use``, ``reload``)
 
 
 class TuningTableError(ValueError):
@@ -176,16 +177,26 @@ def lookup(kernel: str, shape_class: str, device: torch.device | None) -> dict |
 def use(entries: dict[str, dict[str, dict]]):
     """Within the block, ``lookup`` answers from ``entries`` on every device (and nothing else:
     classes it lacks get the static heuristics). For bench/tune.py and tests."""
-    global _override
+    global _override, _generation
     validate({"schema": SCHEMA_VERSION, "device": "override", "triton": triton_version(),
               "kernels": entries}, "override")
     saved, _override = _override, entries
+    _generation += 1
     try:
         yield
     finally:
         _override = saved
+        _generation += 1
 
 
 def reload() -> None:
     """Forget the loaded tables (after writing one)."""
+    global _generation
     _device_entries.cache_clear()
+    _generation += 1
+
+
+def generation() -> int:
+    """A number that changes whenever ``lookup``'s answers may change (``use``, ``reload``): the
+    key under which a kernel module may cache launch plans per shape."""
+    return _generation

@@ -1,0 +1,128 @@
+"""The Triton kernels of the fused linear + cross-entropy (see
+gptfast/kernels/linear_cross_entropy.py for the op, its chunk loop and launch plans)."""
+
+import triton
+import triton.language as tl
+
+
+# Targets, in one program: reads the N targets (int64/int32) in blocks, writes them as int32
+# (-1 for ignore_index, -2 for a target outside [0, V): what _ce_kernel reads), and stores the count of valid targets
+# and the index of the first bad one (N if none) in STATS. 12 bytes per token, one launch; one
+# program keeps the count and the first index exact without atomics (8192 tokens: 2 steps).
+@triton.jit
+def _targets_kernel(TARGETS, MAPPED, STATS, N, V, ignore_index, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    count = tl.zeros([], tl.int32)
+    first_bad = tl.zeros([], tl.int32) + N
+    for start in range(0, N, BLOCK):
+        idx = start + offsets
+        ok = idx < N
+        t = tl.load(TARGETS + idx, mask=ok, other=0)
+        ignored = t == ignore_index
+        bad = ok & ~ignored & ((t < 0) | (t >= V))
+        mapped = tl.where(ignored, -1, tl.where(bad, -2, t)).to(tl.int32)
+        tl.store(MAPPED + idx, mapped, mask=ok)
+        count += tl.sum((ok & ~ignored & ~bad).to(tl.int32), axis=0)
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, N), axis=0))
+    tl.store(STATS, count)
+    tl.store(STATS + 1, first_bad)
+
+
+@triton.jit
+def _load_block(z_row, start, cols, V, other, MASKED: tl.constexpr):
+    """Columns start + cols of a row as fp32; only the row's last, partial block is masked, so
+    that the others load 16 bytes per thread and instruction (the rows are 16-element aligned)."""
+    if MASKED:
+        return tl.load(z_row + start + cols, mask=start + cols < V, other=other).to(tl.float32)
+    return tl.load(z_row + start + cols).to(tl.float32)
+
+
+@triton.jit
+def _lse_step(m, s, z_sum, z, ok, HAS_SMOOTHING: tl.constexpr):
+    """Online max and sum of exp(z - max) over one more block (and the row sum for smoothing)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+    if HAS_SMOOTHING:
+        z_sum += tl.sum(tl.where(ok, z, 0.0), axis=0)
+    return m_new, s, z_sum
+
+
+@triton.jit
+def _grad_step(z_row, start, cols, V, m, p_scale, hit, flat, target, ignored,
+               HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr):
+    """Overwrite one block of logits with their gradient, (softmax - smoothed one-hot) x scale:
+    exp(z - m) x (scale / s), less ``flat`` = scale x smoothing / V everywhere (smoothing) and
+    ``hit`` = scale x (1 - smoothing) at the target (the scale is folded into the constants:
+    one rounding after the exp, where multiplying by 1/s and then by the scale took two)."""
+    z = _load_block(z_row, start, cols, V, 0.0, MASKED)
+    grad = tl.exp(z - m) * p_scale
+    if HAS_SMOOTHING:
+        grad -= flat
+    grad = tl.where(start + cols == target, grad - hit, grad)
+    grad = tl.where(ignored, 0.0, grad).to(z_row.dtype.element_ty)
+    if MASKED:
+        tl.store(z_row + start + cols, grad, mask=start + cols < V)
+    else:
+        tl.store(z_row + start + cols, grad)
+
+
+# One program per logits row of a chunk, looping over BLOCK_V-column blocks of the row.
+# Pass 1 reads the row once (V elements of the input dtype) and keeps a running max and the sum
+# of exp(z - max) (one exp per element; each block's max rescales the sum), plus the row sum of
+# z for label smoothing, and reads the target's logit (one element). Pass 2, only when gradients are wanted, re-reads the row and
+# writes the gradient over it in place: a program's row (100 KB at V = 50,257 in bf16) was read
+# just before, and the rows in flight (bf16: 3 programs of 8 warps per SM at 80 registers, ~40
+# MB on an H100) fit in its 50 MB L2, so the second read comes from L2 and HBM traffic is one
+# read and one write of the logits; 8 bytes (target, loss) per row besides. (fp32 rows, 4
+# programs per SM at 56 registers: ~106 MB in flight, more than L2 holds: part of the second
+# read may come from HBM.) Rows are stride_row apart (V rounded up to 16 elements by the host),
+# so whole blocks load and store 128 bits at a time. No atomics: each row's results belong to
+# one program. A target of -2 (out of range, unchecked: see _targets_kernel) gives NaN.
+@triton.jit
+def _ce_kernel(
+    LOGITS, TARGETS, LOSS, SCALE, V, stride_row, smoothing,
+    WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    z_row = LOGITS + row.to(tl.int64) * stride_row
+    target = tl.load(TARGETS + row)  # -1: ignored, -2: out of range (the host's mapping)
+    ignored = target == -1
+    cols = tl.arange(0, BLOCK_V)
+    full = V // BLOCK_V * BLOCK_V  # the columns of whole blocks
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    z_sum = tl.zeros([], tl.float32)
+    for start in range(0, full, BLOCK_V):
+        z = _load_block(z_row, start, cols, V, float("-inf"), False)
+        m, s, z_sum = _lse_step(m, s, z_sum, z, True, HAS_SMOOTHING)
+    if full < V:
+        z = _load_block(z_row, full, cols, V, float("-inf"), True)
+        m, s, z_sum = _lse_step(m, s, z_sum, z, full + cols < V, HAS_SMOOTHING)
+    # Relative to the max, as log_softmax does: loss = (m - z_t) + log(s), p = exp(z - m) / s
+    # (exp(z - lse) would carry the rounding of lse at its magnitude into every probability).
+    log_s = tl.log(s)
+    safe_target = tl.where(target >= 0, target, 0)  # never read outside the row
+    z_target = tl.load(z_row + safe_target).to(tl.float32)
+    if HAS_SMOOTHING:
+        z_mean = z_sum / V
+        loss = (1.0 - smoothing) * (m - z_target) + smoothing * (m - z_mean) + log_s
+    else:
+        loss = (m - z_target) + log_s
+    bad = target < -1
+    tl.store(LOSS + row, tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss)))
+    if WRITE_GRAD:
+        if ROW_SCALE:
+            scale = tl.load(SCALE + row)
+        else:
+            scale = tl.load(SCALE)
+        scale = tl.where(ignored, 0.0, tl.where(bad, float("nan"), scale))  # (1/count: inf if 0)
+        p_scale = scale / s
+        hit = scale * (1.0 - smoothing) if HAS_SMOOTHING else scale
+        flat = scale * (smoothing / V)
+        for start in range(0, full, BLOCK_V):
+            _grad_step(z_row, start, cols, V, m, p_scale, hit, flat, target, ignored,
+                       HAS_SMOOTHING, False)
+        if full < V:
+            _grad_step(z_row, full, cols, V, m, p_scale, hit, flat, target, ignored,
+                       HAS_SMOOTHING, True)
