@@ -380,32 +380,41 @@ class GPTModel(nn.Module):
         with label("final_norm"):
             return self.final_norm(x)
 
-    def loss(self, in_idx, targets, ignore_index=-100):
+    def loss(self, in_idx, targets, ignore_index=-100, check_targets=True):
         """The book's training loss (``calc_loss_batch``): mean cross-entropy of the next-token
         logits of ``in_idx`` against ``targets`` (same shape), skipping ``ignore_index``.
 
         With Triton kernels the output head and the loss are one fused op
         (``gptfast.kernels.linear_cross_entropy``), which never stores the (tokens x vocab) logits.
+        An out-of-range target is a ValueError on every device and path (on CUDA the check reads
+        one flag back: a host sync; a device-side assert would end the process's CUDA use).
+        ``check_targets=False`` skips that read for targets known to be valid (the trainer's,
+        which ``TokenData`` checks on the host batch by batch); a bad target then gives a NaN
+        loss (Triton kernels) or torch's device assert (kernels="torch").
         """
         ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
         if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):
             what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets must be a tensor shaped like the token ids {ids_shape}, "
                              f"got {what}")
-        ignore_index = self._check_targets(in_idx, targets, ignore_index)
+        ignore_index = self._check_targets(in_idx, targets, ignore_index, check_targets)
         x = self.hidden_states(in_idx)
-        if use_triton(self.kernels, x):
+        if use_triton(self.kernels, x):  # targets checked above: no second read in the op
             with label("out_head"):
                 return triton_ops().linear_cross_entropy(x, self.out_head.weight, targets,
-                                                         ignore_index=ignore_index)
+                                                         ignore_index=ignore_index,
+                                                         check_targets=False)
         with label("out_head"):
             logits = self.out_head(x)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
-    def _check_targets(self, in_idx, targets, ignore_index) -> int:
+    def _check_targets(self, in_idx, targets, ignore_index, check_values=True) -> int:
         """The targets checked here for both paths, as the fused loss (kernels="triton") checks
         them and in its words, so that both refuse the same input with one message; returns
-        ignore_index as an int (numpy integers too)."""
+        ignore_index as an int (numpy integers too). The values are read unless
+        ``check_values`` is False, under torch.compile or while a CUDA graph is captured."""
+        if not isinstance(check_values, bool):
+            raise TypeError(f"check_targets must be True or False, got {check_values!r}")
         if targets.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
         if isinstance(in_idx, torch.Tensor) and targets.device != in_idx.device:
@@ -413,9 +422,10 @@ class GPTModel(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         ignore_index, vocab = int(ignore_index), self.cfg["vocab_size"]
-        if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        capturing = targets.is_cuda and torch.cuda.is_current_stream_capturing()
+        if check_values and targets.numel() and not torch.compiler.is_compiling() and not capturing:
             bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-            if bad.any():  # read on the CPU only: on CUDA it would sync every step
+            if bad.any():  # on CUDA one flag read back (a host sync)
                 raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "
                                  f"classes (and is not ignore_index={ignore_index})")
         return ignore_index

@@ -297,7 +297,9 @@ class LossModule(torch.nn.Module):
         self.model = model
 
     def forward(self, x, y):
-        return self.model.loss(x, y)
+        # TokenData checks each batch's ids on the host and Run the vocabulary (check_vocab):
+        # the loss needs no device read of its targets (a host sync per step on CUDA).
+        return self.model.loss(x, y, check_targets=False)
 
 
 def flops_per_token(model: GPTModel, seq_len: int) -> float:
@@ -323,9 +325,7 @@ class Run:
         self.opts, self.d, self.out = opts, d, Path(opts.out)
         self.data = TokenData(opts.data)
         self.cfg = model_config(opts)
-        if self.cfg["vocab_size"] <= END_OF_TEXT_ID:
-            raise ValueError(f"the config's vocab_size {self.cfg['vocab_size']} cannot hold the "
-                             f"prepared data, GPT-2 token ids up to {END_OF_TEXT_ID}")
+        self.data.check_vocab(self.cfg["vocab_size"])
         if ckpt is not None and ckpt["cfg"] != self.cfg:
             raise ValueError(f"{self.out / 'ckpt.pt'}: written for config {ckpt['cfg']}, the options "
                              f"now give {self.cfg}")
@@ -424,7 +424,7 @@ class Run:
         for i in range(self.opts.eval_batches):
             x, y = self.batches.val(i)
             with self.autocast:
-                total += self.model.loss(x, y).float()
+                total += self.model.loss(x, y, check_targets=False).float()
         self.model.train()
         if self.d.on:
             dist.all_reduce(total)

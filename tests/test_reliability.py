@@ -522,7 +522,7 @@ def prepared(tmp_path_factory):
 def test_a_config_whose_vocabulary_cannot_hold_the_data_is_refused(prepared, tmp_path):
     small = tmp_path / "small.json"
     small.write_text(json.dumps({**CFG, "context_length": 32}))
-    with pytest.raises(ValueError, match="vocab_size 61 cannot hold the prepared data"):
+    with pytest.raises(ValueError, match="up to 50256 .* do not fit a model vocabulary of 61"):
         gptfast.train(data=str(prepared), config_json=str(small), max_steps=1, seq_len=16,
                       kernels="torch", out=str(tmp_path / "run"))
 
@@ -647,6 +647,23 @@ def test_the_loss_gives_one_message_on_both_paths(targets, ignore_index, error, 
     for path in ("torch", "triton"):
         with pytest.raises(error, match=match):
             model.use_kernels(path).loss(x, targets.to(DEVICE), ignore_index=ignore_index)
+
+
+def test_the_loss_can_skip_reading_targets_known_to_be_valid():
+    """check_targets=False (the trainer's: TokenData checked the batch on the host) reads no
+    target back: a bad one gives a NaN loss through the fused loss instead of the ValueError;
+    valid targets give the same loss either way. On CUDA the checked call raises the ValueError
+    and the process's CUDA use goes on (no device-side assert)."""
+    model, x = tiny().use_kernels("triton"), ids(1, 4)
+    y = ids(1, 4)
+    torch.testing.assert_close(model.loss(x, y, check_targets=False), model.loss(x, y))
+    assert model.loss(x, torch.full((1, 4), 99, device=DEVICE), check_targets=False).isnan()
+    with pytest.raises(TypeError, match="check_targets must be True or False, got 'no'"):
+        model.loss(x, y, check_targets="no")
+    for path in ("torch", "triton"):
+        with pytest.raises(ValueError, match="target 99 is out of range"):
+            model.use_kernels(path).loss(x, torch.full((1, 4), 99, device=DEVICE))
+        assert torch.isfinite(model.loss(x, y))  # the device still works
 
 
 def test_numpy_integers_for_ignore_index_and_the_kernels_numbers():
