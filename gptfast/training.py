@@ -34,7 +34,9 @@ from gptfast.dataset import TokenData
 from gptfast.generation import generate
 from gptfast.model import GPTModel
 from gptfast.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, tokenizer
-from gptfast.train_options import DTYPES, TRAJECTORY, TrainOptions, make_options, typed_options
+from gptfast.train_options import (
+    DTYPES, TRAJECTORY, TrainOptions, make_options, resolve_device, typed_options,
+)
 from gptfast.weights import chapter_to_hf, load_error, load_weights, read_checkpoint
 
 CKPT_FORMAT = "gptfast-train-1"
@@ -108,26 +110,19 @@ class Dist:
 
 
 def _rank_device(name: str | None, local: int, local_world: int) -> torch.device:
-    """This rank's device: ``name`` (--device), else cuda if there is one, else cpu; plain
-    "cuda" is the node's GPU LOCAL_RANK. Checked before any CUDA call, so that a node with
-    fewer visible GPUs than processes gets one error line on every rank, not a CUDA error."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
-    if device.type == "cpu":
+    """This rank's device: ``name`` (--device, checked by resolve_device), else cuda if there is
+    one, else cpu; plain "cuda" is the node's GPU LOCAL_RANK. Checked before any CUDA call, so
+    that a node with fewer visible GPUs than processes gets one error line on every rank, not a
+    CUDA error."""
+    device = resolve_device(name, "--device")
+    if device.type == "cpu" or device.index is not None:
         return device
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.index is None and local_world > visible:
+    visible = torch.cuda.device_count()
+    if local_world > visible:
         raise ValueError(f"{local_world} process(es) on this node train on a GPU each, but "
                          f"{visible} CUDA device(s) are visible: start at most {visible} per node "
                          "(torchrun --nproc_per_node), or pass --device cpu to train with gloo")
-    if device.index is not None and device.index >= visible:
-        raise ValueError(f"--device {name}: {visible} CUDA device(s) are visible")
-    return device if device.index is not None else torch.device("cuda", local)
+    return torch.device("cuda", local)
 
 
 def setup_distributed(opts: TrainOptions) -> Dist:

@@ -300,8 +300,8 @@ def assert_same_run(one, two):
      r"2 process\(es\) on this node train on a GPU each, but 1 CUDA device\(s\) are visible"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "cuda",
      r"2 process\(es\) on this node .* pass --device cpu"),
-    ({}, "cuda:1", r"--device cuda:1: 1 CUDA device\(s\) are visible"),
-    ({}, "tpu", "--device 'tpu' is not a device"),
+    ({}, "cuda:1", r"device 'cuda:1': only 1 CUDA device\(s\)"),
+    ({}, "tpu", "device 'tpu' is not a device"),
 ], ids=["two-ranks-one-gpu", "cuda-two-ranks", "cuda-index", "not-a-device"])
 def test_more_processes_than_gpus_is_one_line(data_dir, tmp_path, monkeypatch, capsys, env, device,
                                               match):
