@@ -38,8 +38,8 @@ import triton.language as tl
 
 from gptfast.kernels import tuning
 from gptfast.kernels._common import (
-    INTERPRETING, Launch, check_device, check_float, library_op, on_device, plan_capability,
-    plan_sm_count,
+    INTERPRETING, Kernel, Launch, cdiv, check_device, check_float, host_readable, library_op,
+    next_power_of_2, on_device, plan_cache, plan_capability, plan_sm_count,
 )
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -316,9 +316,9 @@ def _chunk_tiles(programs: int, tiles: int, sms: int) -> int:
     gets one (batch-1 decode: 12 heads x 1024 keys -> 192 programs on 132 SMs); at most
     MAX_SPLITS chunks. Rounded down to whole tiles, so that at least the wanted count results.
     """
-    splits = min(triton.cdiv(_PROGRAMS_PER_SM * sms, programs), tiles // _MIN_CHUNK_TILES)
-    splits = max(splits, min(triton.cdiv(sms, programs), tiles), 1)
-    return max(tiles // min(splits, MAX_SPLITS), triton.cdiv(tiles, MAX_SPLITS))
+    splits = min(cdiv(_PROGRAMS_PER_SM * sms, programs), tiles // _MIN_CHUNK_TILES)
+    splits = max(splits, min(cdiv(sms, programs), tiles), 1)
+    return max(tiles // min(splits, MAX_SPLITS), cdiv(tiles, MAX_SPLITS))
 
 
 def _plan(
@@ -333,14 +333,32 @@ def _plan(
     never on the lengths' values, so a captured CUDA graph replays it for every length.
     """
     launch = _split_launch(q_len, block_d, dtype, device)
-    tiles = triton.cdiv(max_len, launch.block_n)
+    tiles = cdiv(max_len, launch.block_n)
     if num_splits is None and plan_capability(device) is not None:
-        programs = batch_heads * triton.cdiv(q_len, launch.block_m)
+        programs = batch_heads * cdiv(q_len, launch.block_m)
         chunk_tiles = _chunk_tiles(programs, tiles, _sm_count(device))
     else:
-        chunk_tiles = triton.cdiv(tiles, min(num_splits or _INTERPRETER_SPLITS, tiles))
+        chunk_tiles = cdiv(tiles, min(num_splits or _INTERPRETER_SPLITS, tiles))
     chunk = chunk_tiles * launch.block_n
-    return _Plan(launch, triton.cdiv(max_len, chunk), chunk)
+    return _Plan(launch, cdiv(max_len, chunk), chunk)
+
+
+_SPLIT, _MERGE = Kernel(_split_kernel), Kernel(_merge_kernel)
+
+
+@plan_cache
+def _launches(device, dtype, B, H, Tq, D, max_len, per_row, num_splits):
+    """(plan, split config, its grid, merge config or None) of one call's shapes."""
+    block_d = max(16, next_power_of_2(D))
+    plan = _plan(B * H, Tq, max_len, device, num_splits, block_d=block_d, dtype=dtype)
+    cfg, direct = plan.launch, plan.num_splits == 1
+    split = _SPLIT.config(PER_ROW=per_row, DIRECT=direct, BLOCK_M=cfg.block_m,
+                          BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    merge = None if direct else _MERGE.config(BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d,
+                                              num_warps=_MERGE_LAUNCH.num_warps,
+                                              num_stages=_MERGE_LAUNCH.num_stages)
+    return plan, split, (B * H, plan.num_splits, cdiv(Tq, cfg.block_m)), merge
 
 
 def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
@@ -349,30 +367,20 @@ def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     if o.numel() == 0:
         return o
-    block_d = max(16, triton.next_power_of_2(D))
-    plan = _plan(B * H, Tq, max_len, q.device, num_splits, block_d=block_d, dtype=q.dtype)
-    cfg, S = plan.launch, plan.num_splits
-    direct = S == 1
-    if direct:  # the partial buffers are not used: pass the output in their place
+    plan, split, grid, merge = _launches(q.device, q.dtype, B, H, Tq, D, max_len,
+                                         lens is not None, num_splits)
+    S = plan.num_splits
+    if merge is None:  # one chunk: the partial buffers are not used, the output stands in
         acc = m = l = o
     else:
         acc = torch.empty((B * H * Tq, S, D), device=q.device, dtype=torch.float32)
         m = torch.empty((B * H * Tq, S), device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
-    grid = (B * H, S, triton.cdiv(Tq, cfg.block_m))
-    _split_kernel[grid](
-        q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        H, Tq, D, max_len, plan.chunk, S, scale * LOG2E,
-        PER_ROW=lens is not None, DIRECT=direct,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if not direct:
-        _merge_kernel[(B * H * Tq,)](
-            acc, m, l, o, D, S, BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d,
-            num_warps=_MERGE_LAUNCH.num_warps, num_stages=_MERGE_LAUNCH.num_stages,
-        )
+    _SPLIT(split, grid, (q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens),
+           (*q.stride(), *k_cache.stride(), *v_cache.stride(), H, Tq, D, max_len, plan.chunk, S,
+            scale * LOG2E))
+    if merge is not None:
+        _MERGE(merge, (B * H * Tq,), (acc, m, l, o), (D, S))
     return o
 
 
@@ -451,7 +459,7 @@ def _check_lengths(cache_len, q: torch.Tensor, t_max: int):
             )
         if B == 0:
             return None, 0
-        if cache_len.device.type != "cpu":
+        if not host_readable(cache_len):
             # Reading the values would sync the host with the GPU (and break CUDA-graph capture):
             # trust them, and plan the key split over the whole cache.
             return cache_len.to(torch.int32), t_max

@@ -36,6 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 _SPACES: dict[str, dict[str, tuple[dict, ...]]] = {}  # kernel -> shape class -> configs
 _override: dict | None = None  # set by ``use`` (bench/tune.py)
+generation = 0  # bumped by ``reload``: launch plans cached before (_common.plan_cache) are stale
 
 
 class TuningTableError(ValueError):
@@ -186,6 +187,13 @@ def use(entries: dict[str, dict[str, dict]]):
         _override = saved
 
 
+def overridden() -> bool:
+    """Whether ``use`` is in effect (then launch plans are not cached)."""
+    return _override is not None
+
+
 def reload() -> None:
     """Forget the loaded tables (after writing one)."""
+    global generation
+    generation += 1
     _device_entries.cache_clear()
