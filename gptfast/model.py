@@ -92,24 +92,85 @@ class KVCache:
     """Pre-allocated keys and values of one attention layer, (batch, heads, max_len, head_dim).
 
     Plain tensors held outside the module's buffers: never in the state_dict, never moved by
-    ``.to()``. ``update`` writes new keys/values at ``start_pos``: an int (every row at the same
-    position) or a (batch,) tensor of per-row positions (no host sync: CUDA-graph friendly).
+    ``.to()``. Keys and values are the two halves ``k``, ``v`` of one (2, batch, heads, max_len,
+    head_dim) buffer ``kv``, so that one kernel appends both. ``update`` writes new keys/values
+    at a ``CacheStep``'s positions: an int (every row at the same position) or per-row
+    positions (no host sync: CUDA-graph friendly); ``append`` writes them from the fused
+    projection's output. The layer's query/key/value weights concatenated (``fused_qkv``) live
+    here too, made on first use.
     """
 
     def __init__(self, batch, heads, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.kv = torch.zeros(2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
+        self._qkv, self._qkv_stamp = None, None
 
-    def update(self, k, v, start_pos):
-        t = k.shape[2]
-        if isinstance(start_pos, int):
-            self.k[:, :, start_pos:start_pos + t] = k
-            self.v[:, :, start_pos:start_pos + t] = v
+    def update(self, k, v, step: "CacheStep"):
+        """Write keys and values (batch, heads, t, head_dim) at the step's positions."""
+        self.append(torch.stack((k, v)).to(self.kv.dtype), step)
+
+    def append(self, kv, step: "CacheStep"):
+        """Write ``kv`` (2, batch, heads, t, head_dim) at the step's positions: one kernel for
+        keys and values. (Written through ``kv``, not its ``k``/``v`` views: in grad mode the
+        buffer then joins the autograd graph as a whole.)"""
+        if step.per_row:
+            self.kv.scatter_(3, step.scatter_index(kv.shape), kv)
+        else:
+            self.kv[:, :, :, step.start:step.start + step.t] = kv
+
+    def fused_qkv(self, att: "MultiHeadAttention") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``att``'s query, key and value weights (and biases) stacked into one (3 d, d) weight,
+        so that one GEMM projects a step. Made on first use and again whenever one of them was
+        replaced or changed in place (its version counter: an optimizer step, load_state_dict);
+        a change through ``.data`` bypasses the counter and is not seen."""
+        linears = (att.W_query, att.W_key, att.W_value)
+        params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+        stamp = [(id(p), p._version) for p in params]
+        if stamp != self._qkv_stamp:
+            with torch.no_grad():
+                weight = torch.cat([m.weight for m in linears])
+                bias = torch.cat(params[3:]) if len(params) == 6 else None
+            self._qkv, self._qkv_stamp = (weight, bias), stamp
+        return self._qkv
+
+
+class CacheStep:
+    """Where one forward call's tokens go in the KV cache, shared by its layers: ``start`` (the
+    position of the first token, an int or a (batch,) tensor of per-row positions) and ``t``
+    tokens. The tensors every layer needs (positions, decode lengths, scatter index, eager
+    mask) are made once per call, not once per layer."""
+
+    def __init__(self, start, t, device):
+        self.start, self.t = start, t
+        self.per_row = not isinstance(start, int)
+        self._index = self._mask = None
+        # prefill: t tokens at an int position, flash attention over the cache's first end
+        self.prefill = not self.per_row and (start == 0 or t > 1)
+        if not self.per_row:
+            self.positions = torch.arange(start, start + t, device=device)
+            self.lens = start + t  # cached positions after this call
             return
-        pos = (start_pos[:, None] + torch.arange(t, device=k.device))[:, None, :, None]
-        index = pos.expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
+        start = start.long()
+        self.positions = start[:, None] if t == 1 else start[:, None] + torch.arange(t, device=device)
+        self.lens = (start + t).to(torch.int32)
+
+    def mask(self, tk: int) -> torch.Tensor:
+        """Eager attention's mask over tk keys (True: hidden): query i of row b sits at
+        lens[b] - t + i and sees the keys up to it."""
+        if self._mask is None:
+            if not self.per_row:
+                self._mask = causal_mask(self.t, tk, self.positions.device)
+            else:
+                keys = torch.arange(tk, device=self.positions.device)
+                self._mask = (keys > self.positions[:, :, None])[:, None]
+        return self._mask
+
+    def scatter_index(self, shape) -> torch.Tensor:
+        """The per-row positions as a scatter index over a (2, batch, heads, t, head_dim) source
+        (an expanded view: no copy)."""
+        if self._index is None:
+            self._index = self.positions[None, :, None, :, None].expand(shape)
+        return self._index
 
 
 class CacheSlot:
@@ -166,14 +227,22 @@ class MultiHeadAttention(nn.Module):
         installed = self.slot.cache
         return None if installed is None else installed.layers[self.layer]
 
-    def forward(self, x, start_pos=None):
+    def forward(self, x, step: CacheStep | None = None):
         b, num_tokens, _ = x.shape
         split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-        if start_pos is None:
+        if step is None:
+            queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
             context_vec = self._attend(queries, keys, values)
+        elif (use_triton(self.kernels, x) and not torch.is_grad_enabled()
+              and not torch.compiler.is_compiling()):
+            # one GEMM for the three projections, on the cache's concatenated weights (a copy:
+            # no gradient would reach the weights, hence not in grad mode)
+            qkv = F.linear(x, *self.cache.fused_qkv(self))
+            qkv = qkv.view(b, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            context_vec = self._attend_cached(qkv[0], qkv[1], qkv[2], step, qkv[1:])
         else:
-            context_vec = self._attend_cached(queries, keys, values, start_pos)
+            queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+            context_vec = self._attend_cached(queries, keys, values, step)
         # A view for the kernels' (B, T, H, D)-strided output; a copy for eager attention's.
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
@@ -185,29 +254,43 @@ class MultiHeadAttention(nn.Module):
             return triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
         return self._eager_attention(queries, keys, values)
 
-    def _attend_cached(self, queries, keys, values, start_pos):
-        """Append keys/values to the cache at ``start_pos``, then attend over everything cached."""
-        self.cache.update(keys, values, start_pos)
-        t = queries.shape[2]
-        if isinstance(start_pos, int) and (start_pos == 0 or t > 1):  # prefill: flash attention
-            end = start_pos + t
-            return self._attend(queries, self.cache.k[:, :, :end], self.cache.v[:, :, :end])
-        cache_len = start_pos + t
-        if use_triton(self.kernels, queries):  # decode: split-K over the cache
-            return triton_ops().decode_attention(queries, self.cache.k, self.cache.v, cache_len)
+    def _attend_cached(self, queries, keys, values, step, kv=None):
+        """Append keys/values to the cache at the step's positions (``kv``: both, from the fused
+        projection), then attend over everything cached."""
+        cache, cache_len = self.cache, step.lens
+        if kv is None:
+            cache.update(keys, values, step)
+        else:
+            cache.append(kv, step)
+        if step.prefill:  # flash attention over the first cache_len positions
+            return self._attend(queries, cache.k[:, :, :cache_len], cache.v[:, :, :cache_len])
+        if use_triton(self.kernels, queries):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (queries, cache.k, cache.v)):
+                return self._attend_differentiably(queries, cache_len)
+            return triton_ops().decode_attention(queries, cache.k, cache.v, cache_len)  # split-K
         if isinstance(cache_len, int):
-            return self._eager_attention(queries, self.cache.k[:, :, :cache_len], self.cache.v[:, :, :cache_len])
-        return self._eager_attention(queries, self.cache.k, self.cache.v, cache_len)
+            keys, values = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+        else:
+            keys, values = cache.k, cache.v
+        return self._eager_attention(queries, keys, values, step.mask(keys.shape[2]))
 
-    def _eager_attention(self, queries, keys, values, cache_len=None):
-        """The chapter's attention; the causal mask ends at the last key, or at cache_len[b] per row."""
+    def _attend_differentiably(self, queries, cache_len):
+        """A decode step in grad mode (decode attention has no backward): flash attention over
+        the cache, causal on each row's first cache_len positions, as the torch path computes."""
+        cache = self.cache
+        p = self.dropout.p if self.training else 0.0
+        if isinstance(cache_len, int):
+            keys, values = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+            return triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
+        return triton_ops().attention(queries, cache.k, cache.v, causal=True, dropout_p=p,
+                                      key_lens=cache_len)
+
+    def _eager_attention(self, queries, keys, values, mask_bool=None):
+        """The chapter's attention; the causal mask ends at the last key (or is ``mask_bool``)."""
         tq, tk = queries.shape[2], keys.shape[2]
         attn_scores = queries @ keys.transpose(2, 3)
-        if cache_len is None:
-            mask_bool = torch.ones(tq, tk, dtype=torch.bool, device=queries.device).triu(1 + tk - tq)
-        else:  # per row: query i sits at cache_len - tq + i
-            query_pos = cache_len[:, None] - tq + torch.arange(tq, device=keys.device)
-            mask_bool = (torch.arange(tk, device=keys.device) > query_pos[:, :, None])[:, None]
+        if mask_bool is None:
+            mask_bool = causal_mask(tq, tk, queries.device)
         attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
@@ -250,12 +333,23 @@ class TransformerBlock(nn.Module):
         self.kernels = "torch"
         self.name = "block"  # the profiler label; GPTModel names blocks after their state_dict prefix
 
-    def forward(self, x, start_pos=None):
-        shortcut = x
+    def forward(self, x, step: CacheStep | None = None):
+        x, branch = self.unfinished(x, None, step)
+        return x + branch
+
+    def unfinished(self, x, branch, step: CacheStep | None = None):
+        """The block on ``x`` + ``branch`` (the previous block's MLP output, its residual add
+        fused into norm1, Triton kernels only; None: on ``x``) without its own last residual
+        add: (x after attention, the MLP's output), for the caller, or the next block, to add."""
         with label("norm1", self):
-            h = self.norm1(x)
+            if branch is None:
+                h = self.norm1(x)
+            else:
+                n = self.norm1
+                h, x = triton_ops().add_layer_norm(branch, x, n.scale, n.shift, n.eps)
+        shortcut = x
         with label("att", self):
-            x = self.drop_shortcut(self.att(h, start_pos))
+            x = self.drop_shortcut(self.att(h, step))
         with label("norm2", self):
             if use_triton(self.kernels, x):  # residual add fused into norm2: one pass over x
                 n = self.norm2
@@ -264,7 +358,7 @@ class TransformerBlock(nn.Module):
                 x = x + shortcut
                 h = self.norm2(x)
         with label("ff", self):
-            return x + self.drop_shortcut(self.ff(h))
+            return x, self.drop_shortcut(self.ff(h))
 
 
 class GPTModel(nn.Module):
@@ -368,17 +462,28 @@ class GPTModel(nn.Module):
         """The final norm's output (batch, seq_len, emb_dim): the forward up to the output head."""
         start_pos = self._check_ids(in_idx, start_pos)
         batch_size, seq_len = in_idx.shape
-        positions = torch.arange(seq_len, device=in_idx.device)
-        if start_pos is not None:
-            positions = positions + (start_pos if isinstance(start_pos, int) else start_pos[:, None])
+        if start_pos is None:
+            step, positions = None, torch.arange(seq_len, device=in_idx.device)
+        else:
+            step = CacheStep(start_pos, seq_len, in_idx.device)
+            positions = step.positions
         with label("embedding"):
             tok_embeds = self.tok_emb(in_idx)
             pos_embeds = self.pos_emb(positions)
             x = self.drop_emb(tok_embeds + pos_embeds)
+        if step is None or not use_triton(self.kernels, x) or torch.compiler.is_compiling():
+            for block in self.trf_blocks:
+                x = block(x, step)
+            with label("final_norm"):
+                return self.final_norm(x)
+        # With a KV cache and the Triton kernels, each block's last residual add is fused into
+        # the next LayerNorm (the final one's too): one kernel less per layer and token.
+        branch = None
         for block in self.trf_blocks:
-            x = block(x, start_pos)
+            x, branch = block.unfinished(x, branch, step)
         with label("final_norm"):
-            return self.final_norm(x)
+            n = self.final_norm
+            return triton_ops().add_layer_norm(branch, x, n.scale, n.shift, n.eps)[0]
 
     def loss(self, in_idx, targets, ignore_index=-100):
         """The book's training loss (``calc_loss_batch``): mean cross-entropy of the next-token
@@ -473,6 +578,11 @@ def _as_int(name, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     return int(value)
+
+
+def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
+    """(tq, tk) bool, True where query i may not see key j: j > i + tk - tq."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1 + tk - tq)
 
 
 def check_token_range(ids: torch.Tensor, vocab_size: int) -> None:
