@@ -30,7 +30,6 @@ def host_rows(what: str) -> list[dict]:
     """``bench._host``'s rows for ``what`` ("ops" or "tokens"): in-process on CUDA, else in a
     child process with Triton's driver stubbed."""
     if torch.cuda.is_available():
-        os.environ["GPTFAST_HOST_CUDA"] = "1"
         from bench import _host
 
         return _host.measure() if what == "ops" else _host.per_token()

@@ -8,6 +8,7 @@ checkpoints load here and ``torch.manual_seed(s)`` gives bit-identical initial w
 """
 
 import contextlib
+import functools
 import numbers
 
 import torch
@@ -40,8 +41,10 @@ def label(name: str, owner: nn.Module | None = None):
     return contextlib.nullcontext()
 
 
+@functools.cache
 def triton_ops():
-    """The kernels package, imported on first use so the torch path never needs Triton."""
+    """The kernels package, imported on first use so the torch path never needs Triton (once:
+    an import statement costs microseconds per call, and a decode step makes dozens)."""
     try:
         from gptfast import kernels
     except ImportError as exc:

@@ -28,9 +28,10 @@ TRITON36 = os.environ.get("GPTFAST_TRITON36")
 
 
 def stub_run(what: str, triton_dir: str | None = None):
-    """``python -m bench._host WHAT`` (Triton's driver stubbed, no GPU): its JSON result."""
+    """``python -m bench._host WHAT`` with Triton's driver stubbed (no GPU): its JSON result."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTFAST_PLAN_CC")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_dir, str(ROOT)]))
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the stub, also on a GPU machine
     out = subprocess.run([sys.executable, "-m", "bench._host", what], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=False, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -222,3 +223,27 @@ def test_cached_step_in_grad_mode_with_triton_kernels():
     for per_row in (True, False):
         for ours, theirs in zip(out["triton", per_row], out["torch", per_row]):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ---- the decode loop: eos looked for every 16 tokens ----------------------------------------
+
+
+def test_generate_checks_eos_in_blocks_and_cuts_what_follows():
+    """generate() looks for the end every EOS_CHECK_EVERY tokens: it returns exactly the tokens
+    of a stream that checks after every token, when every row ends early and when one never does."""
+    from gptfast import generate, generate_tokens
+    from gptfast.generation import EOS_CHECK_EVERY
+
+    cfg = {"vocab_size": 8, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    torch.manual_seed(3)
+    model = GPTModel(cfg, kernels="torch").to(DEVICE).eval()
+    idx = torch.randint(0, 8, (3, 4), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    steps = 2 * EOS_CHECK_EVERY + 5
+    greedy = generate(model, idx, steps)
+    for eos in range(8):
+        out = generate(model, idx, steps, eos_id=eos)
+        stream = torch.cat([idx, *generate_tokens(model, idx, steps, eos_id=eos)], dim=1)
+        assert torch.equal(out, stream), eos
+    ended = [e for e in range(8) if all((row[4:] == e).any() for row in greedy)]
+    assert ended and any(generate(model, idx, steps, eos_id=e).shape[1] < 4 + steps for e in ended)
