@@ -261,12 +261,12 @@ DECODE_CFG = {"vocab_size": 512, "context_length": 160, "emb_dim": 64, "n_heads"
 SHORT, LONG = 8, 40  # new tokens of the two runs whose difference is per token
 
 
-def decoding(provider: str, batch: int, layers: int = 12):
-    """``run(n)``: greedy decoding of n tokens after a 16-token prompt by ``provider``:
+def decoding(provider: str, batch: int, layers: int = 12, prompt: int = 16):
+    """``run(n)``: greedy decoding of n tokens after a ``prompt``-token prompt by ``provider``:
     "uncached" (the chapter's loop), "kv-torch", "kv-triton", "kv-triton-graph" (CUDA only)."""
     from gptfast import GPTModel, generate, generate_text_simple
 
-    prompt = torch.randint(0, 512, (batch, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, 512, (batch, prompt), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(_device())
     torch.manual_seed(0)
     kernels = "torch" if provider in ("uncached", "kv-torch") else "triton"
@@ -279,8 +279,9 @@ def decoding(provider: str, batch: int, layers: int = 12):
 
 def kernels_per_token(provider: str, batch: int, layers: int = 12) -> tuple[float, float | None]:
     """(kernel launches, host reads) per generated token (see ``launches``): exact counts, so
-    two short runs do."""
-    run = decoding(provider, batch, layers)
+    two short runs do, after a 100-token prompt (decode attention splits its keys, as GPT-2's
+    decoding does: split and merge kernels)."""
+    run = decoding(provider, batch, layers, prompt=100)
     short, long = launches(lambda: run(2)), launches(lambda: run(4))
     return tuple(None if a is None else (b - a) / 2 for a, b in zip(short, long))
 

@@ -42,12 +42,16 @@ class KVCacheDecoder:
     predicted there, and each later token goes to the row's own next position. Causal attention
     keeps the padding out of every real token's view, and each decode step overwrites it.
     (Rows must then fit the context: no cropping.) Each call's last token must be the previous
-    call's result (a graph-captured pick feeds it to the next step itself).
+    call's result (a graph-captured pick feeds it to the next step itself). ``tokens``: the
+    longest sequence it will see, when that fits the context (a smaller cache: less memory, and
+    decode attention splits fewer keys); None: the context.
     """
 
-    def __init__(self, model, batch_size, context_size, cuda_graph=None, prompt_lens=None):
+    def __init__(self, model, batch_size, context_size, cuda_graph=None, prompt_lens=None,
+                 tokens=None):
         self.model = model
-        self.cache = model.new_cache(batch_size, max_len=context_size)
+        max_len = context_size if tokens is None or tokens > context_size else tokens
+        self.cache = model.new_cache(batch_size, max_len=max_len)
         self.context_size = context_size
         self.prompt_lens = prompt_lens
         self.pos = 0  # columns of idx in the cache

@@ -97,7 +97,8 @@ class Pick:
 def _token_stream(model, idx, max_new_tokens, context_size, sampling, use_cache, cuda_graph,
                   check_every=1):
     if use_cache and max_new_tokens:
-        next_tokens = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph)
+        next_tokens = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph,
+                                     tokens=idx.shape[1] + max_new_tokens)
     else:
         next_tokens = uncached(model, context_size)
     try:
@@ -184,7 +185,8 @@ def generate_batch(
         args = (temperature, top_k, eos_id, generator, True, cuda_graph)
         return [generate(model, r[None], steps, None, *args)[0] for r in rows]
     decoder = KVCacheDecoder(model, len(rows), context_size, cuda_graph,
-                             prompt_lens=torch.tensor(lens, device=device))
+                             prompt_lens=torch.tensor(lens, device=device),
+                             tokens=max(lens) + steps)
     try:
         new = list(_sample(decoder, idx, steps, sampling, EOS_CHECK_EVERY))
     finally:

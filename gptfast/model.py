@@ -8,7 +8,6 @@ checkpoints load here and ``torch.manual_seed(s)`` gives bit-identical initial w
 """
 
 import contextlib
-import functools
 import numbers
 
 import torch
@@ -41,15 +40,19 @@ def label(name: str, owner: nn.Module | None = None):
     return contextlib.nullcontext()
 
 
-@functools.cache
+_KERNELS = []  # the kernels package once imported
+
+
 def triton_ops():
     """The kernels package, imported on first use so the torch path never needs Triton (once:
     an import statement costs microseconds per call, and a decode step makes dozens)."""
-    try:
-        from gptfast import kernels
-    except ImportError as exc:
-        raise RuntimeError(f"kernels='triton' needs the Triton kernels, which failed to import: {exc}")
-    return kernels
+    if not _KERNELS:
+        try:
+            from gptfast import kernels
+        except ImportError as exc:
+            raise RuntimeError(f"kernels='triton' needs the Triton kernels, which failed to import: {exc}")
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 class LayerNorm(nn.Module):
@@ -259,8 +262,12 @@ class MultiHeadAttention(nn.Module):
 
     def _attend_cached(self, queries, keys, values, step, kv=None):
         """Append keys/values to the cache at the step's positions (``kv``: both, from the fused
-        projection), then attend over everything cached."""
+        projection; a one-token step's decode attention appends them itself), then attend over
+        everything cached."""
         cache, cache_len = self.cache, step.lens
+        if kv is not None and step.per_row and step.t == 1:  # decode attention appends kv
+            return triton_ops().decode_attention(queries, cache.k, cache.v, cache_len,
+                                                 k_new=kv[0], v_new=kv[1])
         if kv is None:
             cache.update(keys, values, step)
         else:

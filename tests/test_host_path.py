@@ -49,14 +49,14 @@ def test_direct_launches_are_tritons_own(version):
 
 
 def test_decode_step_kernels_per_token():
-    """A greedy KV-cache step with the Triton kernels launches 10 kernels per layer on a GPU:
-    add + LayerNorm (the previous block's residual add fused in), one QKV GEMM, one scatter of
-    keys and values, decode attention (split + merge), out_proj, add + LayerNorm, 3 for the
-    MLP; and 10 per token (2 embeddings and their add, lengths (2), final add + LayerNorm,
-    head, argmax, positions, the token's append). The CPU run counts four more: the model's
-    range checks of CPU token ids and positions (min and max each; here a 2-layer model)."""
+    """A greedy KV-cache step with the Triton kernels launches 9 kernels per layer on a GPU:
+    add + LayerNorm (the previous block's residual add fused in), one QKV GEMM, decode
+    attention (split, which also appends the step's key and value, + merge), out_proj, add +
+    LayerNorm, 3 for the MLP; and 10 per token (2 embeddings and their add, lengths (2), final
+    add + LayerNorm, head, argmax, positions, the token's append). The CPU run counts four more:
+    the model's range checks of CPU token ids and positions (here a 2-layer model)."""
     kernels, host_reads = stub_run("count")
-    assert kernels == 10 * 2 + 10 + 4
+    assert kernels == 9 * 2 + 10 + 4
     assert host_reads == 4  # CPU only: token ids' and positions' range checks
 
 
@@ -247,3 +247,51 @@ def test_generate_checks_eos_in_blocks_and_cuts_what_follows():
         assert torch.equal(out, stream), eos
     ended = [e for e in range(8) if all((row[4:] == e).any() for row in greedy)]
     assert ended and any(generate(model, idx, steps, eos_id=e).shape[1] < 4 + steps for e in ended)
+
+
+# ---- decode attention appends the step's key and value itself -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits,plans", [(3, None), (1, None), (None, 90)])
+def test_decode_attention_appends_the_new_key_and_value(dtype, splits, plans):
+    """With k_new/v_new the kernel writes them at cache_len - 1 and attends them from registers:
+    the caches afterwards and the output are those of appending first and attending after (the
+    owner of the position in any chunk: first, middle, last; one chunk; sm_90's plan), and no
+    other position changes (the tail past cache_len keeps its NaN)."""
+    from tests.test_decode_attention import check, make_inputs
+
+    from gptfast.kernels.decode_attention import decode_attention
+
+    lens = [70, 1, 33]
+    q, k, v = make_inputs(3, 2, 1, 64, 80, dtype, lens, seed=4)
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(3, 1, 3 * 2 * 64, generator=g).to(DEVICE, dtype)  # a fused projection
+    kv = proj.view(3, 1, 3, 2, 64).permute(2, 0, 3, 1, 4)
+    k_new, v_new = kv[1], kv[2]  # (3, 2, 1, 64) strided views
+    expect_k, expect_v = k.clone(), v.clone()
+    for b, n in enumerate(lens):
+        expect_k[b, :, n - 1], expect_v[b, :, n - 1] = k_new[b, :, 0], v_new[b, :, 0]
+    cache_len = torch.tensor(lens, device=DEVICE)
+    with _common.plans_of(plans) if plans else contextlib.nullcontext(), torch.no_grad():
+        out = decode_attention(q, k, v, cache_len, num_splits=splits, k_new=k_new, v_new=v_new)
+        same = torch.isnan(expect_k) == torch.isnan(k)
+        assert same.all() and torch.equal(k.nan_to_num(), expect_k.nan_to_num())
+        assert torch.equal(v.nan_to_num(), expect_v.nan_to_num())
+        appended_first, _ = check(q, expect_k, expect_v, cache_len, "appended first",
+                                  num_splits=splits)
+    torch.testing.assert_close(out, appended_first, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_decode_attention_append_bad_input():
+    from gptfast.kernels.decode_attention import decode_attention
+
+    q, k = torch.randn(1, 2, 1, 16, device=DEVICE), torch.zeros(1, 2, 8, 16, device=DEVICE)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="give k_new and v_new together"):
+            decode_attention(q, k, k.clone(), 3, k_new=q)
+        with pytest.raises(ValueError, match="k_new must have q's shape"):
+            decode_attention(q, k, k.clone(), 3, k_new=q[:, :1], v_new=q)
+        q2 = torch.randn(1, 2, 2, 16, device=DEVICE)
+        with pytest.raises(ValueError, match="one query"):
+            decode_attention(q2, k, k.clone(), 3, k_new=q2, v_new=q2)

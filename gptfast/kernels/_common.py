@@ -329,14 +329,15 @@ def _traced() -> bool:
 
 
 def library_op(name: str, forward: Callable, fake: Callable, setup_context: Callable | None = None,
-               backward: Callable | None = None) -> Callable:
+               backward: Callable | None = None, mutates_args: tuple = ()) -> Callable:
     """Register ``forward`` as the opaque op ``gptfast::<name>``; return the call to use.
 
     The functions are those of ``torch.library.custom_op`` and ``register_autograd``:
     ``forward`` (type-annotated) is the op's implementation on every device (CUDA, and CPU
     under the interpreter); ``fake`` makes its outputs' shapes and dtypes from input metadata;
     ``setup_context(ctx, inputs, output)`` saves what ``backward(ctx, *grads)`` needs (both
-    None: an inference-only op, without autograd).
+    None: an inference-only op, without autograd); ``mutates_args`` names the arguments it
+    writes into.
 
     The returned callable takes ``forward``'s arguments. While torch.compile traces (or fake
     tensors or make_fx do), it calls the op, which stays one node of the graph. In eager
@@ -345,7 +346,7 @@ def library_op(name: str, forward: Callable, fake: Callable, setup_context: Call
     autograd.Function when differentiable and some tensor argument requires a gradient (in
     grad mode), else ``forward`` itself.
     """
-    op = torch.library.custom_op(f"gptfast::{name}", forward, mutates_args=())
+    op = torch.library.custom_op(f"gptfast::{name}", forward, mutates_args=mutates_args)
     op.register_fake(fake)
     if backward is None:
         def call(*args):
