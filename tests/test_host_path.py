@@ -178,21 +178,18 @@ def test_cuda_graph_captures_a_training_step_with_dropout():
 
 @cuda_only
 def test_reduce_overhead_compiles_a_training_step_with_dropout():
-    """torch.compile(mode="reduce-overhead") keeps the step in CUDA graphs (no skip for a host
-    read or a CPU tensor) and each call draws fresh masks."""
+    """torch.compile(mode="reduce-overhead") keeps the loss and its backward in CUDA graphs (no
+    skip for a host read or a CPU tensor) and each step draws fresh masks."""
     from torch._dynamo.utils import counters
 
     model = tiny_train_model()
     params = list(model.parameters())
     ids = torch.randint(0, 64, (2, 32), device=DEVICE)
     targets = torch.randint(0, 64, (2, 32), device=DEVICE)
-
-    @torch.compile(mode="reduce-overhead")
-    def step(ids, targets):
-        return torch.autograd.grad(model.loss(ids, targets), params)
-
+    loss = torch.compile(model.loss, mode="reduce-overhead")
     counters.clear()
-    grads = [[g.clone() for g in step(ids, targets)] for _ in range(4)]
+    grads = [[g.clone() for g in torch.autograd.grad(loss(ids, targets), params)]
+             for _ in range(4)]
     assert not counters["inductor"]["cudagraph_skips"]
     assert any(not torch.equal(a, b) for a, b in zip(grads[-1], grads[-2]))
 
