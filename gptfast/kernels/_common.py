@@ -204,12 +204,16 @@ class Kernel:
         self._compiled = {}
         self._stream = None
 
-    def config(self, *, num_warps: int, num_stages: int = 1, **constexprs) -> LaunchConfig:
+    def config(self, *, num_warps: int, num_stages: int | None = None,
+               **constexprs) -> LaunchConfig:
+        """The launch of one plan: every constexpr by name; ``num_stages`` None: Triton's
+        default."""
         missing = set(self._constexprs) - set(constexprs)
         if missing:
             raise TypeError(f"{self.name}: constexprs {sorted(missing)} not given")
         values = tuple(constexprs[name] for name in self._constexprs)
-        return LaunchConfig(dict(constexprs, num_warps=num_warps, num_stages=num_stages), values)
+        options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+        return LaunchConfig(dict(constexprs, **options), values)
 
     def __call__(self, config: LaunchConfig, grid: tuple, tensors: tuple, scalars: tuple) -> None:
         if INTERPRETING:
