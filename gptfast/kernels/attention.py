@@ -616,8 +616,8 @@ def _single_key(rows, k_lo, k_hi, shift, CAUSAL: tl.constexpr):
 # Blocking: one program per (BLOCK_M queries, batch*head). Q, dO, LSE, delta and the fp32 dQ
 # accumulator stay in registers while K/V stream through in BLOCK_N-key tiles (same key ranges
 # as the forward); dQ is written once, with no atomics. Reads K and V Tq/BLOCK_M times in total.
-# It also reads O once and writes delta = rowsum(dO * O) (1 - p) of its rows, which the dK/dV
-# kernel launched after it reads: no separate preprocess launch.
+# With DELTA it also reads O once and writes delta = rowsum(dO * O) (1 - p) of its rows, which
+# the dK/dV kernel launched after it reads: no separate preprocess launch (else it reads delta).
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, O, DO, LSE2, Delta, DQ, QL, KL, Seed,
@@ -628,7 +628,7 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, D, sm_scale, qk_scale, dropout_p,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, DELTA: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -651,12 +651,15 @@ def _bwd_dq_kernel(
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
     do = tl.load(do_ptrs + _wide(offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh
-    o = tl.load(o_ptrs + _wide(offs_m)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=qo_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 outside the query window
-    if DROPOUT:
-        delta = delta * (1.0 - dropout_p)
-    tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    if DELTA:
+        o_ptrs = O + off_b * stride_ob + off_h * stride_oh
+        o = tl.load(o_ptrs + _wide(offs_m)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=qo_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 outside the query window
+        if DROPOUT:
+            delta = delta * (1.0 - dropout_p)
+        tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    else:
+        delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
     k_ptrs += _wide(offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -843,30 +846,42 @@ def _forward_plan(device, dtype, B, H, Tq, D, causal, dropout, has_ql, has_kl, l
     return config, (cdiv(Tq, cfg.block_m), B * H)
 
 
+def _dq_writes_delta(dtype: torch.dtype) -> bool:
+    """Whether the dQ kernel computes delta itself (no preprocess launch): with fp16/bf16. fp32's
+    dQ tiles are 16 queries of exact FMA products, and the delta's loads and cross-lane sum made
+    sm_80's D=32 tile spill (4 bytes, triton 3.6 and 3.9): fp32 keeps the preprocess kernel."""
+    return dtype != torch.float32
+
+
 @dataclass(frozen=True)
 class _BackwardPlan:
     dq: tuple  # (config, grid) of each kernel
     dkdv: tuple
-    preprocess: tuple  # delta's own kernel, for calls that want no dQ
+    preprocess: tuple  # delta's own kernel: without a fused-delta dQ, or when no dQ is wanted
+    fused_delta: bool  # the dQ kernel writes delta
 
 
 @plan_cache
-def _backward_plan(device, dtype, B, H, Tq, Tk, D, causal, dropout, has_ql, has_kl, left):
+def _backward_plan(device, dtype, B, H, Tq, Tk, D, causal, dropout, has_ql, has_kl, left,
+                   need_dq):
     block_d = _block_d(D)
     flags = _flags(causal, dropout, D, block_d, has_ql, has_kl, left)
     dq = _dq_launch(block_d, dtype, dropout, device)
     cc = plan_capability(device)
     dkdv = _dkdv_launch(block_d, dtype, dropout, cc, device)
     pre = _preprocess_launch(device)
+    fused = need_dq and _dq_writes_delta(dtype)
     return _BackwardPlan(
-        dq=(_DQ.config(**flags, BLOCK_M=dq.block_m, BLOCK_N=dq.block_n, num_warps=dq.num_warps,
-                       num_stages=dq.num_stages), (cdiv(Tq, dq.block_m), B * H)),
+        dq=(_DQ.config(**flags, DELTA=fused, BLOCK_M=dq.block_m, BLOCK_N=dq.block_n,
+                       num_warps=dq.num_warps, num_stages=dq.num_stages),
+            (cdiv(Tq, dq.block_m), B * H)),
         dkdv=(_DKDV.config(**flags, QUERY_MAJOR=_dkdv_query_major(dtype, dropout, cc),
                            BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
                            num_stages=dkdv.num_stages), (cdiv(Tk, dkdv.block_n), B * H)),
         preprocess=(_PREPROCESS.config(EVEN_D=flags["EVEN_D"], BLOCK_M=pre.block_m,
                                        BLOCK_D=block_d, num_warps=pre.num_warps),
                     (cdiv(Tq, pre.block_m), B * H)),
+        fused_delta=fused,
     )
 
 
@@ -889,8 +904,8 @@ def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left
 
 def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left,
               need_dq, need_dkdv):
-    """dQ first: its kernel also writes delta, which dK/dV reads (the preprocess kernel writes
-    it when no dQ is wanted)."""
+    """dQ first: with fp16/bf16 its kernel also writes delta, which dK/dV reads (else, or when
+    no dQ is wanted, the preprocess kernel writes it)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
@@ -901,16 +916,16 @@ def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, 
     dv = torch.empty_like(v) if need_dkdv else None
     delta = torch.empty_like(lse2)
     plan = _backward_plan(device, q.dtype, B, H, Tq, Tk, D, causal, dropout_p > 0,
-                          query_lens is not None, key_lens is not None, left)
+                          query_lens is not None, key_lens is not None, left, need_dq)
     lens_seed = _pointers(device, query_lens, key_lens, seed)
     sizes = (H, Tq, Tk, D, scale, scale * LOG2E, dropout_p)
+    if not plan.fused_delta:
+        _PREPROCESS(*plan.preprocess, (o, do, delta),
+                    (*o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p))
     if need_dq:
         _DQ(*plan.dq, (q, k, v, o, do, lse2, delta, dq, *lens_seed),
             (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
              *sizes))
-    else:
-        _PREPROCESS(*plan.preprocess, (o, do, delta),
-                    (*o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p))
     if need_dkdv:
         _DKDV(*plan.dkdv, (q, k, v, do, lse2, delta, dk, dv, *lens_seed),
               (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -1252,7 +1267,8 @@ def aot_configs():
     def attention_kernels(dtype, block_d, dropout=False):
         """(name, kernel, launch, its own constexprs, the ccs it is picked on or None for all)."""
         kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), {}, None),
-                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout), {}, None)]
+                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout),
+                    {"DELTA": _dq_writes_delta(dtype)}, None)]
         dkdv = {cc: (_dkdv_launch(block_d, dtype, dropout, cc),
                      _dkdv_query_major(dtype, dropout, cc)) for cc in (80, 90)}
         shared = dkdv[80] == dkdv[90]
@@ -1302,7 +1318,8 @@ def aot_configs():
             dtype, block_d = {v: k for k, v in _TRITON_DTYPE.items()}[tname], int(d[1:])
             for config in space:
                 launch = Launch(**config)
-                own = {"QUERY_MAJOR": False} if kernel == DKDV_KERNEL else {}
+                own = ({"QUERY_MAJOR": False} if kernel == DKDV_KERNEL else
+                       {"DELTA": _dq_writes_delta(dtype)} if kernel == DQ_KERNEL else {})
                 add(f"tuning-{kernel}-{cls}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
                     f"s{launch.num_stages}", kernel_fns[kernel], dtype, launch,
                     flags(launch, block_d, True, bool(dropout), True) | own)
@@ -1353,6 +1370,8 @@ def report_cases(cc: int = 90):
                     own = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
                     if fn is _bwd_dkdv_kernel:
                         own["QUERY_MAJOR"] = _dkdv_query_major(dtype, p > 0, cc)
+                    if fn is _bwd_dq_kernel:
+                        own["DELTA"] = _dq_writes_delta(dtype)
                     cfg = launch_config(f"{fn.__name__} {label}", fn, dict(zip(fn.arg_names, values)),
                                         flags | own, launch.num_warps, launch.num_stages)
                     cases.append({"label": label, "config": cfg,
