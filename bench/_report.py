@@ -18,6 +18,8 @@ OP_TITLES = {
     "model_padded": "GPT model, padded batch (lengths 25% to 100% of T; real tokens counted)",
     "generation": "Greedy generation",
     "linear_cross_entropy": "Fused linear + cross-entropy",
+    "host": "Host cost per call (us, GPU work excluded; bench/test_host.py)",
+    "host_decode": "Host cost per generated token (us, greedy, KV cache, no CUDA graph)",
 }
 METRICS = {
     "layer_norm": "GB/s", "add_layer_norm": "GB/s", "attention": "TFLOP/s", "model": "TFLOP/s",
@@ -27,7 +29,8 @@ NO_GPU_NOTE = (
     "**No GPU timings were taken**: no CUDA device was available. The agreement cases ran at "
     "small shapes under the Triton interpreter; their times are interpreter wall times and say "
     "nothing about speed. Only the plain-PyTorch CPU generation case (shape `cpu ...`) measures "
-    "speed, that of this CPU."
+    "speed, that of this CPU, and the host-cost tables that of the host path (compiled kernels' "
+    "launches stubbed)."
 )
 
 
@@ -71,8 +74,25 @@ def _same_tokens(r):
     return "-" if same is None else f"{same}/{new}"
 
 
+def _meets(r):
+    return f"<= {r['target']:g}x: {'yes' if r['meets'] else '**NO**'}"
+
+
 def columns(op, metric) -> list[tuple]:
     """(header, alignment, cell function) of each column of an op's table."""
+    if op == "host":
+        return [("op", "---", _field("shape", "")), ("mode", "---", _field("mode", "")),
+                ("us", "--:", _field("us", ".1f")), ("ATen us", "--:", _field("aten_us", ".1f")),
+                ("ratio", "--:", _field("ratio", ".2f")), ("target", "---", _meets),
+                ("launches", "--:", _field("launches")),
+                ("ATen launches", "--:", _field("aten_launches")),
+                ("host reads", "--:", _field("host_reads")),
+                ("ATen counterpart", "---", _field("aten_name", ""))]
+    if op == "host_decode":
+        return [("shape", "---", _field("shape", "")), ("provider", "---", _field("provider", "")),
+                ("us/token", "--:", _field("us_per_token", ".0f")),
+                ("launches/token", "--:", _field("launches_per_token", ".1f")),
+                ("host reads/token", "--:", _field("host_reads_per_token", ".1f"))]
     if op in ("model", "model_padded"):
         return _HEAD + [
             ("speedup", "--:", _field("speedup", ".2f")),

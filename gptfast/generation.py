@@ -45,10 +45,20 @@ def generate_tokens(
     """
     steps, context_size, sampling = _check_args(
         model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, cuda_graph)
+    use_cache = _check_use_cache(model, use_cache)
+    return _token_stream(model, idx, steps, context_size, sampling, use_cache, cuda_graph)
+
+
+def _check_use_cache(model, use_cache) -> bool:
     if use_cache not in (True, False):
         raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
-    use_cache = bool(use_cache) and hasattr(model, "new_cache")
-    return _token_stream(model, idx, steps, context_size, sampling, use_cache, cuda_graph)
+    return bool(use_cache) and hasattr(model, "new_cache")
+
+
+# generate() and generate_batch() look for the end (every row emitted eos_id) once every this
+# many tokens: a host sync per token would stall the GPU's queue each time. They may compute up
+# to EOS_CHECK_EVERY - 1 tokens past the end, which they cut off; streams check every token.
+EOS_CHECK_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -61,39 +71,70 @@ class Sampling:
     generator: torch.Generator | None
 
 
-def _token_stream(model, idx, max_new_tokens, context_size, sampling, use_cache, cuda_graph):
+class Pick:
+    """The next token of each row, (batch, 1), from its last logits: greedy, or sampled with
+    temperature and top-k; rows that emitted ``eos_id`` keep emitting it (``done``, on the
+    device). Greedy picking is ``graph_safe`` (no RNG, no host sync): a CUDA-graph decoder
+    captures it with its step, and ``state`` is what it changes."""
+
+    def __init__(self, sampling: Sampling, batch: int, device):
+        self.sampling = sampling
+        self.graph_safe = sampling.temperature == 0.0
+        eos = sampling.eos_id is not None
+        self.done = torch.zeros(batch, 1, dtype=torch.bool, device=device) if eos else None
+        self.state = (self.done,) if eos else ()
+
+    def __call__(self, logits):
+        s = self.sampling
+        if s.temperature == 0.0:  # top-k keeps the largest logit: it cannot change the argmax
+            token = torch.argmax(logits, dim=-1, keepdim=True)
+        else:
+            logits = logits.float()
+            if s.top_k is not None:
+                kth_largest = torch.topk(logits, s.top_k).values[:, -1:]
+                logits = logits.masked_fill(logits < kth_largest, -torch.inf)
+            probs = torch.softmax(logits / s.temperature, dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=s.generator)
+        if self.done is not None:  # finished rows keep emitting eos_id
+            token = token.masked_fill(self.done, s.eos_id)
+            self.done |= token == s.eos_id
+        return token
+
+
+def _token_stream(model, idx, max_new_tokens, context_size, sampling, use_cache, cuda_graph,
+                  check_every=1):
     if use_cache and max_new_tokens:
-        next_logits = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph)
+        next_tokens = KVCacheDecoder(model, idx.shape[0], context_size, cuda_graph,
+                                     tokens=idx.shape[1] + max_new_tokens)
     else:
-        next_logits = uncached(model, context_size)
+        next_tokens = uncached(model, context_size)
     try:
-        yield from _sample(next_logits, idx, max_new_tokens, sampling)
+        yield from _sample(next_tokens, idx, max_new_tokens, sampling, check_every)
     finally:
         if use_cache and max_new_tokens:
-            next_logits.close()
+            next_tokens.close()
 
 
-def _sample(next_logits, idx, max_new_tokens, sampling: Sampling):
-    top_k, eos_id = sampling.top_k, sampling.eos_id
-    done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
+def _sample(next_tokens, idx, max_new_tokens, sampling: Sampling, check_every=1):
+    """Yield each step's tokens, (batch, 1); stop once every row emitted eos_id, looked for
+    every ``check_every`` steps (a host sync)."""
+    pick = Pick(sampling, idx.shape[0], idx.device)
+    for step in range(max_new_tokens):
         with torch.no_grad():
-            logits = next_logits(idx).float()
-        if top_k is not None:
-            kth_largest = torch.topk(logits, top_k).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_largest, -torch.inf)
-        if sampling.temperature > 0.0:
-            probs = torch.softmax(logits / sampling.temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=sampling.generator)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
-        if eos_id is not None:  # finished rows keep emitting eos_id
-            idx_next = idx_next.masked_fill(done, eos_id)
-            done |= idx_next == eos_id
-        idx = torch.cat((idx, idx_next), dim=1)
-        yield idx_next
-        if eos_id is not None and bool(done.all()):
+            token = next_tokens(idx, pick)
+        idx = torch.cat((idx, token), dim=1)
+        yield idx[:, -1:]  # not ``token``: a graph's output, which its next replay overwrites
+        if pick.done is not None and (step + 1) % check_every == 0 and bool(pick.done.all()):
             return
+
+
+def _until_all_ended(new: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """``new`` (batch, steps) up to the step where the last row emitted ``eos_id``, as a check
+    after every step would have stopped it."""
+    if eos_id is None or new.shape[1] == 0:
+        return new
+    ended = ((new == eos_id).cumsum(dim=1) > 0).all(dim=0)  # every row has emitted it by then
+    return new[:, :int(ended.int().argmax()) + 1] if bool(ended[-1]) else new
 
 
 def generate(
@@ -113,11 +154,13 @@ def generate(
     (models without ``new_cache`` always recompute); the tokens are those of the uncached
     loop. ``cuda_graph`` (default: on for CUDA models) replays the decode step as a CUDA graph.
     """
-    new = list(generate_tokens(
-        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator,
-        use_cache, cuda_graph,
-    ))
-    return torch.cat([idx, *new], dim=1)
+    steps, context_size, sampling = _check_args(
+        model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, generator, cuda_graph)
+    use_cache = _check_use_cache(model, use_cache)
+    new = list(_token_stream(model, idx, steps, context_size, sampling, use_cache, cuda_graph,
+                             EOS_CHECK_EVERY))
+    new = _until_all_ended(torch.cat(new, dim=1), sampling.eos_id) if new else idx[:, :0]
+    return torch.cat([idx, new], dim=1)
 
 
 def generate_batch(
@@ -149,9 +192,10 @@ def generate_batch(
         args = (temperature, top_k, eos_id, generator, True, cuda_graph)
         return [generate(model, r[None], steps, None, *args)[0] for r in rows]
     decoder = KVCacheDecoder(model, len(rows), context_size, cuda_graph,
-                             prompt_lens=torch.tensor(lens, device=device))
+                             prompt_lens=torch.tensor(lens, device=device),
+                             tokens=max(lens) + steps)
     try:
-        new = list(_sample(decoder, idx, steps, sampling))
+        new = list(_sample(decoder, idx, steps, sampling, EOS_CHECK_EVERY))
     finally:
         decoder.close()
     new = torch.cat(new, 1) if new else idx[:, :0]

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptfast.config import check_config
+from gptfast.kv_cache import CacheSlot, CacheStep, KVCache, ModelCache, causal_mask
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -40,13 +41,19 @@ def label(name: str, owner: nn.Module | None = None):
     return contextlib.nullcontext()
 
 
+_KERNELS = []  # the kernels package once imported
+
+
 def triton_ops():
-    """The kernels package, imported on first use so the torch path never needs Triton."""
-    try:
-        from gptfast import kernels
-    except ImportError as exc:
-        raise RuntimeError(f"kernels='triton' needs the Triton kernels, which failed to import: {exc}")
-    return kernels
+    """The kernels package, imported on first use so the torch path never needs Triton (once:
+    an import statement costs microseconds per call, and a decode step makes dozens)."""
+    if not _KERNELS:
+        try:
+            from gptfast import kernels
+        except ImportError as exc:
+            raise RuntimeError(f"kernels='triton' needs the Triton kernels, which failed to import: {exc}")
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 class LayerNorm(nn.Module):
@@ -88,54 +95,6 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
-class KVCache:
-    """Pre-allocated keys and values of one attention layer, (batch, heads, max_len, head_dim).
-
-    Plain tensors held outside the module's buffers: never in the state_dict, never moved by
-    ``.to()``. ``update`` writes new keys/values at ``start_pos``: an int (every row at the same
-    position) or a (batch,) tensor of per-row positions (no host sync: CUDA-graph friendly).
-    """
-
-    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, k, v, start_pos):
-        t = k.shape[2]
-        if isinstance(start_pos, int):
-            self.k[:, :, start_pos:start_pos + t] = k
-            self.v[:, :, start_pos:start_pos + t] = v
-            return
-        pos = (start_pos[:, None] + torch.arange(t, device=k.device))[:, None, :, None]
-        index = pos.expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
-
-
-class CacheSlot:
-    """Where a model's installed ``ModelCache`` lives, shared by its attention layers, so that
-    installing a cache (once per generation step, see ``GPTModel.set_cache``) is one assignment."""
-
-    __slots__ = ("cache",)
-
-    def __init__(self):
-        self.cache: ModelCache | None = None
-
-
-class ModelCache:
-    """One generation's KV cache: a ``KVCache`` per layer, made by ``GPTModel.new_cache``.
-
-    It belongs to whoever made it; ``GPTModel.set_cache`` installs it on the model (each layer
-    then appends to its own ``KVCache``), so several generations on one model each keep their own.
-    """
-
-    def __init__(self, layers: list[KVCache]):
-        self.layers = layers
-        self.batch_size, heads, self.max_len, head_dim = layers[0].k.shape
-        self.layout = (len(layers), heads, head_dim)
-        self.dtype, self.device = layers[0].k.dtype, layers[0].k.device
-
-
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with the chapter's separate query/key/value projections.
 
@@ -166,14 +125,22 @@ class MultiHeadAttention(nn.Module):
         installed = self.slot.cache
         return None if installed is None else installed.layers[self.layer]
 
-    def forward(self, x, start_pos=None):
+    def forward(self, x, step: CacheStep | None = None):
         b, num_tokens, _ = x.shape
         split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-        if start_pos is None:
+        if step is None:
+            queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
             context_vec = self._attend(queries, keys, values)
+        elif (use_triton(self.kernels, x) and not torch.is_grad_enabled()
+              and not torch.compiler.is_compiling()):
+            # one GEMM for the three projections, on the cache's concatenated weights (a copy:
+            # no gradient would reach the weights, hence not in grad mode)
+            qkv = F.linear(x, *self.cache.fused_qkv(self))
+            qkv = qkv.view(b, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            context_vec = self._attend_cached(qkv[0], qkv[1], qkv[2], step, qkv[1:])
         else:
-            context_vec = self._attend_cached(queries, keys, values, start_pos)
+            queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+            context_vec = self._attend_cached(queries, keys, values, step)
         # A view for the kernels' (B, T, H, D)-strided output; a copy for eager attention's.
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
@@ -185,29 +152,47 @@ class MultiHeadAttention(nn.Module):
             return triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
         return self._eager_attention(queries, keys, values)
 
-    def _attend_cached(self, queries, keys, values, start_pos):
-        """Append keys/values to the cache at ``start_pos``, then attend over everything cached."""
-        self.cache.update(keys, values, start_pos)
-        t = queries.shape[2]
-        if isinstance(start_pos, int) and (start_pos == 0 or t > 1):  # prefill: flash attention
-            end = start_pos + t
-            return self._attend(queries, self.cache.k[:, :, :end], self.cache.v[:, :, :end])
-        cache_len = start_pos + t
-        if use_triton(self.kernels, queries):  # decode: split-K over the cache
-            return triton_ops().decode_attention(queries, self.cache.k, self.cache.v, cache_len)
+    def _attend_cached(self, queries, keys, values, step, kv=None):
+        """Append keys/values to the cache at the step's positions (``kv``: both, from the fused
+        projection; a one-token step's decode attention appends them itself), then attend over
+        everything cached."""
+        cache, cache_len = self.cache, step.lens
+        if kv is not None and step.per_row and step.t == 1:  # decode attention appends kv
+            return triton_ops().decode_attention(queries, cache.k, cache.v, cache_len,
+                                                 k_new=kv[0], v_new=kv[1])
+        if kv is None:
+            cache.update(keys, values, step)
+        else:
+            cache.append(kv, step)
+        if step.prefill:  # flash attention over the first cache_len positions
+            return self._attend(queries, cache.k[:, :, :cache_len], cache.v[:, :, :cache_len])
+        if use_triton(self.kernels, queries):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (queries, cache.k, cache.v)):
+                return self._attend_differentiably(queries, cache_len)
+            return triton_ops().decode_attention(queries, cache.k, cache.v, cache_len)  # split-K
         if isinstance(cache_len, int):
-            return self._eager_attention(queries, self.cache.k[:, :, :cache_len], self.cache.v[:, :, :cache_len])
-        return self._eager_attention(queries, self.cache.k, self.cache.v, cache_len)
+            keys, values = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+        else:
+            keys, values = cache.k, cache.v
+        return self._eager_attention(queries, keys, values, step.mask(keys.shape[2]))
 
-    def _eager_attention(self, queries, keys, values, cache_len=None):
-        """The chapter's attention; the causal mask ends at the last key, or at cache_len[b] per row."""
+    def _attend_differentiably(self, queries, cache_len):
+        """A decode step in grad mode (decode attention has no backward): flash attention over
+        the cache, causal on each row's first cache_len positions, as the torch path computes."""
+        cache = self.cache
+        p = self.dropout.p if self.training else 0.0
+        if isinstance(cache_len, int):
+            keys, values = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+            return triton_ops().attention(queries, keys, values, causal=True, dropout_p=p)
+        return triton_ops().attention(queries, cache.k, cache.v, causal=True, dropout_p=p,
+                                      key_lens=cache_len)
+
+    def _eager_attention(self, queries, keys, values, mask_bool=None):
+        """The chapter's attention; the causal mask ends at the last key (or is ``mask_bool``)."""
         tq, tk = queries.shape[2], keys.shape[2]
         attn_scores = queries @ keys.transpose(2, 3)
-        if cache_len is None:
-            mask_bool = torch.ones(tq, tk, dtype=torch.bool, device=queries.device).triu(1 + tk - tq)
-        else:  # per row: query i sits at cache_len - tq + i
-            query_pos = cache_len[:, None] - tq + torch.arange(tq, device=keys.device)
-            mask_bool = (torch.arange(tk, device=keys.device) > query_pos[:, :, None])[:, None]
+        if mask_bool is None:
+            mask_bool = causal_mask(tq, tk, queries.device)
         attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
@@ -250,12 +235,23 @@ class TransformerBlock(nn.Module):
         self.kernels = "torch"
         self.name = "block"  # the profiler label; GPTModel names blocks after their state_dict prefix
 
-    def forward(self, x, start_pos=None):
-        shortcut = x
+    def forward(self, x, step: CacheStep | None = None):
+        x, branch = self.unfinished(x, None, step)
+        return x + branch
+
+    def unfinished(self, x, branch, step: CacheStep | None = None):
+        """The block on ``x`` + ``branch`` (the previous block's MLP output, its residual add
+        fused into norm1, Triton kernels only; None: on ``x``) without its own last residual
+        add: (x after attention, the MLP's output), for the caller, or the next block, to add."""
         with label("norm1", self):
-            h = self.norm1(x)
+            if branch is None:
+                h = self.norm1(x)
+            else:
+                n = self.norm1
+                h, x = triton_ops().add_layer_norm(branch, x, n.scale, n.shift, n.eps)
+        shortcut = x
         with label("att", self):
-            x = self.drop_shortcut(self.att(h, start_pos))
+            x = self.drop_shortcut(self.att(h, step))
         with label("norm2", self):
             if use_triton(self.kernels, x):  # residual add fused into norm2: one pass over x
                 n = self.norm2
@@ -264,7 +260,7 @@ class TransformerBlock(nn.Module):
                 x = x + shortcut
                 h = self.norm2(x)
         with label("ff", self):
-            return x + self.drop_shortcut(self.ff(h))
+            return x, self.drop_shortcut(self.ff(h))
 
 
 class GPTModel(nn.Module):
@@ -368,17 +364,28 @@ class GPTModel(nn.Module):
         """The final norm's output (batch, seq_len, emb_dim): the forward up to the output head."""
         start_pos = self._check_ids(in_idx, start_pos)
         batch_size, seq_len = in_idx.shape
-        positions = torch.arange(seq_len, device=in_idx.device)
-        if start_pos is not None:
-            positions = positions + (start_pos if isinstance(start_pos, int) else start_pos[:, None])
+        if start_pos is None:
+            step, positions = None, torch.arange(seq_len, device=in_idx.device)
+        else:
+            step = CacheStep(start_pos, seq_len, in_idx.device)
+            positions = step.positions
         with label("embedding"):
             tok_embeds = self.tok_emb(in_idx)
             pos_embeds = self.pos_emb(positions)
             x = self.drop_emb(tok_embeds + pos_embeds)
+        if step is None or not use_triton(self.kernels, x) or torch.compiler.is_compiling():
+            for block in self.trf_blocks:
+                x = block(x, step)
+            with label("final_norm"):
+                return self.final_norm(x)
+        # With a KV cache and the Triton kernels, each block's last residual add is fused into
+        # the next LayerNorm (the final one's too): one kernel less per layer and token.
+        branch = None
         for block in self.trf_blocks:
-            x = block(x, start_pos)
+            x, branch = block.unfinished(x, branch, step)
         with label("final_norm"):
-            return self.final_norm(x)
+            n = self.final_norm
+            return triton_ops().add_layer_norm(branch, x, n.scale, n.shift, n.eps)[0]
 
     def loss(self, in_idx, targets, ignore_index=-100, check_targets=True):
         """The book's training loss (``calc_loss_batch``): mean cross-entropy of the next-token

@@ -39,7 +39,7 @@ def launched(monkeypatch):
     """The names of the kernels launched (generic and variant), recorded by wrapping them."""
     names = []
 
-    class Spy:
+    class Spy:  # a variant's jitted kernel, launched as kernel[grid](...)
         def __init__(self, kernel):
             self.kernel = kernel
 
@@ -47,11 +47,21 @@ def launched(monkeypatch):
             names.append(self.kernel.__name__)
             return self.kernel[grid]
 
-    for module, kernel in ((generic, "_fwd_kernel"), (generic, "_bwd_preprocess_kernel"),
-                           (generic, "_bwd_dkdv_kernel"), (generic, "_bwd_dq_kernel"),
-                           (sm90, "_fwd_sm90_kernel"), (sm90, "_bwd_dq_sm90_kernel"),
-                           (sm90, "_bwd_dkdv_sm90_kernel")):
-        monkeypatch.setattr(module, kernel, Spy(getattr(module, kernel)))
+    class LauncherSpy:  # a generic kernel's direct launcher (_common.Kernel)
+        def __init__(self, launcher):
+            self.launcher = launcher
+
+        def __call__(self, *args):
+            names.append(self.launcher.name)
+            return self.launcher(*args)
+
+        def __getattr__(self, name):  # config(), name
+            return getattr(self.launcher, name)
+
+    for launcher in ("_FWD", "_PREPROCESS", "_DKDV", "_DQ"):
+        monkeypatch.setattr(generic, launcher, LauncherSpy(getattr(generic, launcher)))
+    for kernel in ("_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel"):
+        monkeypatch.setattr(sm90, kernel, Spy(getattr(sm90, kernel)))
     return names
 
 
@@ -127,7 +137,7 @@ def test_generic_kernels_where_no_variant_applies(launched):
     both = plans(cls, *(sm90.SPACE[k][cls][0] for k in KERNELS))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 64, generator=gen).to(BF16).requires_grad_() for _ in range(3))
-    generic_path = ["_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    generic_path = ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # dQ writes delta first
     cases = [(both, dict(key_lens=torch.tensor([30])), generic_path),
              ({}, {}, generic_path),
              ({sm90.FWD: both[sm90.FWD], sm90.DQ: both[sm90.DQ]}, {},

@@ -127,6 +127,8 @@ def _entries():
     from gptfast.kernels import tuning
 
     for kernel in tuning.registered():
+        if kernel.startswith("attention_sm90."):  # sm_90 only, all run in test_attention_sm90.py
+            continue
         for cls, configs in tuning.space(kernel).items():
             for config in configs:
                 yield pytest.param(kernel, cls, config,

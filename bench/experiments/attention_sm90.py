@@ -107,7 +107,7 @@ class Inputs:
             for _ in range(4))
         self.scale = D ** -0.5
         self.p = effective_dropout_p(shape.p)
-        self.seed = 1234
+        self.seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)  # in device memory
         self.block_d = generic._block_d(D)
         with tuning.use({}):
             self.o, self.lse2 = generic._forward(self.q, self.k, self.v, True, self.scale, self.p,

@@ -34,8 +34,8 @@ call, ~28 µs with gradients, measured on a 2-core CPU machine: as much as a sma
 - What ``triton_op`` would add (Inductor launching the kernel from its own wrapper, AOTInductor
   packaging) does not change the kernels' work: Inductor does not fuse into user kernels either
   way, and it still fuses everything around an opaque op. The ops launch on the current stream
-  without host syncs, so ``mode="reduce-overhead"`` can capture them in CUDA graphs (dropout is
-  the exception, see ``gptfast.kernels.attention``).
+  without host syncs, so ``mode="reduce-overhead"`` can capture them in CUDA graphs (attention's
+  dropout too: its seed is drawn on the GPU and read there, see ``gptfast.kernels.attention``).
 
 Shapes: a compiled model specializes on the first shapes it sees; a second sequence length
 recompiles once with a dynamic length, and that graph serves every later length (dynamo's

@@ -27,16 +27,22 @@ the applied drop probability is p quantised to a multiple of 2^-16 (``effective_
 within 2^-17 of p), and kept weights are scaled by 1/(1 - that). The backward regenerates
 exactly the forward's keep mask, as does ``attention_dropout_mask``.
 
-Under torch.compile (see gptfast/kernels/__init__.py) the seed is drawn by ``torch.randint`` inside the
-graph, i.e. by the graph's RNG: ``torch.manual_seed`` repeats a compiled run, but the masks
-differ from eager mode's unless ``torch._inductor.config.fallback_random = True`` (then they
-are the same). Pass no ``generator`` to a compiled call: dynamo cannot trace a
-torch.Generator (a graph break; an error with ``fullgraph=True``). The seed is read on the
-host, so dropout cannot run inside a captured CUDA graph: that raises an error.
+The seed is a (1,) int64 tensor drawn by ``torch.randint`` on q's device (from its default
+generator unless a ``generator`` is given) and the kernels load it from there: no host read.
+So a CUDA graph that captures a training step with dropout (``torch.cuda.graph``,
+``torch.compile(mode="reduce-overhead")``) draws a fresh seed on each replay, through the CUDA
+generator's graph-safe Philox state, as torch's own dropout does. Under torch.compile (see
+gptfast/kernels/__init__.py) the draw is part of the graph, i.e. of the graph's RNG:
+``torch.manual_seed`` repeats a compiled run, but the masks differ from eager mode's unless
+``torch._inductor.config.fallback_random = True`` (then they are the same). Pass no
+``generator`` to a compiled call: dynamo cannot trace a torch.Generator (a graph break; an error
+with ``fullgraph=True``).
 """
 
+import functools
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,8 +50,8 @@ import triton.language as tl
 
 from gptfast.kernels import tuning
 from gptfast.kernels._common import (
-    INTERPRETING, Launch, check_device, check_float, library_op, on_device, once_differentiable,
-    plan_capability,
+    INTERPRETING, Kernel, Launch, cdiv, check_device, check_float, host_readable, library_op,
+    next_power_of_2, on_device, once_differentiable, plan_cache, plan_capability,
 )
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -88,6 +94,16 @@ def _wide(index):
 def _philox_key(seed, off_bh):
     """64-bit Philox key of one (batch, head): its own stream, independent of the others."""
     return seed.to(tl.int64) + (off_bh.to(tl.int64) << 32)
+
+
+@triton.jit
+def _dropout_key(Seed, off_bh, DROPOUT: tl.constexpr):
+    """The Philox key of one (batch, head) from the seed in device memory (drawn there by the
+    host, so a CUDA graph replays a fresh one); without dropout 0 and the seed is not read."""
+    key = tl.zeros([], dtype=tl.int64)
+    if DROPOUT:
+        key = _philox_key(tl.load(Seed), off_bh)
+    return key
 
 
 @triton.jit
@@ -287,14 +303,14 @@ def _fwd_tiles(
 # log-sum-exp per row. Causal programs skip key tiles above the diagonal and mask only the
 # diagonal tiles; the heaviest (last) query tiles are scheduled first. With per-row lengths
 # only the valid windows are read (padded query rows are written as zeros, LSE +inf).
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE2, QL, KL,
+    Q, K, V, O, LSE2, QL, KL, Seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Tq, Tk, D, qk_scale, seed, dropout_p,
+    H, Tq, Tk, D, qk_scale, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -323,7 +339,7 @@ def _fwd_kernel(
         q_mask = q_mask & d_ok
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
-    key = _philox_key(seed, off_bh)
+    key = _dropout_key(Seed, off_bh, DROPOUT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -366,7 +382,8 @@ def _fwd_kernel(
 
 
 # Blocking: one program per (BLOCK_M rows, batch*head); reads O and dO once, writes one fp32
-# delta = rowsum(dO * O) per row, the softmax-backward correction term.
+# delta = rowsum(dO * O) per row, the softmax-backward correction term. Launched only when no dQ
+# is wanted (the dQ kernel writes delta otherwise).
 @triton.jit
 def _bwd_preprocess_kernel(
     O, DO, Delta,
@@ -452,16 +469,16 @@ def _dkdv_tiles(
 # the first query tile that sees the key tile and mask only the diagonal query tiles. Reads Q
 # and dO Tk/BLOCK_N times in total; with per-row lengths only the valid windows (padded keys
 # get zero gradients).
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, Delta, DK, DV, QL, KL,
+    Q, K, V, DO, LSE2, Delta, DK, DV, QL, KL, Seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
+    H, Tq, Tk, D, sm_scale, qk_scale, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -492,7 +509,7 @@ def _bwd_dkdv_kernel(
     lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq + offs_m
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq + offs_m
 
-    key = _philox_key(seed, off_bh)
+    key = _dropout_key(Seed, off_bh, DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     c_lo = tl.maximum(start_n, k_lo)  # the tile's valid keys: [c_lo, c_hi)
@@ -585,16 +602,19 @@ def _single_key(rows, k_lo, k_hi, shift, CAUSAL: tl.constexpr):
 # Blocking: one program per (BLOCK_M queries, batch*head). Q, dO, LSE, delta and the fp32 dQ
 # accumulator stay in registers while K/V stream through in BLOCK_N-key tiles (same key ranges
 # as the forward); dQ is written once, with no atomics. Reads K and V Tq/BLOCK_M times in total.
-@triton.jit(do_not_specialize=["seed"])
+# With DELTA it also reads O once and writes delta = rowsum(dO * O) (1 - p) of its rows, which
+# the dK/dV kernel launched after it reads: no separate preprocess launch (else it reads delta).
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, Delta, DQ, QL, KL,
+    Q, K, V, O, DO, LSE2, Delta, DQ, QL, KL, Seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    H, Tq, Tk, D, sm_scale, qk_scale, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, DELTA: tl.constexpr,
     HAS_QL: tl.constexpr, HAS_KL: tl.constexpr, LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -617,14 +637,22 @@ def _bwd_dq_kernel(
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh
     do = tl.load(do_ptrs + _wide(offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
     lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    if DELTA:
+        o_ptrs = O + off_b * stride_ob + off_h * stride_oh
+        o = tl.load(o_ptrs + _wide(offs_m)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=qo_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 outside the query window
+        if DROPOUT:
+            delta = delta * (1.0 - dropout_p)
+        tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    else:
+        delta = tl.load(Delta + off_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
 
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh
     k_ptrs += _wide(offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh
     v_ptrs += _wide(offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    key = _philox_key(seed, off_bh)
+    key = _dropout_key(Seed, off_bh, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_hi - q_hi
     LOWER: tl.constexpr = HAS_KL and LEFT
@@ -654,14 +682,14 @@ def _bwd_dq_kernel(
 
 # Blocking: one program per (BLOCK_M x BLOCK_N weights, batch*head); evaluates the same RNG as
 # the attention kernels and writes the keep mask as int8. For tests and debugging only.
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
-    Mask, Tq, Tk, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Mask, Seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     off_bh = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(_philox_key(seed, off_bh), tl.program_id(0) * BLOCK_M,
+    keep = _dropout_keep(_dropout_key(Seed, off_bh, True), tl.program_id(0) * BLOCK_M,
                          tl.program_id(1) * BLOCK_N, Tk, _dropout_threshold(dropout_p), BLOCK_M,
                          BLOCK_N, False)
     ptrs = Mask + off_bh.to(tl.int64) * Tq * Tk + rows[:, None] * Tk + cols[None, :]
@@ -767,131 +795,174 @@ for _kernel, _space in TUNING_SPACE.items():
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
-def _lengths(query_lens, key_lens, left, device) -> tuple:
-    """The kernels' length arguments: (QL, KL) pointers (an empty stand-in where a length is
-    absent: the kernels do not read it) and their flags."""
-    stand_in = torch.empty(0, dtype=torch.int32, device=device)
-    flags = dict(HAS_QL=query_lens is not None, HAS_KL=key_lens is not None, LEFT=left)
-    ql = query_lens if query_lens is not None else stand_in
-    kl = key_lens if key_lens is not None else stand_in
-    return (ql, kl), flags
+_FWD, _DKDV, _DQ = Kernel(_fwd_kernel), Kernel(_bwd_dkdv_kernel), Kernel(_bwd_dq_kernel)
+_PREPROCESS, _DROPOUT_MASK = Kernel(_bwd_preprocess_kernel), Kernel(_dropout_mask_kernel)
+
+
+@functools.cache
+def _stand_ins(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty int32 and int64 tensors that stand for absent lengths and seed: the kernels' flags
+    keep them unread. Made once per device."""
+    return (torch.empty(0, dtype=torch.int32, device=device),
+            torch.empty(0, dtype=torch.int64, device=device))
+
+
+def _pointers(device, query_lens, key_lens, seed) -> tuple:
+    """The (QL, KL, Seed) pointer arguments, stand-ins where absent."""
+    none32, none64 = _stand_ins(device)
+    return (none32 if query_lens is None else query_lens, none32 if key_lens is None else key_lens,
+            none64 if seed is None else seed)
+
+
+def _seed_pointer(device, seed):
+    """The Seed pointer argument alone (the Hopper variants take no lengths)."""
+    return _pointers(device, None, None, seed)[2]
+
+
+def _flags(causal, dropout, D, block_d, has_ql, has_kl, left) -> dict:
+    return dict(CAUSAL=causal, DROPOUT=dropout, EVEN_D=D == block_d, HAS_QL=has_ql,
+                HAS_KL=has_kl, LEFT=left, BLOCK_D=block_d)
+
+
+@plan_cache
+def _forward_plan(device, dtype, B, H, Tq, D, causal, dropout, has_ql, has_kl, left):
+    """(config, grid) of the forward kernel."""
+    block_d = _block_d(D)
+    cfg = _fwd_launch(block_d, dtype, dropout, device)
+    config = _FWD.config(**_flags(causal, dropout, D, block_d, has_ql, has_kl, left),
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+    return config, (cdiv(Tq, cfg.block_m), B * H)
+
+
+def _dq_writes_delta(dtype: torch.dtype) -> bool:
+    """Whether the dQ kernel computes delta itself (no preprocess launch): with fp16/bf16. fp32's
+    dQ tiles are 16 queries of exact FMA products, and the delta's loads and cross-lane sum made
+    sm_80's D=32 tile spill (4 bytes, triton 3.6 and 3.9): fp32 keeps the preprocess kernel."""
+    return dtype != torch.float32
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    dq: tuple  # (config, grid) of each kernel
+    dkdv: tuple
+    preprocess: tuple  # delta's own kernel: without a fused-delta dQ, or when no dQ is wanted
+    fused_delta: bool  # the dQ kernel writes delta
+
+
+@plan_cache
+def _backward_plan(device, dtype, B, H, Tq, Tk, D, causal, dropout, has_ql, has_kl, left,
+                   need_dq):
+    block_d = _block_d(D)
+    flags = _flags(causal, dropout, D, block_d, has_ql, has_kl, left)
+    dq = _dq_launch(block_d, dtype, dropout, device)
+    cc = plan_capability(device)
+    dkdv = _dkdv_launch(block_d, dtype, dropout, cc, device)
+    pre = _preprocess_launch(device)
+    fused = need_dq and _dq_writes_delta(dtype)
+    return _BackwardPlan(
+        dq=(_DQ.config(**flags, DELTA=fused, BLOCK_M=dq.block_m, BLOCK_N=dq.block_n,
+                       num_warps=dq.num_warps, num_stages=dq.num_stages),
+            (cdiv(Tq, dq.block_m), B * H)),
+        dkdv=(_DKDV.config(**flags, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+                           num_stages=dkdv.num_stages), (cdiv(Tk, dkdv.block_n), B * H)),
+        preprocess=(_PREPROCESS.config(EVEN_D=flags["EVEN_D"], BLOCK_M=pre.block_m,
+                                       BLOCK_D=block_d, num_warps=pre.num_warps),
+                    (cdiv(Tq, pre.block_m), B * H)),
+        fused_delta=fused,
+    )
 
 
 def _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    device = q.device
     o = torch.empty_like(q)  # q's memory layout: (B, T, H, D)-strided q gives such an o
-    lse2 = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((B, H, Tq), device=device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse2
-    block_d = _block_d(D)
-    cfg = _fwd_launch(block_d, q.dtype, dropout_p > 0, q.device)
-    grid = (triton.cdiv(Tq, cfg.block_m), B * H)
-    lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
+    config, grid = _forward_plan(device, q.dtype, B, H, Tq, D, causal, dropout_p > 0,
+                                 query_lens is not None, key_lens is not None, left)
     if scale <= 0:  # the forward's row max needs a positive scale: q (-k)^T |scale| is the same
         k, scale = (-k, -scale) if scale < 0 else (torch.zeros_like(k), 1.0)
     padded = query_lens is not None or key_lens is not None
+    block_d = _block_d(D)
     if sm90 := attention_sm90.plan(attention_sm90.FWD, q, block_d, dropout_p > 0, padded):
-        attention_sm90.forward(sm90, q, k, v, o, lse2, causal, scale, seed, dropout_p, block_d)
+        attention_sm90.forward(sm90, q, k, v, o, lse2, causal, scale, _seed_pointer(device, seed),
+                               dropout_p, block_d)
         return o, lse2
-    _fwd_kernel[grid](
-        q, k, v, o, lse2, *lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, Tq, Tk, D, scale * LOG2E, seed, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=D == block_d, **len_flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _FWD(config, grid, (q, k, v, o, lse2, *_pointers(device, query_lens, key_lens, seed)),
+         (*q.stride(), *k.stride(), *v.stride(), *o.stride(), H, Tq, k.shape[2], D,
+          scale * LOG2E, dropout_p))
     return o, lse2
 
 
 def _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left,
               need_dq, need_dkdv):
+    """dQ first: with fp16/bf16 its kernel also writes delta, which dK/dV reads (else, or when
+    no dQ is wanted, the preprocess kernel writes it)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # no query row: nothing flows back
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    device = q.device
     dq = torch.empty_like(q) if need_dq else None  # gradients in the layouts of q, k, v
     dk = torch.empty_like(k) if need_dkdv else None
     dv = torch.empty_like(v) if need_dkdv else None
-    block_d = _block_d(D)
-    even_d = D == block_d
     padded = query_lens is not None or key_lens is not None
-    if need_dq and attention_sm90.backward(do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed,
-                                           dropout_p, block_d, padded):
+    if need_dq and attention_sm90.backward(do, q, k, v, o, lse2, dq, dk, dv, causal, scale,
+                                           _seed_pointer(device, seed), dropout_p, _block_d(D),
+                                           padded):
         return dq, dk, dv
-    lens, len_flags = _lengths(query_lens, key_lens, left, q.device)
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, EVEN_D=even_d, BLOCK_D=block_d, **len_flags)
-
-    pre = _preprocess_launch(q.device)
     delta = torch.empty_like(lse2)
-    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre.block_m), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p,
-        EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
-    )
-    if need_dkdv:
-        cc = plan_capability(q.device)
-        cfg = _dkdv_launch(block_d, q.dtype, dropout_p > 0, cc, q.device)
-        _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * H)](
-            q, k, v, do, lse2, delta, dk, dv, *lens,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    plan = _backward_plan(device, q.dtype, B, H, Tq, Tk, D, causal, dropout_p > 0,
+                          query_lens is not None, key_lens is not None, left, need_dq)
+    lens_seed = _pointers(device, query_lens, key_lens, seed)
+    sizes = (H, Tq, Tk, D, scale, scale * LOG2E, dropout_p)
+    if not plan.fused_delta:
+        _PREPROCESS(*plan.preprocess, (o, do, delta),
+                    (*o.stride(), *do.stride(), H, Tq, D, 1.0 - dropout_p))
     if need_dq:
-        cfg = _dq_launch(block_d, q.dtype, dropout_p > 0, q.device)
-        _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            q, k, v, do, lse2, delta, dq, *lens,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            H, Tq, Tk, D, scale, scale * LOG2E, seed, dropout_p, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        _DQ(*plan.dq, (q, k, v, o, do, lse2, delta, dq, *lens_seed),
+            (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+             *sizes))
+    if need_dkdv:
+        _DKDV(*plan.dkdv, (q, k, v, do, lse2, delta, dk, dv, *lens_seed),
+              (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+               *sizes))
     return dq, dk, dv
 
 
 # gptfast::attention -> (o, lse2) and gptfast::attention_backward -> (dq, dk, dv): the ops
-# torch.compile sees (see gptfast/kernels/__init__.py), over validated input. The dropout seed comes in
-# as a (1,) int64 tensor drawn by torch.randint outside the op (None without dropout), so a
-# compiled graph draws it with its own RNG instead of breaking on a host read; the op reads it
-# on the host (a CPU tensor unless the caller's generator is on a GPU).
+# torch.compile sees (see gptfast/kernels/__init__.py), over validated input. The dropout seed
+# comes in as a (1,) int64 tensor on q's device, drawn by torch.randint outside the op (None
+# without dropout), and the kernels load it: no host read, so a compiled graph draws it with its
+# own RNG and a CUDA graph replays a fresh draw.
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
-    if seed is None:
-        return 0
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "attention: dropout cannot be captured in a CUDA graph: the seed is read on the host "
-            "when the graph is recorded, so every replay would drop the same weights (use "
-            "dropout_p=0 in CUDA graphs, or torch.compile without CUDA graphs to train with dropout)"
-        )
-    return int(seed.item())
-
-
-@torch.library.custom_op("gptfast::attention_backward", mutates_args=())
-def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 o: torch.Tensor, lse2: torch.Tensor, causal: bool, scale: float, dropout_p: float,
-                 seed: torch.Tensor | None, query_lens: torch.Tensor | None,
-                 key_lens: torch.Tensor | None, left: bool, need_dq: bool, need_dkdv: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   o: torch.Tensor, lse2: torch.Tensor, causal: bool, scale: float,
+                   dropout_p: float, seed: torch.Tensor | None, query_lens: torch.Tensor | None,
+                   key_lens: torch.Tensor | None, left: bool, need_dq: bool, need_dkdv: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for is an empty placeholder."""
     with on_device(q.device):
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, _seed_value(seed),
-                               query_lens, key_lens, left, need_dq, need_dkdv)
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens,
+                               key_lens, left, need_dq, need_dkdv)
     return (dq if need_dq else q.new_empty(0), dk if need_dkdv else k.new_empty(0),
             dv if need_dkdv else v.new_empty(0))
 
 
-@_backward_op.register_fake
-def _(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens, left, need_dq,
-      need_dkdv):
+def _backward_fake(do, q, k, v, o, lse2, causal, scale, dropout_p, seed, query_lens, key_lens,
+                   left, need_dq, need_dkdv):
     def grad(t, needed):
         return torch.empty_like(t) if needed else t.new_empty(0)  # the real op's layouts
     return grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv)
+
+
+_backward_op = library_op("attention_backward", _backward_body, _backward_fake)
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -899,8 +970,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        query_lens: torch.Tensor | None, key_lens: torch.Tensor | None, left: bool
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     with on_device(q.device):
-        return _forward(q, k, v, causal, scale, dropout_p, _seed_value(seed), query_lens, key_lens,
-                        left)
+        return _forward(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left)
 
 
 def _attention_fake(q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left):
@@ -911,6 +981,7 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, causal, scale, dropout_p, seed, query_lens, key_lens, left = inputs
     o, lse2 = output
     ctx.mark_non_differentiable(lse2)
+    ctx.set_materialize_grads(False)  # no zeros for lse2's (absent) gradient: one launch less
     ctx.save_for_backward(q, k, v, o, lse2, seed, query_lens, key_lens)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.left = causal, scale, dropout_p, left
 
@@ -995,7 +1066,7 @@ def _check_lengths(q, k, key_lens, query_lens, padding) -> None:
             raise ValueError(f"{op}: {name} must have shape (batch,) = ({q.shape[0]},), got {tuple(lens.shape)}")
         if lens.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {lens.device}")
-        if lens.device.type == "cpu" and lens.numel() and not (0 <= lens.min() and lens.max() <= T):
+        if host_readable(lens) and lens.numel() and not (0 <= lens.min() and lens.max() <= T):
             raise ValueError(f"{op}: {name} must be in [0, {T}], got values {lens.min().item()}..{lens.max().item()}")
 
 
@@ -1006,14 +1077,32 @@ def effective_dropout_p(dropout_p: float) -> float:
     return min(round(float(dropout_p) * 65536), 65535) / 65536
 
 
-def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+def _random_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    source = device if generator is None else generator.device
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=source)
 
 
-def dropout_seed(generator: torch.Generator | None = None) -> int:
-    """The kernel seed that ``attention`` draws from ``generator`` (default: torch's CPU one)."""
-    return int(_draw_seed(generator).item())
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The kernels' (1,) int64 seed on ``device``, drawn from ``generator`` (default: the
+    default generator of ``device``). A CUDA generator draws it on the GPU, with no host sync:
+    captured in a CUDA graph, each replay draws anew (torch's graph-safe Philox state); a CPU
+    generator's seed is copied over, which a graph cannot replay."""
+    seed = _random_seed(generator, device)
+    if seed.device != device:
+        if seed.device.type == "cpu" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "attention: a CPU generator cannot drive dropout inside a CUDA graph: its seed "
+                "would be copied once, when the graph is recorded, and every replay would drop "
+                "the same weights; pass generator=None (the GPU's default generator) or a CUDA "
+                "torch.Generator")
+        seed = seed.to(device, non_blocking=True)
+    return seed
+
+
+def dropout_seed(generator: torch.Generator | None = None, device="cpu") -> int:
+    """The kernel seed that ``attention`` draws from ``generator`` for inputs on ``device``
+    (default: that device's default generator, as ``attention`` draws it), as an int."""
+    return int(_random_seed(generator, torch.device(device)).item())
 
 
 def attention(
@@ -1041,8 +1130,10 @@ def attention(
     SDPA's top-left ``is_causal`` when Tq < Tk). Causal needs Tq <= Tk.
 
     ``dropout_p``: probability of dropping each attention weight (kept ones scaled by
-    1/(1-p)); the kernel seed is drawn from ``generator`` (default: torch's CPU generator), so
-    seeded runs repeat. No RNG state is consumed when dropout_p == 0.
+    1/(1-p)); the kernel seed is drawn from ``generator`` (default: the default generator of
+    q's device, so ``torch.manual_seed`` repeats a run), into device memory where the kernels
+    read it: no host sync, and a CUDA graph that captured the call draws a fresh mask per
+    replay. No RNG state is consumed when dropout_p == 0.
 
     ``key_lens`` / ``query_lens``: optional (batch,) int32/int64 tensors on q's device, the
     number of valid keys / queries of each batch row (None: all). ``padding="right"``: the
@@ -1059,10 +1150,14 @@ def attention(
     if generator is not None and not isinstance(generator, torch.Generator):
         what = type(generator).__name__
         raise TypeError(f"attention: generator must be a torch.Generator or None, got {what}")
-    _check_lengths(q, k, key_lens, query_lens, padding)
-    dropout_p = effective_dropout_p(dropout_p)
-    seed = _draw_seed(generator) if dropout_p > 0 else None
-    key_lens, query_lens = (None if n is None else n.to(torch.int32) for n in (key_lens, query_lens))
+    if key_lens is not None or query_lens is not None or padding != "right":
+        _check_lengths(q, k, key_lens, query_lens, padding)
+        key_lens = None if key_lens is None else key_lens.to(torch.int32)
+        query_lens = None if query_lens is None else query_lens.to(torch.int32)
+    seed = None
+    if dropout_p:
+        dropout_p = effective_dropout_p(dropout_p)
+        seed = _draw_seed(generator, q.device)
     return _attention(q, k, v, bool(causal), float(scale), float(dropout_p), seed, query_lens,
                       key_lens, padding == "left")[0]
 
@@ -1072,8 +1167,9 @@ def attention_dropout_mask(
 ) -> torch.Tensor:
     """The keep mask (bool, (batch, heads, q_len, k_len)) that the kernels use for ``seed``.
 
-    For tests and debugging: with ``seed = dropout_seed(g)`` drawn from a generator in the state
-    that ``attention(..., generator=g)`` sees, this is the mask that call applies.
+    For tests and debugging: with ``seed = dropout_seed(g, q.device)`` drawn from a generator in
+    the state that ``attention(..., generator=g)`` sees (g None: the device's default generator),
+    this is the mask that call applies.
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention_dropout_mask: dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -1084,10 +1180,11 @@ def attention_dropout_mask(
     if mask.numel() == 0:
         return mask.bool()
     block = 32
-    grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
+    grid = (cdiv(q_len, block), cdiv(k_len, block), batch * heads)
+    seed = torch.tensor([seed], dtype=torch.int64, device=mask.device)
     with on_device(mask.device):
-        _dropout_mask_kernel[grid](mask, q_len, k_len, seed, effective_dropout_p(dropout_p),
-                                   BLOCK_M=block, BLOCK_N=block)
+        _DROPOUT_MASK(_DROPOUT_MASK.config(BLOCK_M=block, BLOCK_N=block, num_warps=4), grid,
+                      (mask, seed), (q_len, k_len, effective_dropout_p(dropout_p)))
     return mask.bool()
 
 
@@ -1113,6 +1210,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "*i8"
         elif name in ("QL", "KL"):
             sig[name] = "*i32"
+        elif name == "Seed":
+            sig[name] = "*i64"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         else:
@@ -1168,13 +1267,15 @@ def aot_configs():
         })
 
     def attention_kernels(dtype, block_d, dropout=False):
-        """(name, kernel, launch, the ccs it is picked on or None for all, their name suffix)."""
-        kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), None),
-                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout), None)]
+        """(name, kernel, launch, its own constexprs, the ccs it is picked on or None for all,
+        their name suffix)."""
+        kernels = [("fwd", _fwd_kernel, _fwd_launch(block_d, dtype, dropout), {}, None),
+                   ("dq", _bwd_dq_kernel, _dq_launch(block_d, dtype, dropout),
+                    {"DELTA": _dq_writes_delta(dtype)}, None)]
         dkdv = {cc: _dkdv_launch(block_d, dtype, dropout, cc) for cc in (80, 90)}
         shared = dkdv[80] == dkdv[90]
         for cc in (90,) if shared else (80, 90):
-            kernels.append(("dkdv", _bwd_dkdv_kernel, dkdv[cc], None if shared else (cc,)))
+            kernels.append(("dkdv", _bwd_dkdv_kernel, dkdv[cc], {}, None if shared else (cc,)))
         return [(*kernel, "".join(f"-sm{cc}" for cc in kernel[-1] or ())) for kernel in kernels]
 
     def flags(launch, block_d, causal, dropout, even_d, lens=no_lens):
@@ -1185,25 +1286,26 @@ def aot_configs():
     for dtype, tname in _TRITON_DTYPE.items():
         for block_d, (causal, dropout, even_d, lens) in rotation.items():
             dropout = dropout and dtype == torch.float16
-            for kname, fn, launch, ccs, on in attention_kernels(dtype, block_d, dropout):
+            for kname, fn, launch, own, ccs, on in attention_kernels(dtype, block_d, dropout):
                 add(f"{kname}-{tname}-d{block_d}-{launch.block_m}x{launch.block_n}"
                     f"-w{launch.num_warps}s{launch.num_stages}"
                     f"-causal{int(causal)}-dropout{int(dropout)}-even{int(even_d)}"
                     f"-lens{''.join(str(int(f)) for f in lens)}{on}",
-                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens), ccs)
+                    fn, dtype, launch, flags(launch, block_d, causal, dropout, even_d, lens) | own,
+                    ccs)
             pre = _preprocess_launch()
             add(f"preprocess-{tname}-d{block_d}-even{int(even_d)}", _bwd_preprocess_kernel, dtype, pre,
                 dict(EVEN_D=even_d, BLOCK_M=pre.block_m, BLOCK_D=block_d))
     # dropout's tiles at the head dims the rotation lacks, and fp32's at D=128
     for dtype, block_d in ((torch.float16, 16), (torch.float16, 32), (torch.float16, 128),
                            (torch.float32, 128)):
-        for kname, fn, launch, ccs, on in attention_kernels(dtype, block_d, dropout=True):
+        for kname, fn, launch, own, ccs, on in attention_kernels(dtype, block_d, dropout=True):
             add(f"{kname}-{_TRITON_DTYPE[dtype]}-d{block_d}-{launch.block_m}x{launch.block_n}"
                 f"-w{launch.num_warps}s{launch.num_stages}-causal1-dropout1-even1-lens000{on}",
-                fn, dtype, launch, flags(launch, block_d, True, True, True), ccs)
-    for kname, fn, launch, ccs, on in attention_kernels(torch.float16, 64):
+                fn, dtype, launch, flags(launch, block_d, True, True, True) | own, ccs)
+    for kname, fn, launch, own, ccs, on in attention_kernels(torch.float16, 64):
         add(f"{kname}-fp16-d64-length1-head1{on}", fn, torch.float16, launch,
-            flags(launch, 64, True, False, True) | dict(Tq=1, Tk=1, H=1), ccs)
+            flags(launch, 64, True, False, True) | own | dict(Tq=1, Tk=1, H=1), ccs)
     kernel_fns = {FWD_KERNEL: _fwd_kernel, DKDV_KERNEL: _bwd_dkdv_kernel, DQ_KERNEL: _bwd_dq_kernel}
     for kernel, classes in TUNING_SPACE.items():  # what a tuning table may pick
         for cls, space in classes.items():
@@ -1211,9 +1313,10 @@ def aot_configs():
             dtype, block_d = {v: k for k, v in _TRITON_DTYPE.items()}[tname], int(d[1:])
             for config in space:
                 launch = Launch(**config)
+                own = {"DELTA": _dq_writes_delta(dtype)} if kernel == DQ_KERNEL else {}
                 add(f"tuning-{kernel}-{cls}-{launch.block_m}x{launch.block_n}-w{launch.num_warps}"
                     f"s{launch.num_stages}", kernel_fns[kernel], dtype, launch,
-                    flags(launch, block_d, True, bool(dropout), True))
+                    flags(launch, block_d, True, bool(dropout), True) | own)
     add("dropout_mask", _dropout_mask_kernel, torch.float16, Launch(32, 32, 4, 1),
         dict(BLOCK_M=32, BLOCK_N=32))
     from gptfast.kernels.testing import config_key
@@ -1249,16 +1352,18 @@ def report_cases(cc: int = 90):
                 scale = (D ** -0.5) * LOG2E
                 launches = [
                     (_fwd_kernel, _fwd_launch(block_d, dtype, p > 0), "block_m",
-                     (t, t, t, t, "*fp32", *lens, *qkv * 4, H, T, T, D, scale, 0, p)),
+                     (t, t, t, t, "*fp32", *lens, "*i64", *qkv * 4, H, T, T, D, scale, p)),
                     (_bwd_dkdv_kernel, _dkdv_launch(block_d, dtype, p > 0, cc), "block_n",
-                     (t, t, t, t, "*fp32", "*fp32", t, t, *lens, *qkv * 6,
-                      H, T, T, D, D ** -0.5, scale, 0, p)),
+                     (t, t, t, t, "*fp32", "*fp32", t, t, *lens, "*i64", *qkv * 6,
+                      H, T, T, D, D ** -0.5, scale, p)),
                     (_bwd_dq_kernel, _dq_launch(block_d, dtype, p > 0), "block_m",
-                     (t, t, t, t, "*fp32", "*fp32", t, *lens, *qkv * 5,
-                      H, T, T, D, D ** -0.5, scale, 0, p)),
+                     (t, t, t, t, t, "*fp32", "*fp32", t, *lens, "*i64", *qkv * 6,
+                      H, T, T, D, D ** -0.5, scale, p)),
                 ]
                 for fn, launch, rows, values in launches:
                     own = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
+                    if fn is _bwd_dq_kernel:
+                        own["DELTA"] = _dq_writes_delta(dtype)
                     cfg = launch_config(f"{fn.__name__} {label}", fn, dict(zip(fn.arg_names, values)),
                                         flags | own, launch.num_warps, launch.num_stages)
                     cases.append({"label": label, "config": cfg,

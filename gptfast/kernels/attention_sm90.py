@@ -203,13 +203,15 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in ("LSE2", "Delta"):
             signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif arg == "Seed":  # the dropout seed in device memory (a (1,) int64 tensor)
+            signature[arg], attrs[(i,)] = "*i64", [["tt.divisibility", 16]]
         elif arg.startswith("stride") and arg.endswith("d"):
             signature[arg], constexprs[arg] = "constexpr", 1
         elif arg.startswith("stride") or arg in ("Tq", "Tk", "D", "BH"):
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         elif arg in ("qk_scale", "sm_scale", "dropout_p"):
             signature[arg] = "fp32"
-        else:  # H, seed
+        else:  # H
             signature[arg] = "i32"
     name = name or (f"{kernel}-{_variant(cfg).replace(' ', '-')}-d{block_d}-causal{int(causal)}"
                     f"-dropout{int(dropout)}-sm90")

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels.attention import (
-    _dropout_keep, _dropout_threshold, _key_range, _mma, _philox_key, _single_key,
+    _dropout_keep, _dropout_key, _dropout_threshold, _key_range, _mma, _single_key,
 )
 from gptfast.kernels.attention_sm90_fwd import _head, _load_rows, _store_rows
 
@@ -61,7 +61,7 @@ def _dq_steps(dq, q, do, lse2, delta, Kd, Vd, K, V, stride_kn, stride_kd, stride
 # once; O only for delta = rowsum(dO * O), which is written (one fp32 per row) for the dK/dV
 # kernel. K/V stream through in BLOCK_N-key tiles (Tq/BLOCK_M reads in total, the forward's key
 # ranges); the fp32 dQ accumulator stays in registers and is written once, without atomics.
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bwd_dq_sm90_kernel(
     Q, K, V, O, DO, DQ, LSE2, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -70,7 +70,7 @@ def _bwd_dq_sm90_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    BH, H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
+    BH, H, Tq, Tk, D, sm_scale, qk_scale, Seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -99,7 +99,7 @@ def _bwd_dq_sm90_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         k_head = _head(K, stride_kb, stride_kh, off_b, off_h, TMA)
         v_head = _head(V, stride_vb, stride_vh, off_b, off_h, TMA)
-        key = _philox_key(seed, off_bh)
+        key = _dropout_key(Seed, off_bh, DROPOUT)
         n_lo, n_full, n_end = _key_range(start_m, 0, Tq, 0, Tk, CAUSAL, False, BLOCK_M, BLOCK_N)
         dq = _dq_steps(dq, q, do, lse2, delta, K, V, k_head, v_head, stride_kn, stride_kd,
                        stride_vn, stride_vd, off_b, off_h, start_m, n_lo, n_full, Tk, D, shift,
@@ -164,7 +164,7 @@ def _dkdv_steps(dk, dv, k, v, Qd, DOd, Q, DO, stride_qm, stride_qd, stride_dom, 
 # delta stream through (Tk/BLOCK_N reads of Q and dO in total); causal tiles start at the first
 # query tile that sees a key of theirs and mask only the diagonal ones. dK/dV are written once,
 # without atomics.
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bwd_dkdv_sm90_kernel(
     Q, K, V, DO, DK, DV, LSE2, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -173,7 +173,7 @@ def _bwd_dkdv_sm90_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    BH, H, Tq, Tk, D, sm_scale, qk_scale, seed, dropout_p,
+    BH, H, Tq, Tk, D, sm_scale, qk_scale, Seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -193,7 +193,7 @@ def _bwd_dkdv_sm90_kernel(
         do_head = _head(DO, stride_dob, stride_doh, off_b, off_h, TMA)
         lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq
         delta_ptrs = Delta + off_bh.to(tl.int64) * Tq
-        key = _philox_key(seed, off_bh)
+        key = _dropout_key(Seed, off_bh, DROPOUT)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         m_full = 0

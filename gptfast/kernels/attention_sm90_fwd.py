@@ -28,7 +28,9 @@ wgmma right after issuing it (``WARPGROUP.DEPBAR.LE gsb0, 0x0``).
 import triton
 import triton.language as tl
 
-from gptfast.kernels.attention import _dropout_keep, _dropout_threshold, _key_range, _mma, _philox_key, _wide
+from gptfast.kernels.attention import (
+    _dropout_keep, _dropout_key, _dropout_threshold, _key_range, _mma, _wide,
+)
 
 
 @triton.jit
@@ -134,14 +136,14 @@ def _fwd_steps(acc, l_i, m_i, q, Kd, Vd, K, V, stride_kn, stride_kd, stride_vn, 
 # once and K/V once per query tile; the scores never leave the chip; O is written once plus one
 # fp32 log-sum-exp per row. Causal tiles skip the keys above the diagonal and mask only the
 # diagonal ones.
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _fwd_sm90_kernel(
     Q, K, V, O, LSE2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    BH, H, Tq, Tk, D, qk_scale, seed, dropout_p,
+    BH, H, Tq, Tk, D, qk_scale, Seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -158,7 +160,7 @@ def _fwd_sm90_kernel(
         v_base = _head(V, stride_vb, stride_vh, off_b, off_h, TMA)
         q = _load_rows(Q, q_base, stride_qm, stride_qd, off_b, off_h, start_m, Tq, D, BLOCK_M,
                        BLOCK_D, TMA, True, EVEN_D)
-        key = _philox_key(seed, off_bh)
+        key = _dropout_key(Seed, off_bh, DROPOUT)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from gptfast.kernels import tuning
 from gptfast.kernels._common import (
-    INTERPRETING, Launch, check_device, check_float, library_op, on_device, plan_capability,
-    plan_sm_count,
+    INTERPRETING, Kernel, Launch, cdiv, check_device, check_float, host_readable, library_op,
+    next_power_of_2, on_device, plan_cache, plan_capability, plan_sm_count,
 )
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -106,6 +106,25 @@ def _attend_one(
 
 
 @triton.jit
+def _append_key(acc, l_i, m_i, q, KN, VN, K, V, kn_off, vn_off, k_off, v_off, offs_d, d_ok,
+                stride_knd, stride_vnd, stride_kd, stride_vd, own, qk_scale):
+    """The step's new key and value (read from KN, VN) into one query's online softmax (q, acc:
+    [BLOCK_D] fp32; l_i, m_i: scalars) and into the cache at its position, if this program
+    ``own``s that position (otherwise a no-op: its weight is exp2(-inf) = 0)."""
+    mask = tl.where(own, d_ok, False)  # (not d_ok & own: the interpreter makes that int32)
+    kn = tl.load(KN + kn_off + offs_d * stride_knd, mask=mask, other=0.0)
+    vn = tl.load(VN + vn_off + offs_d * stride_vnd, mask=mask, other=0.0)
+    tl.store(K + k_off + offs_d * stride_kd, kn, mask=mask)
+    tl.store(V + v_off + offs_d * stride_vd, vn, mask=mask)
+    s = tl.where(own, tl.sum(q * kn.to(tl.float32), 0) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref)
+    return acc * alpha + p * vn.to(tl.float32), l_i * alpha + p, m_new
+
+
+@triton.jit
 def _attend_block(
     q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, offs_m, shift, lo, hi, qk_scale,
     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -149,17 +168,21 @@ def _attend_block(
 # uses tl.dot. Both key loops are software-pipelined (NUM_STAGES tiles in flight: cp.async into
 # shared memory on sm_80/sm_90 when the head dim is 16-byte aligned). The merge reads the
 # partials in a fixed order: bitwise deterministic. The lengths are not specialised on (they
-# change every decode step).
+# change every decode step). APPEND (one query): the step's new key and value come from KN, VN
+# (D elements each, read once) instead of the cache, and the program whose chunk holds their
+# position writes them there (2 D more elements); no other program reads that position.
 @triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
 def _split_kernel(
-    Q, K, V, O, Acc, Max, Sum, Lens,
+    Q, K, V, O, Acc, Max, Sum, Lens, KN, VN,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd,
     H, Tq, D, seq_len, chunk, num_splits, qk_scale,
-    PER_ROW: tl.constexpr, DIRECT: tl.constexpr,
+    PER_ROW: tl.constexpr, DIRECT: tl.constexpr, APPEND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_M == 1 or not APPEND, "APPEND takes one query")
     off_bh = tl.program_id(0)
     split = tl.program_id(1)
     start_m = tl.program_id(2) * BLOCK_M
@@ -173,6 +196,10 @@ def _split_kernel(
     # Keys of this program: its chunk, cut where the last query of the block stops seeing keys.
     lo = split * chunk
     hi = tl.minimum(lo + chunk, shift + tl.minimum(start_m + BLOCK_M, Tq))
+    last = n_keys - 1  # APPEND: the new key's position, which the owner takes from KN, VN
+    own = (lo <= last) & (last < hi)
+    if APPEND:
+        hi = tl.where(own, last, hi)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -188,10 +215,18 @@ def _split_kernel(
     v_ptrs += lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     if BLOCK_M == 1:  # Tq == 1: the query sees every key below n_keys, hi <= n_keys
+        q = tl.sum(q, 0)
         acc, l_i, m_i = _attend_one(
-            tl.sum(q, 0), k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N,
-            NUM_STAGES,
+            q, k_ptrs, v_ptrs, stride_kn, stride_vn, d_ok, lo, hi, qk_scale, BLOCK_N, NUM_STAGES,
         )
+        if APPEND:
+            b, h, n = off_b.to(tl.int64), off_h.to(tl.int64), last.to(tl.int64)
+            acc, l_i, m_i = _append_key(
+                acc, l_i, m_i, q.to(tl.float32), KN, VN, K, V, b * stride_knb + h * stride_knh,
+                b * stride_vnb + h * stride_vnh, b * stride_kb + h * stride_kh + n * stride_kn,
+                b * stride_vb + h * stride_vh + n * stride_vn, offs_d, d_ok, stride_knd,
+                stride_vnd, stride_kd, stride_vd, own, qk_scale,
+            )
         acc = acc[None, :]
         l_i = l_i + tl.zeros([1], dtype=tl.float32)
         m_i = m_i + tl.zeros([1], dtype=tl.float32)
@@ -316,9 +351,9 @@ def _chunk_tiles(programs: int, tiles: int, sms: int) -> int:
     gets one (batch-1 decode: 12 heads x 1024 keys -> 192 programs on 132 SMs); at most
     MAX_SPLITS chunks. Rounded down to whole tiles, so that at least the wanted count results.
     """
-    splits = min(triton.cdiv(_PROGRAMS_PER_SM * sms, programs), tiles // _MIN_CHUNK_TILES)
-    splits = max(splits, min(triton.cdiv(sms, programs), tiles), 1)
-    return max(tiles // min(splits, MAX_SPLITS), triton.cdiv(tiles, MAX_SPLITS))
+    splits = min(cdiv(_PROGRAMS_PER_SM * sms, programs), tiles // _MIN_CHUNK_TILES)
+    splits = max(splits, min(cdiv(sms, programs), tiles), 1)
+    return max(tiles // min(splits, MAX_SPLITS), cdiv(tiles, MAX_SPLITS))
 
 
 def _plan(
@@ -333,46 +368,58 @@ def _plan(
     never on the lengths' values, so a captured CUDA graph replays it for every length.
     """
     launch = _split_launch(q_len, block_d, dtype, device)
-    tiles = triton.cdiv(max_len, launch.block_n)
+    tiles = cdiv(max_len, launch.block_n)
     if num_splits is None and plan_capability(device) is not None:
-        programs = batch_heads * triton.cdiv(q_len, launch.block_m)
+        programs = batch_heads * cdiv(q_len, launch.block_m)
         chunk_tiles = _chunk_tiles(programs, tiles, _sm_count(device))
     else:
-        chunk_tiles = triton.cdiv(tiles, min(num_splits or _INTERPRETER_SPLITS, tiles))
+        chunk_tiles = cdiv(tiles, min(num_splits or _INTERPRETER_SPLITS, tiles))
     chunk = chunk_tiles * launch.block_n
-    return _Plan(launch, triton.cdiv(max_len, chunk), chunk)
+    return _Plan(launch, cdiv(max_len, chunk), chunk)
 
 
-def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits):
-    """Launch the kernels; lens: per-row lengths (int32, on q's device) or None for max_len."""
+_SPLIT, _MERGE = Kernel(_split_kernel), Kernel(_merge_kernel)
+
+
+@plan_cache
+def _launches(device, dtype, B, H, Tq, D, max_len, per_row, num_splits, append):
+    """(plan, split config, its grid, merge config or None) of one call's shapes."""
+    block_d = max(16, next_power_of_2(D))
+    plan = _plan(B * H, Tq, max_len, device, num_splits, block_d=block_d, dtype=dtype)
+    cfg, direct = plan.launch, plan.num_splits == 1
+    split = _SPLIT.config(PER_ROW=per_row, DIRECT=direct, APPEND=append, BLOCK_M=cfg.block_m,
+                          BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    merge = None if direct else _MERGE.config(BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d,
+                                              num_warps=_MERGE_LAUNCH.num_warps,
+                                              num_stages=_MERGE_LAUNCH.num_stages)
+    return plan, split, (B * H, plan.num_splits, cdiv(Tq, cfg.block_m)), merge
+
+
+def _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits, k_new=None, v_new=None):
+    """Launch the kernels; lens: per-row lengths (int32, on q's device) or None for max_len;
+    k_new, v_new: the last position's keys and values, to append (or None: cached already)."""
     B, H, Tq, D = q.shape
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     if o.numel() == 0:
         return o
-    block_d = max(16, triton.next_power_of_2(D))
-    plan = _plan(B * H, Tq, max_len, q.device, num_splits, block_d=block_d, dtype=q.dtype)
-    cfg, S = plan.launch, plan.num_splits
-    direct = S == 1
-    if direct:  # the partial buffers are not used: pass the output in their place
+    append = k_new is not None
+    plan, split, grid, merge = _launches(q.device, q.dtype, B, H, Tq, D, max_len,
+                                         lens is not None, num_splits, append)
+    S = plan.num_splits
+    if merge is None:  # one chunk: the partial buffers are not used, the output stands in
         acc = m = l = o
     else:
         acc = torch.empty((B * H * Tq, S, D), device=q.device, dtype=torch.float32)
         m = torch.empty((B * H * Tq, S), device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
-    grid = (B * H, S, triton.cdiv(Tq, cfg.block_m))
-    _split_kernel[grid](
-        q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        H, Tq, D, max_len, plan.chunk, S, scale * LOG2E,
-        PER_ROW=lens is not None, DIRECT=direct,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if not direct:
-        _merge_kernel[(B * H * Tq,)](
-            acc, m, l, o, D, S, BLOCK_S=_MERGE_BLOCK_S, BLOCK_D=block_d,
-            num_warps=_MERGE_LAUNCH.num_warps, num_stages=_MERGE_LAUNCH.num_stages,
-        )
+    kn, vn = (k_new, v_new) if append else (q, q)  # q stands in: APPEND off, never read
+    _SPLIT(split, grid, (q, k_cache, v_cache, o, acc, m, l, o if lens is None else lens, kn, vn),
+           (*q.stride(), *k_cache.stride(), *v_cache.stride(), kn.stride(0), kn.stride(1),
+            kn.stride(3), vn.stride(0), vn.stride(1), vn.stride(3), H, Tq, D, max_len, plan.chunk,
+            S, scale * LOG2E))
+    if merge is not None:
+        _MERGE(merge, (B * H * Tq,), (acc, m, l, o), (D, S))
     return o
 
 
@@ -385,11 +432,22 @@ def _decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits)
 
 
-def _decode_fake(q, k_cache, v_cache, lens, max_len, scale, num_splits):
+def _decode_fake(q, k_cache, v_cache, lens, max_len, scale, num_splits, *_):
     return q.new_empty(q.shape)
 
 
+def _append_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    lens: torch.Tensor | None, max_len: int, scale: float,
+                    num_splits: int | None, k_new: torch.Tensor, v_new: torch.Tensor
+                    ) -> torch.Tensor:
+    with on_device(q.device):
+        return _decode(q, k_cache, v_cache, lens, max_len, scale, num_splits, k_new, v_new)
+
+
 _decode_op = library_op("decode_attention", _decode_forward, _decode_fake)
+# The same with k_new/v_new: it writes them into the caches, which the op declares.
+_append_op = library_op("decode_attention_append", _append_forward, _decode_fake,
+                        mutates_args=("k_cache", "v_cache"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +493,22 @@ def _check_tensors(q, k_cache, v_cache) -> None:
         )
 
 
+def _check_new(q, k_cache, k_new, v_new) -> None:
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor (give k_new and v_new "
+                            f"together, or neither), got {type(t).__name__}")
+        if t.shape != q.shape or t.dtype != k_cache.dtype or t.device != q.device:
+            raise ValueError(f"{_OP}: {name} must have q's shape {tuple(q.shape)}, the caches' "
+                             f"dtype and q's device, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if q.shape[2] != 1:
+        raise ValueError(f"{_OP}: k_new/v_new append one position: q must have one query "
+                         f"(Tq == 1), got {q.shape[2]}")
+    if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
+        raise RuntimeError(f"{_OP} is inference-only (no backward): call it under "
+                           "torch.no_grad() or torch.inference_mode()")
+
+
 def _check_lengths(cache_len, q: torch.Tensor, t_max: int):
     """Validate cache_len; returns (per-row lengths on q's device or None, the longest length)."""
     B, _, Tq, _ = q.shape
@@ -451,7 +525,7 @@ def _check_lengths(cache_len, q: torch.Tensor, t_max: int):
             )
         if B == 0:
             return None, 0
-        if cache_len.device.type != "cpu":
+        if not host_readable(cache_len):
             # Reading the values would sync the host with the GPU (and break CUDA-graph capture):
             # trust them, and plan the key split over the whole cache.
             return cache_len.to(torch.int32), t_max
@@ -490,6 +564,8 @@ def decode_attention(
     cache_len: int | torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the last Tq cached positions over a KV cache (flash-decoding), inference only.
 
@@ -505,6 +581,11 @@ def decode_attention(
     attends keys j < cache_len[b] - Tq + i + 1; 1 <= Tq <= cache_len[b] <= T_max is required.
     ``scale`` defaults to 1/sqrt(head_dim). ``num_splits`` overrides the number of key chunks
     (for tests and tuning; chunks are whole key tiles, so fewer may be used).
+
+    ``k_new``, ``v_new`` (one query, Tq == 1): the keys and values of the last position,
+    (batch, heads, 1, head_dim), any strides; the kernel attends them directly and writes them
+    into the caches at position cache_len[b] - 1 (whose old contents it never reads): a decode
+    step's append and attention in one launch.
     """
     _check_tensors(q, k_cache, v_cache)
     if scale is None:
@@ -517,7 +598,10 @@ def decode_attention(
         raise ValueError(f"{_OP}: num_splits must be a positive int or None, got {num_splits!r}")
     num_splits = None if num_splits is None else int(num_splits)  # numpy integers too
     lens, max_len = _check_lengths(cache_len, q, k_cache.shape[2])
-    return _decode_op(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
+    if k_new is None and v_new is None:
+        return _decode_op(q, k_cache, v_cache, lens, max_len, float(scale), num_splits)
+    _check_new(q, k_cache, k_new, v_new)
+    return _append_op(q, k_cache, v_cache, lens, max_len, float(scale), num_splits, k_new, v_new)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,11 +638,13 @@ def _divisibility(fn, signature: dict, aligned_d: bool) -> dict:
 
 def _split_config(t: str, block_d: int, cfg: Launch, flags: bool) -> dict:
     part = "*" + t if flags else "*fp32"  # DIRECT passes the output here
-    pointers = {"Q": "*" + t, "K": "*" + t, "V": "*" + t, "O": "*" + t,
-                "Acc": part, "Max": part, "Sum": part, "Lens": "*i32" if flags else "*" + t}
-    unit = {f"stride_{x}d": 1 for x in "qkv"}  # contiguous head dims: Triton specialises 1
-    constexprs = dict(unit, PER_ROW=flags, DIRECT=flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_D=block_d, NUM_STAGES=cfg.num_stages)
+    pointers = {"Q": "*" + t, "K": "*" + t, "V": "*" + t, "O": "*" + t, "KN": "*" + t,
+                "VN": "*" + t, "Acc": part, "Max": part, "Sum": part,
+                "Lens": "*i32" if flags else "*" + t}
+    unit = {f"stride_{x}d": 1 for x in ("q", "k", "v", "kn", "vn")}  # Triton specialises 1
+    constexprs = dict(unit, PER_ROW=flags, DIRECT=flags, APPEND=flags and cfg.block_m == 1,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                      NUM_STAGES=cfg.num_stages)
     signature = _signature(_split_kernel, pointers, constexprs)
     return {
         "name": f"split-{t}-d{block_d}-m{cfg.block_m}n{cfg.block_n}-w{cfg.num_warps}"
@@ -574,9 +660,10 @@ def aot_configs():
 
     Split kernel: per dtype, head-dim bucket (BLOCK_D 16, 32, 64, 128) and query block (1 and
     16 rows), as a contiguous cache launches it (unit head-dim strides, 16-byte alignment). The
-    PER_ROW and DIRECT flags only switch a scalar load and the epilogue's stores (no shared
-    memory), so they are not multiplied in: they are both on for BLOCK_D 16 and 64 and both off
-    for 32 and 128, which compiles every code path with every dtype and query block. D is a
+    PER_ROW, DIRECT and APPEND flags only switch a scalar load, the epilogue's stores and one
+    row's loads and stores (no shared memory), so they are not multiplied in: they are all on for
+    BLOCK_D 16 and 64 (APPEND with one query only) and all off for 32 and 128, which compiles
+    every code path with every dtype and query block. D is a
     multiple of 16 (vectorised, unmasked head dims) except in the BLOCK_D=32 bucket, which
     compiles the masked head-dim path (e.g. D=24: element-wise loads, no cp.async). Pointer types follow the
     launcher: in DIRECT launches the unused partial-buffer pointers are the output, without
@@ -612,7 +699,8 @@ def report_cases(cc: int = 90):
     """GPT-2's decode step (one new query over 1024 cached keys, head dim 64), for the static
     report (gptfast/kernels/report.py): 124M (12 heads) and 1558M (25 heads), batch 1 and 8, fp32 and
     bf16, on a GPU of compute capability ``cc`` (its SM count). Per launch a label, its aot
-    config (specialised as the JIT specialises the model's call) and its grid size in
+    config (specialised as the JIT specialises the model's call: per-row lengths on the GPU,
+    the new key and value appended from the fused projection's output) and its grid size in
     programs, from ``_plan``."""
     from gptfast.kernels.testing import SM_COUNT, launch_config, sm_count_of
 
@@ -630,9 +718,10 @@ def report_cases(cc: int = 90):
                 label = f"{model} B{B} cache{T} {_TRITON_DTYPE[dtype]}"
                 part = t if S == 1 else "*fp32"  # DIRECT passes the output as the partial buffers
                 cache = (H * T * D, T * D, D, 1)
-                values = (t, t, t, t, part, part, part, t, H * D, D, H * D, 1, *cache, *cache,
-                          H, 1, D, T, plan.chunk, S, D ** -0.5 * LOG2E)
-                constexprs = dict(PER_ROW=False, DIRECT=S == 1, BLOCK_M=cfg.block_m,
+                new = (3 * H * D, D, 1)  # a (B, H, 1, D) view of the (B, 1, 3 H D) projection
+                values = (t, t, t, t, part, part, part, "*i32", t, t, 3 * H * D, D, 3 * H * D, 1,
+                          *cache, *cache, *new, *new, H, 1, D, T, plan.chunk, S, D ** -0.5 * LOG2E)
+                constexprs = dict(PER_ROW=True, DIRECT=S == 1, APPEND=True, BLOCK_M=cfg.block_m,
                                   BLOCK_N=cfg.block_n, BLOCK_D=block_d, NUM_STAGES=cfg.num_stages)
                 split = launch_config(f"_split_kernel {label}", _split_kernel,
                                       dict(zip(_split_kernel.arg_names, values)), constexprs,

@@ -189,6 +189,11 @@ def use(entries: dict[str, dict[str, dict]]):
         _generation += 1
 
 
+def overridden() -> bool:
+    """Whether ``use`` is in effect (then launch plans are not cached)."""
+    return _override is not None
+
+
 def reload() -> None:
     """Forget the loaded tables (after writing one)."""
     global _generation
