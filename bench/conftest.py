@@ -36,6 +36,13 @@ def pytest_addoption(parser):
         help="run only the quick cases: every op and provider at a few telling shapes",
     )
     group.addoption(
+        "--no-static-report",
+        action="store_true",
+        default=False,
+        help="without a GPU, leave the static kernel report out of the summary (it compiles "
+             "every kernel of the report: ~1 minute on 2 cores)",
+    )
+    group.addoption(
         "--results-dir",
         default=None,
         help="where to write the summary (default bench/results/<device-slug>/)",
@@ -149,7 +156,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.option.collectonly or not getattr(config, "_gptfast_bench_items", 0):
         return
     meta = _meta(config)
-    if not meta["gpu"]:
+    if not meta["gpu"] and not config.getoption("no_static_report"):
         meta["static_report"] = _static_report()
     paths = write_summary(_runner.RECORDS, meta, results_dir(config), _stem(config))
     tr = terminalreporter

@@ -443,7 +443,7 @@ def test_bench_results_dir_naming_a_file_is_a_usage_error(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="about CPU machines")
 def test_bench_interpreter_cases_skip_with_a_reason_under_triton_interpret_0(tmp_path):
-    proc = _pytest("bench/test_layer_norm.py", "-k", "interpreter", "-rs",
+    proc = _pytest("bench/test_layer_norm.py", "-k", "interpreter", "-rs", "--no-static-report",
                    "--results-dir", str(tmp_path), env={"TRITON_INTERPRET": "0"})
     out = proc.stdout
     assert proc.returncode == 0, out
