@@ -19,7 +19,7 @@ tiles, each recomputing the weights from the log-sum-exp. What differs from the 
 import triton
 import triton.language as tl
 
-from gptfast.kernels.attention import (
+from gptfast.kernels.attention_tiles import (
     _dropout_keep, _dropout_key, _dropout_threshold, _key_range, _mma, _single_key,
 )
 from gptfast.kernels.attention_sm90_fwd import _head, _load_rows, _store_rows

@@ -28,7 +28,7 @@ wgmma right after issuing it (``WARPGROUP.DEPBAR.LE gsb0, 0x0``).
 import triton
 import triton.language as tl
 
-from gptfast.kernels.attention import (
+from gptfast.kernels.attention_tiles import (
     _dropout_keep, _dropout_key, _dropout_threshold, _key_range, _mma, _wide,
 )
 
