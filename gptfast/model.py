@@ -46,7 +46,13 @@ _KERNELS = []  # the kernels package once imported
 
 def triton_ops():
     """The kernels package, imported on first use so the torch path never needs Triton (once:
-    an import statement costs microseconds per call, and a decode step makes dozens)."""
+    an import statement costs microseconds per call, and a decode step makes dozens). Traced by
+    torch.compile, the import itself: a branch on the cache would be a guard that fails once the
+    cache is filled, a recompile of the first graph."""
+    if torch.compiler.is_compiling():
+        from gptfast import kernels
+
+        return kernels
     if not _KERNELS:
         try:
             from gptfast import kernels
