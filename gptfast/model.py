@@ -446,8 +446,10 @@ class GPTModel(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         ignore_index, vocab = int(ignore_index), self.cfg["vocab_size"]
-        capturing = targets.is_cuda and torch.cuda.is_current_stream_capturing()
-        if check_values and targets.numel() and not torch.compiler.is_compiling() and not capturing:
+        # is_compiling first, so that dynamo never traces the capture query for CUDA targets (a
+        # host query returning a bool, not a graph op; traced on torch's CPU build, it raises)
+        if (check_values and targets.numel() and not torch.compiler.is_compiling()
+                and not (targets.is_cuda and torch.cuda.is_current_stream_capturing())):
             bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
             if bad.any():  # on CUDA one flag read back (a host sync)
                 raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "
