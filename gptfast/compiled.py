@@ -53,8 +53,9 @@ class TrainingLoss(nn.Module):
 
     def _refuse_accumulation(self) -> None:
         """Under CUDA graphs a backward's gradients live in the graphs' memory, which the next
-        replay overwrites: gradients kept from an earlier step would be wrong silently (PyTorch
-        issue 169545), so a call in grad mode with gradients already there is refused."""
+        replay overwrites: gradients kept from an earlier step are lost (PyTorch issue 169545:
+        an error on access; issue 96693 reports silently wrong accumulated gradients), so a call
+        in grad mode with gradients already there is refused."""
         if torch.is_grad_enabled() and any(p.grad is not None for p in self.model.parameters()):
             raise RuntimeError(
                 "compile_loss(mode with CUDA graphs): the parameters hold gradients from an "
@@ -86,9 +87,8 @@ def compile_loss(model: nn.Module, mode: str = "default", *, fullgraph: bool = T
         raise ValueError(f"mode must be one of {tuple(modes)}, got {mode!r}")
     if mode != "default" and backend != "inductor":
         raise ValueError(f"mode={mode!r} is an Inductor mode; backend {backend!r} takes mode='default'")
-    for name, value in (("fullgraph", fullgraph), ("check_targets", check_targets)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if not isinstance(fullgraph, bool):
+        raise TypeError(f"fullgraph must be True or False, got {fullgraph!r}")
     if dynamic is not None and not isinstance(dynamic, bool):
         raise TypeError(f"dynamic must be None, True or False, got {dynamic!r}")
     loss = TrainingLoss(model, check_targets, cuda_graphs=modes[mode].get("triton.cudagraphs", False))
