@@ -36,7 +36,7 @@ def liger_layer_norm():
     return LigerLayerNormFunction
 
 
-def _compile_settings() -> None:
+def compile_settings() -> None:
     """Room in dynamo's cache for every case of a run (it recompiles per shape, dtype and grad
     mode), and no donated buffers: the backward-only cases call backward repeatedly through one
     graph (retain_graph=True), which donated buffers forbid."""
@@ -51,7 +51,7 @@ def _compile_settings() -> None:
 @functools.cache
 def compiled(fn):
     """torch.compile of an eager op, specialised to each shape (one compile per case)."""
-    _compile_settings()
+    compile_settings()
     return torch.compile(fn, dynamic=False)
 
 
@@ -96,7 +96,7 @@ def compile_blocks(model):
     """torch.compile each transformer block in place (regional compilation): the blocks share
     one compiled graph, so compile time is one block's, not the model's. Embeddings, final norm
     and head stay eager."""
-    _compile_settings()
+    compile_settings()
     for block in model.trf_blocks:
         block.compile(dynamic=False)
     return model

@@ -10,7 +10,9 @@ GPU case (``run_gpu_case``):
   5. a record (bench/_report.py) in ``RECORDS`` and in ``benchmark.extra_info``.
 Throughput, % of the device limit and speedup over eager use the CUDA-event time. A case of
 our own kernels whose agreement breaks the 2x rule fails (after it is recorded); third-party
-providers are recorded with ``agrees: False`` and flagged in the summary instead.
+providers are recorded with ``agrees: False`` and flagged in the summary instead. A check may
+return ``{"ok": None}`` alone where no elementwise agreement can be measured (the model's
+dropout cases, which fail in their check instead): recorded with ``agrees: None``.
 
 Interpreter case (``run_interpreter_case``, CPU without CUDA): one call timed once, agreement
 recorded and asserted the same way.
@@ -196,7 +198,7 @@ def _record(case, metric=None, amount=None, **fields) -> dict:
 def _finish(benchmark, case, record, agreed):
     benchmark.extra_info.update(record)
     RECORDS.append(record)
-    if case.ours and not agreed["ok"]:
+    if case.ours and agreed["ok"] is False:
         pytest.fail(
             f"{case}: {agreed['worst']} max error {agreed['err']:.3e} exceeds 2 x eager error "
             f"{agreed['eager_err']:.3e} + slack = {agreed['bound']:.3e} (or is not finite)"
@@ -236,8 +238,8 @@ def run_gpu_case(benchmark, case, *, timed, check, metric, amount):
         pct_limit=100 * value / limit if limit else None,
         speedup=EAGER_MS[case.key] / ms,
         agrees=agreed["ok"],
-        **{k: agreed[k] for k in ("err", "eager_err", "bound", "vs_eager", "worst")},
-        outputs=agreed["outputs"],
+        **{k: agreed.get(k) for k in ("err", "eager_err", "bound", "vs_eager", "worst")},
+        outputs=agreed.get("outputs"),
     )
     _finish(benchmark, case, record, agreed)
 
@@ -254,7 +256,7 @@ def run_interpreter_case(benchmark, case, *, run, check):
         ms=None,
         ms_wall=stats.stats.median * 1e3 if stats else None,
         agrees=agreed["ok"],
-        **{k: agreed[k] for k in ("err", "eager_err", "bound", "vs_eager", "worst")},
-        outputs=agreed["outputs"],
+        **{k: agreed.get(k) for k in ("err", "eager_err", "bound", "vs_eager", "worst")},
+        outputs=agreed.get("outputs"),
     )
     _finish(benchmark, case, record, agreed)

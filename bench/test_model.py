@@ -1,7 +1,8 @@
 """The whole GPT model in bf16 autocast: a prefill forward (no grad) and a training step.
 
-GPT-2 124M and 355M (``gptfast.get_config``, dropout 0), batches of 8 x 1024 and 2 x 512 tokens.
-A training step is forward, cross-entropy (on fp32 logits), backward, AdamW step
+GPT-2 124M and 355M (``gptfast.get_config``, dropout 0), batches of 8 x 1024 and 2 x 512 tokens;
+the training step also with dropout 0.1 (the chapter's rate; shape "... dropout 0.1"). A
+training step is forward, cross-entropy (on fp32 logits), backward, AdamW step
 (``fused=True``) and ``zero_grad(set_to_none=True)``. Providers, side by side on the same
 weights:
 
@@ -14,6 +15,9 @@ weights:
   triton-compile  the triton model with every transformer block torch.compile'd as for
            ``compile`` (the kernels are ``gptfast::`` custom ops: one graph per block, no
            breaks; Inductor fuses the matmul epilogues, GELU and the other elementwise work)
+  triton-recipe  ``GPTModel.compile_loss()``, the fastest recipe in one call: the triton model's
+           whole loss (fused head included) one torch.compile graph with its backward, Inductor,
+           mode "default" (training step only; under the CPU interpreter: backend "aot_eager")
   compile  the chapter's architecture with ``F.scaled_dot_product_attention(is_causal=True)``
            as each attention's math, every transformer block torch.compile'd (regional
            compilation: one compiled block serves all layers, so the compile costs one block's
@@ -45,7 +49,10 @@ Agreement: each provider runs the timed batch (no extra compile for another shap
 on the first two sequences, the loss over them (the other sequences do not enter it, so the
 gradients are those of the two) and every parameter's gradient (HF's mapped to the chapter's
 names) are compared with the chapter model in float64 on those sequences, next to eager bf16
-(2x rule). Only our provider fails a case on disagreement; others are flagged.
+(2x rule). Only our provider fails a case on disagreement; others are flagged. A dropout case
+has no elementwise reference (each provider draws its own masks; its dropout-0 case checks its
+numbers): it fails unless its step runs dropout (two losses of the same batch differ) with a
+finite loss and gradients, and its "agrees" column is "-".
 """
 
 from contextlib import nullcontext
@@ -57,6 +64,7 @@ import torch.nn.functional as F
 from bench._metrics import model_flops_per_token, peak_memory
 from bench._providers import (
     compile_blocks,
+    compile_settings,
     hf_gpt2,
     optional,
     require_model_kernels,
@@ -77,12 +85,14 @@ pytestmark = BENCH_MARK
 OP = "model"
 SIZES = ("124M", "355M")
 BATCHES = ((8, 1024), (2, 512))  # (B, T)
-PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "compile", "hf-eager",
-             "hf-sdpa", "hf-gptfast")  # the baseline first
-FUSED_LOSS = ("triton-loss",)  # providers whose training loss is GPTModel.loss
+PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "triton-recipe", "compile",
+             "hf-eager", "hf-sdpa", "hf-gptfast")  # the baseline first
+TRAIN_ONLY = ("triton-loss", "triton-recipe")  # their forward is triton's
+DROPOUT = 0.1  # the chapter's rate, for the training step's second case
+QUICK_DROPOUT = ("torch", "triton-recipe", "compile")  # the baseline, ours vs issue 23's target
 PADDED = "model_padded"
 PADDED_PROVIDERS = ("hf-sdpa", "hf-gptfast")  # the baseline (bench._runner.BASELINE) first
-OURS = ("triton", "triton-loss", "triton-compile", "hf-gptfast")
+OURS = ("triton", "triton-loss", "triton-compile", "triton-recipe", "hf-gptfast")
 MODES = ("fwd", "train")
 CHECKED = 2  # sequences compared with float64
 EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
@@ -95,8 +105,11 @@ def gpu_cases(quick: bool) -> list[Case]:
         params = {"config": size, "B": B, "T": T}
         for mode in MODES:
             cases += [Case(OP, p, f"{size} B{B} T{T}", params, "bf16", mode, ours=p in OURS)
-                      for p in PROVIDERS
-                      if not (p in FUSED_LOSS and mode == "fwd")]  # the same forward as triton's
+                      for p in PROVIDERS if not (p in TRAIN_ONLY and mode == "fwd")]
+            if mode == "train":
+                cases += [Case(OP, p, f"{size} B{B} T{T} dropout {DROPOUT}",
+                               {**params, "dropout": DROPOUT}, "bf16", mode, ours=p in OURS)
+                          for p in PROVIDERS if not quick or p in QUICK_DROPOUT]
             cases += [Case(PADDED, p, f"{size} B{B} T{T} padded", params, "bf16", mode,
                            ours=p in OURS) for p in PADDED_PROVIDERS]
     return cases
@@ -113,9 +126,9 @@ def right_padding(lengths, T, device) -> torch.Tensor:
     return (pos < torch.tensor(lengths, device=device)[:, None]).long()
 
 
-def config(name: str) -> dict:
+def config(name: str, dropout: float = 0.0) -> dict:
     get_config = optional("gptfast", "get_config", "gptfast is not available yet")
-    return {**get_config(name), "drop_rate": 0.0}
+    return {**get_config(name), "drop_rate": dropout}
 
 
 def chapter_model(cfg, device):
@@ -128,10 +141,14 @@ def chapter_model(cfg, device):
 
 def build(provider: str, cfg, device):
     model = chapter_model(cfg, device)
-    if provider in ("triton", "triton-loss", "triton-compile"):
+    if provider in ("triton", "triton-loss", "triton-compile", "triton-recipe"):
         require_model_kernels()
         model.use_kernels("triton")
-        model.fused_loss = provider == "triton-loss"  # read by values() and step_fn()
+        model.fused_loss = provider == "triton-loss"  # read by values() and training_loss()
+        if provider == "triton-recipe":  # in __dict__, not a submodule: the loss holds the model
+            compile_settings()  # room for every case's graph, as for the other compiled providers
+            backend = "inductor" if model.tok_emb.weight.is_cuda else "aot_eager"
+            model.__dict__["recipe"] = model.compile_loss(backend=backend)
         return compile_blocks(model) if provider == "triton-compile" else model
     if provider == "compile":
         return compile_blocks(use_sdpa(model))
@@ -171,17 +188,24 @@ def values(model, idx, targets, mode, amp, lengths=None):
     """Logits of the first CHECKED rows (their real tokens, given ``lengths``) and, for
     ``train``, their loss and every parameter's gradient (one flat vector, parameters in name
     order, named as the chapter model's). A ``triton-loss`` model (``model.fused_loss``) takes
-    its loss from ``model.loss`` over those rows (the logits then carry no graph)."""
+    its loss from ``model.loss`` over those rows (the logits then carry no graph); a
+    ``triton-recipe`` model from its compiled loss over the whole batch, the other rows' targets
+    ignored (the timed shape: no second compile)."""
     ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     if mode == "fwd":
         with torch.no_grad(), ctx:
             return {"logits": checked_logits(model, idx, lengths)[0]}
     named = dict(model.named_parameters())
-    if getattr(model, "fused_loss", False):
+    recipe = model.__dict__.get("recipe")
+    if recipe is not None or getattr(model, "fused_loss", False):
         with torch.no_grad(), ctx:
             logits = model(idx)[:CHECKED].flatten(0, 1)
         with ctx:
-            loss = model.loss(idx[:CHECKED], targets[:CHECKED])
+            if recipe is not None:
+                loss = recipe(idx, torch.cat([targets[:CHECKED],
+                                              torch.full_like(targets[CHECKED:], -100)]))
+            else:
+                loss = model.loss(idx[:CHECKED], targets[:CHECKED])
     else:
         with ctx:
             logits, positions = checked_logits(model, idx, lengths)
@@ -204,10 +228,39 @@ def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, length
     return compare(vals, eager, ref, dtype)
 
 
+def training_loss(model, idx, targets, amp, mask=None):
+    """The loss a training step backpropagates: a ``triton-recipe`` model's compiled loss, a
+    ``triton-loss`` model's ``model.loss``, else cross-entropy of the fp32 logits (``mask``: a
+    padded batch's attention mask, Hugging Face providers). The model runs under ``amp``."""
+    with amp:
+        recipe = model.__dict__.get("recipe")
+        if recipe is not None:
+            return recipe(idx, targets)
+        if getattr(model, "fused_loss", False):
+            return model.loss(idx, targets)
+        logits = model(idx) if mask is None else model(idx, mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def check_dropout(model, idx, targets, amp=True):
+    """A dropout case's check (see the module docstring): two losses of the batch from the
+    training step's graph differ, and the first and its gradients are finite. Returns
+    ``compare``'s ``ok`` as None: no elementwise agreement was measured."""
+    ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    loss = training_loss(model, idx, targets, ctx)
+    again = training_loss(model, idx, targets, ctx).detach()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+    if not finite or torch.equal(loss.detach(), again):
+        pytest.fail(f"dropout case: loss {loss.item()} then {again.item()} on the same batch "
+                    f"({'equal: no dropout ran' if finite else 'not finite'})")
+    return {"ok": None}
+
+
 def step_fn(model, idx, targets, mode, mask=None):
     """The callable a case times: an inference forward, or a whole training step (its loss from
-    ``model.loss`` for a ``triton-loss`` model). ``mask``: a
-    padded batch's attention mask (Hugging Face providers), whose padding the loss skips."""
+    ``training_loss``). ``mask``: a padded batch's attention mask (Hugging Face providers),
+    whose padding the loss skips."""
     amp = torch.autocast(idx.device.type, dtype=torch.bfloat16)
     args = () if mask is None else (mask,)
     if mask is not None:
@@ -222,14 +275,7 @@ def step_fn(model, idx, targets, mode, mask=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=idx.is_cuda)
 
     def train_step():
-        with amp:
-            if getattr(model, "fused_loss", False):
-                loss = model.loss(idx, targets)
-            else:
-                logits = model(idx, *args)
-        if not getattr(model, "fused_loss", False):
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
+        training_loss(model, idx, targets, amp, mask).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -249,7 +295,7 @@ def annotate(benchmark, record, tokens, peak_bytes):
 
 def test_model(benchmark, case, device_limits, device):
     p = case.params
-    cfg, B, T = config(p["config"]), p["B"], p["T"]
+    cfg, B, T = config(p["config"], p.get("dropout", 0.0)), p["B"], p["T"]
     model = build(case.provider, cfg, device)
     g = torch.Generator(device=device).manual_seed(0)
     idx, targets = (
@@ -275,7 +321,8 @@ def test_model(benchmark, case, device_limits, device):
             benchmark,
             case,
             timed=timed,
-            check=lambda: check(model, cfg, idx, targets, case.mode, lengths=lengths),
+            check=(lambda: check_dropout(model, idx, targets)) if p.get("dropout") else
+            (lambda: check(model, cfg, idx, targets, case.mode, lengths=lengths)),
             metric="TFLOP/s",
             amount=flops,
         )
@@ -314,10 +361,12 @@ def test_model_padded_interpreter(benchmark):
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("provider", ["triton", "triton-loss"])
+@pytest.mark.parametrize("provider", ["triton", "triton-loss", "triton-recipe"])
 def test_model_interpreter(benchmark, provider):
     """A tiny GPT (2 layers, head dim 16, odd length) in fp32, training-step gradients of the
-    first two of three sequences, under the Triton interpreter on CPU."""
+    first two of three sequences, under the Triton interpreter on CPU (triton-recipe compiled
+    with AOTAutograd alone: Inductor's CPU compile would take longer than the rest of the file;
+    tests/test_compile_loss.py runs the recipe through Inductor)."""
     tiny = {**config("124M"), **TINY}
     model = build(provider, tiny, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -334,3 +383,19 @@ def test_model_interpreter(benchmark, provider):
             torch.float32,
         ),
     )
+
+
+@INTERPRETER_ONLY
+def test_model_dropout_interpreter(benchmark):
+    """The dropout case's check on a tiny GPT with dropout 0.1, fp32, under the Triton
+    interpreter on CPU (triton: eager; tests/test_compile_loss.py compiles the recipe with
+    dropout)."""
+    provider, tiny = "triton", {**config("124M", DROPOUT), **TINY}
+    model = build(provider, tiny, "cpu")
+    g = torch.Generator().manual_seed(0)
+    idx, targets = (torch.randint(0, 97, (2, 9), generator=g) for _ in range(2))
+    case = Case(OP, provider, f"tiny B2 T9 dropout {DROPOUT}",
+                {"B": 2, "T": 9, "config": "tiny", "dropout": DROPOUT}, "fp32", "train",
+                ours=True)
+    run_interpreter_case(benchmark, case, run=lambda: check_dropout(model, idx, targets, amp=False),
+                         check=lambda checked: checked)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptfast.compiled import TrainingLoss, compile_loss
 from gptfast.config import check_config
 from gptfast.kv_cache import CacheSlot, CacheStep, KVCache, ModelCache, causal_mask
 
@@ -46,7 +47,13 @@ _KERNELS = []  # the kernels package once imported
 
 def triton_ops():
     """The kernels package, imported on first use so the torch path never needs Triton (once:
-    an import statement costs microseconds per call, and a decode step makes dozens)."""
+    an import statement costs microseconds per call, and a decode step makes dozens). Traced by
+    torch.compile, the import itself: a branch on the cache would be a guard that fails once the
+    cache is filled, a recompile of the first graph."""
+    if torch.compiler.is_compiling():
+        from gptfast import kernels
+
+        return kernels
     if not _KERNELS:
         try:
             from gptfast import kernels
@@ -399,11 +406,6 @@ class GPTModel(nn.Module):
         which ``TokenData`` checks on the host batch by batch); a bad target then gives a NaN
         loss (Triton kernels) or torch's device assert (kernels="torch").
         """
-        ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
-        if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):
-            what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be a tensor shaped like the token ids {ids_shape}, "
-                             f"got {what}")
         ignore_index = self._check_targets(in_idx, targets, ignore_index, check_targets)
         x = self.hidden_states(in_idx)
         if use_triton(self.kernels, x):  # targets checked above: no second read in the op
@@ -415,11 +417,26 @@ class GPTModel(nn.Module):
             logits = self.out_head(x)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
+    def compile_loss(self, mode="default", *, fullgraph=True, dynamic=None, backend="inductor",
+                     check_targets=False) -> TrainingLoss:
+        """The fastest training step in one call: ``loss`` with the fused head, compiled as one
+        graph with its backward (``mode="reduce-overhead"``: CUDA graphs on CUDA), returned as a
+        module ``step`` (DDP can wrap it); ``loss = step(ids, targets)``, then ``loss.backward()``.
+        The model is unchanged (its forward, ``loss`` and generation stay eager). Targets are not
+        read back unless ``check_targets``. See ``gptfast.compiled.compile_loss``."""
+        return compile_loss(self, mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
+                            check_targets=check_targets)
+
     def _check_targets(self, in_idx, targets, ignore_index, check_values=True) -> int:
         """The targets checked here for both paths, as the fused loss (kernels="triton") checks
         them and in its words, so that both refuse the same input with one message; returns
         ignore_index as an int (numpy integers too). The values are read unless
         ``check_values`` is False, under torch.compile or while a CUDA graph is captured."""
+        ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
+        if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):
+            what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor shaped like the token ids {ids_shape}, "
+                             f"got {what}")
         if not isinstance(check_values, bool):
             raise TypeError(f"check_targets must be True or False, got {check_values!r}")
         if targets.dtype not in (torch.int64, torch.int32):
@@ -429,8 +446,10 @@ class GPTModel(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         ignore_index, vocab = int(ignore_index), self.cfg["vocab_size"]
-        capturing = targets.is_cuda and torch.cuda.is_current_stream_capturing()
-        if check_values and targets.numel() and not torch.compiler.is_compiling() and not capturing:
+        # is_compiling first, so that dynamo never traces the capture query for CUDA targets (a
+        # host query returning a bool, not a graph op; traced on torch's CPU build, it raises)
+        if (check_values and targets.numel() and not torch.compiler.is_compiling()
+                and not (targets.is_cuda and torch.cuda.is_current_stream_capturing())):
             bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
             if bad.any():  # on CUDA one flag read back (a host sync)
                 raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "

@@ -48,7 +48,7 @@ class TrainOptions:
     grad_clip: float = _opt(1.0, "maximum global gradient norm; 0: no clipping")
     dtype: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
     kernels: str = _opt("auto", "LayerNorm/attention kernels (auto: triton on CUDA)")
-    compile: bool = _opt(False, "torch.compile the training step")
+    compile: bool = _opt(False, "torch.compile the training loss as one graph (GPTModel.compile_loss)")
     fsdp: bool = _opt(False, "shard with FSDP2 instead of DDP (under torchrun)")
     seed: int = _opt(123, "seed of the initial weights, dropout and data order")
     max_steps: int | None = _opt(None, "optimizer steps (this or --max-tokens is required)")

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from gptfast.compiled import TrainingLoss
 from gptfast.config import check_config, get_config
 from gptfast.dataset import TokenData
 from gptfast.generation import generate
@@ -284,19 +285,6 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-class LossModule(torch.nn.Module):
-    """``model.loss`` as a forward, so DDP's hooks (and torch.compile) see the training step."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y):
-        # TokenData checks each batch's ids on the host and Run the vocabulary (check_vocab):
-        # the loss needs no device read of its targets (a host sync per step on CUDA).
-        return self.model.loss(x, y, check_targets=False)
-
-
 def flops_per_token(model: GPTModel, seq_len: int) -> float:
     """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12·L·d·T."""
     cfg = model.cfg
@@ -366,9 +354,11 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, opts, self.total_steps))
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=opts.dtype == "fp16")
-        step_module = LossModule(model)
-        if opts.compile:
-            step_module = torch.compile(step_module)
+        # The loss reads no target back (a host sync per step on CUDA): TokenData checks each
+        # batch's ids on the host, and check_vocab above the vocabulary. --compile: the recipe
+        # (one graph; FSDP's hooks break graphs, so not fullgraph there).
+        step_module = (model.compile_loss(fullgraph=not opts.fsdp) if opts.compile
+                       else TrainingLoss(model))
         if d.on and not opts.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 

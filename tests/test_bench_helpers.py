@@ -192,6 +192,11 @@ def test_quick_mode_covers_every_provider_of_every_op():
     models = {(c.params["config"], c.params["B"], c.params["T"], c.mode)
               for c in test_model.gpu_cases(True)}
     assert models == {("124M", 8, 1024, "fwd"), ("124M", 8, 1024, "train")}
+    dropout = {c.provider for c in test_model.gpu_cases(True) if c.params.get("dropout")}
+    assert dropout == set(test_model.QUICK_DROPOUT)  # issue 23's second case: the target's pair
+    full = [c for c in test_model.gpu_cases(False) if c.params.get("dropout")]
+    assert {c.provider for c in full} == set(test_model.PROVIDERS)
+    assert {c.mode for c in full} == {"train"} and {c.params["dropout"] for c in full} == {0.1}
     generations = {(c.params["config"], c.params["B"], c.params["new"])
                    for c in test_generation.gpu_cases(True)}
     assert generations == {("124M", 1, 256), ("124M", 8, 256)}
@@ -294,6 +299,16 @@ def test_sdpa_attention_computes_the_chapter_attention():
     got = values(sdpa, idx, targets, "train", amp=False)
     for name in ours:
         torch.testing.assert_close(got[name], ours[name], rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_check_fails_a_step_without_dropout():
+    from bench.test_model import chapter_model, check_dropout
+
+    idx, targets = _ids()
+    assert check_dropout(chapter_model(_tiny_cfg(drop_rate=0.1), "cpu"), idx, targets,
+                         amp=False) == {"ok": None}
+    with pytest.raises(pytest.fail.Exception, match="equal: no dropout ran"):
+        check_dropout(chapter_model(_tiny_cfg(), "cpu"), idx, targets, amp=False)
 
 
 def test_values_of_the_whole_batch_are_those_of_the_checked_rows():

@@ -165,6 +165,24 @@ def test_triton_kernels_train_a_step(data_dir, tmp_path):
     assert result["step"] == 1 and 9.0 < result["loss"] < 12.0
 
 
+def test_compiled_loss_follows_the_eager_run(data_dir, tmp_path):
+    """--compile trains through GPTModel.compile_loss (one Inductor graph, with accumulation):
+    the same losses as the eager run, to rounding."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        counters.clear()
+        train(**options(data_dir, out, compile=compiled, max_steps=3, grad_accum=2, sample_every=0))
+        runs[compiled] = losses(out)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert [s for s, _, _ in runs[True]] == [1, 2, 3]
+    for (_, loss, val), (_, ref_loss, ref_val) in zip(runs[True], runs[False], strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert (val is None) == (ref_val is None) and (val is None or val == pytest.approx(ref_val))
+
+
 # ---------------------------------------------------------------- export
 
 def test_exported_safetensors_loads_and_generates_through_the_cli(trained, capsys):
