@@ -1,4 +1,5 @@
-"""Hugging Face transformers integration: ``attn_implementation="gptfast"`` and ``apply(model)``.
+"""Hugging Face transformers integration: ``attn_implementation="gptfast"``, ``apply(model)``
+and the fused training loss ``causal_lm_loss(model, input_ids, labels)``.
 
 Importing this module (transformers is imported here, never by ``gptfast`` itself) registers
 ``"gptfast"`` twice with transformers, as its functional attention API asks:
@@ -11,7 +12,14 @@ Importing this module (transformers is imported here, never by ``gptfast`` itsel
 
 So ``GPT2LMHeadModel.from_pretrained(path, attn_implementation="gptfast")``,
 ``model.set_attn_implementation("gptfast")`` and ``apply(model)`` (attention + every
-``nn.LayerNorm`` through ``gptfast.kernels.swap_layer_norms``) all run our kernels.
+``nn.LayerNorm`` through ``gptfast.kernels.swap_layer_norms`` + the loss) all run our kernels.
+
+Loss. A causal LM's logits (tokens x vocab: 0.8 GB in bf16 at 8 x 1024 tokens of GPT-2) exist
+in training only to be reduced to the loss. ``causal_lm_loss`` computes transformers' causal-LM
+loss (labels shifted inside, -100 ignored, ``num_items_in_batch``, ``shift_labels``) from the
+base model's last hidden state with ``gptfast.kernels.linear_cross_entropy``, never making
+them; ``apply`` makes the model's own forward do so in training mode with labels (the
+Trainer's ``model(**batch).loss``), returning ``logits=None`` there as Liger-Kernel does.
 
 Masks. transformers hands the mask function the tokenizer's (batch, kv_len) padding mask and
 the kind of mask the model wants (causal or bidirectional), with the query offset of a KV cache.
@@ -30,10 +38,15 @@ sync per forward (not per layer; transformers' own SDPA mask does a similar one 
 all-ones masks). A forward without a padding mask does none.
 """
 
+import dataclasses
+import functools
+import inspect
+import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptfast import kernels
@@ -71,7 +84,13 @@ _import_transformers()
 from transformers import masking_utils  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers.modeling_outputs import (  # noqa: E402
+    CausalLMOutputWithCrossAttentions,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+from transformers.utils.generic import ModelOutput  # noqa: E402
 
 
 class FallbackWarning(UserWarning):
@@ -269,6 +288,148 @@ register()
 
 
 # --------------------------------------------------------------------------------------------
+# The training loss of causal LMs, fused with the output head
+# --------------------------------------------------------------------------------------------
+
+# model_type -> causal-LM classes whose forward is exactly: base model, logits = lm_head(last
+# hidden state), transformers' ForCausalLMLoss, nothing after it (checked in their sources and
+# tested, tests/test_hf_loss.py). Others scale or soft-cap the logits (Gemma 2/3, Cohere,
+# Granite) or add auxiliary losses (mixture-of-experts), which the fused op would silently drop.
+LOSS_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+_LOSS_KWARGS = ("shift_labels", "num_items_in_batch", "ignore_index")  # ForCausalLMLoss's
+
+
+def _loss_support(model: nn.Module) -> str | None:
+    """Why ``model``'s training loss cannot be fused, or None."""
+    name = type(model).__name__
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    supported = {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in LOSS_MODEL_TYPES}
+    if name not in supported or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) != name:
+        return (f"{name} (model_type {model_type!r}) is not one of the causal LMs whose loss "
+                f"gptfast fuses ({', '.join(sorted(supported))}): their logits are exactly the "
+                "output head of the last hidden state, with transformers' causal-LM loss")
+    if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (
+            None, "ForCausalLM"):
+        return f"{name} has a loss_function of its own (not transformers' ForCausalLMLoss)"
+    return _head_support(model)
+
+
+def _head_support(model: PreTrainedModel) -> str | None:
+    """Why the output head cannot go into the fused op (checked on every call: an adapter
+    wrapping the head after ``apply`` must not be bypassed), or None."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return (f"the output head of {type(model).__name__} is "
+                f"{type(head).__name__ if head is not None else 'missing'}, not a plain "
+                "torch.nn.Linear (an adapter or a quantised head would be bypassed)")
+    return None
+
+
+def _require(reason: str | None, what: str) -> None:
+    if reason is not None:
+        raise ValueError(f"gptfast.hf.{what}: {reason}; keep transformers' loss "
+                         "(gptfast.hf.apply(model, loss=False))")
+
+
+def _fused_loss(model, hidden: Tensor, labels: Tensor | None, shift_labels: Tensor | None = None,
+                num_items_in_batch=None, ignore_index: int = -100) -> Tensor:
+    """transformers' ForCausalLMLoss of ``lm_head(hidden)`` by ``kernels.linear_cross_entropy``:
+    labels shifted left (the last position ignored) unless ``shift_labels`` are given, the mean
+    over non-ignored tokens, or their sum over ``num_items_in_batch``."""
+    _require(_head_support(model), "causal_lm_loss")
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("gptfast.hf.causal_lm_loss: give labels (shifted inside, as "
+                             "transformers does) or shift_labels (used as they are)")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+        given = "shift_labels" if labels is None else "labels"
+        raise ValueError(f"gptfast.hf.causal_lm_loss: {given} must have the inputs' shape "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
+    head = model.get_output_embeddings()
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = kernels.linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device),
+                                        head.bias, ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def causal_lm_loss(model: nn.Module, input_ids: Tensor | None = None,
+                   labels: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                   shift_labels: Tensor | None = None, num_items_in_batch=None,
+                   ignore_index: int = -100, **kwargs) -> Tensor:
+    """The loss ``model(input_ids, attention_mask=..., labels=labels).loss`` of a causal LM
+    (``LOSS_MODEL_TYPES``), with the output head and cross-entropy fused
+    (``gptfast.kernels.linear_cross_entropy``): no (tokens x vocab) logits, in any mode.
+
+    As transformers: ``labels`` (batch, length) are shifted inside (position t is scored
+    against labels[t + 1], the last position against nothing), -100 (``ignore_index``) is
+    ignored; ``shift_labels`` are used as given; ``num_items_in_batch`` (the Trainer's, for
+    gradient accumulation) makes it the sum over that count instead of the mean. ``kwargs`` go
+    to the base model (``position_ids``, ``inputs_embeds``, ...). An fp32 scalar.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"gptfast.hf.causal_lm_loss: expected a transformers PreTrainedModel, "
+                        f"got {type(model).__name__}")
+    _require(_loss_support(model), "causal_lm_loss")
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                           **kwargs)
+    return _fused_loss(model, out.last_hidden_state, labels, shift_labels, num_items_in_batch,
+                       ignore_index)
+
+
+def _output(annotation, base_out: ModelOutput, loss: Tensor) -> ModelOutput:
+    """The model's causal-LM output (its forward's annotated class) with the fused loss, no
+    logits, and the base model's other fields (cache, hidden states, attentions)."""
+    cls = annotation if isinstance(annotation, type) and issubclass(annotation, ModelOutput) \
+        else None
+    if cls is None or "logits" not in {f.name for f in dataclasses.fields(cls)}:
+        cls = (CausalLMOutputWithCrossAttentions if "cross_attentions" in
+               {f.name for f in dataclasses.fields(base_out)} else CausalLMOutputWithPast)
+    names = {f.name for f in dataclasses.fields(cls)}
+    rest = {k: v for k, v in base_out.items() if k in names and k not in ("loss", "logits")}
+    return cls(loss=loss, logits=None, **rest)
+
+
+@functools.cache
+def _fused_forward(cls: type):
+    """``cls.forward`` that, in training mode with ``labels`` (what the Trainer passes), runs
+    the base model and ``_fused_loss`` and returns logits=None; otherwise ``cls.forward``
+    itself. Same signature (``inspect.signature`` sees the original: the Trainer reads it)."""
+    original = cls.forward
+    signature = inspect.signature(original)
+    var_kw = next((p.name for p in signature.parameters.values()
+                   if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))  # self
+        arguments.update(arguments.pop(var_kw, {}))
+        labels, keep = arguments.pop("labels", None), arguments.pop("logits_to_keep", 0)
+        if labels is None or not self.training or not (isinstance(keep, int) and keep == 0):
+            return original(self, *args, **kwargs)  # transformers' own forward and loss
+        return_dict = arguments.pop("return_dict", None)
+        loss_kwargs = {k: arguments.pop(k) for k in _LOSS_KWARGS if k in arguments}
+        out = self.base_model(**arguments, return_dict=True)
+        loss = _fused_loss(self, out.last_hidden_state, labels, **loss_kwargs)
+        result = _output(signature.return_annotation, out, loss)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return result if return_dict else result.to_tuple()
+
+    forward._gptfast_loss = True
+    return forward
+
+
+def _fuses_loss(model: nn.Module) -> bool:
+    return getattr(model.__dict__.get("forward"), "_gptfast_loss", False)
+
+
+# --------------------------------------------------------------------------------------------
 # Patching a loaded model
 # --------------------------------------------------------------------------------------------
 
@@ -280,23 +441,36 @@ class Report:
     attn_implementation: tuple[str, str]  # (before, after)
     attention_modules: list[str]  # the attention layers now dispatching to our kernel
     layer_norms: list[str]  # the nn.LayerNorm modules now kernels.LayerNorm
+    fused_loss: bool = False  # model(..., labels=...) in training: the fused loss, no logits
+    loss_reason: str | None = None  # why not, when the model's loss cannot be fused
 
     def __str__(self) -> str:
         before, after = self.attn_implementation
+        loss = "fused" if self.fused_loss else f"transformers' ({self.loss_reason or 'loss=False'})"
         return (f"attention: {before} -> {after} in {len(self.attention_modules)} modules; "
-                f"LayerNorm: {len(self.layer_norms)} modules swapped")
+                f"LayerNorm: {len(self.layer_norms)} modules swapped; loss: {loss}")
 
 
-def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True) -> Report:
+def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True,
+          loss: bool | None = None) -> Report:
     """Patch a loaded Hugging Face model in place: its attention implementation becomes
-    ``"gptfast"`` (through ``set_attn_implementation``, for the model and its sub-models), and
-    every plain ``nn.LayerNorm`` becomes ``gptfast.kernels.LayerNorm`` (same module objects and
-    Parameters). Returns a ``Report``. A model whose attention cannot be switched raises
+    ``"gptfast"`` (through ``set_attn_implementation``, for the model and its sub-models), every
+    plain ``nn.LayerNorm`` becomes ``gptfast.kernels.LayerNorm`` (same module objects and
+    Parameters), and the training loss is fused with the output head: in training mode,
+    ``model(..., labels=labels)`` (what the Trainer calls) returns transformers' loss computed
+    by ``causal_lm_loss`` and ``logits=None`` (Liger-Kernel's convention); without labels or in
+    eval mode the forward is transformers' own. ``loss``: None fuses it where the model is
+    supported (``LOSS_MODEL_TYPES``; the ``Report`` says why not), True requires it (a
+    ``ValueError`` otherwise), False leaves the loss alone. Returns a ``Report``. A model whose
+    attention cannot be switched, or whose loss cannot be fused with ``loss=True``, raises
     before anything is changed."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"gptfast.hf.apply: expected a transformers PreTrainedModel, got "
                         f"{type(model).__name__} (for any nn.Module, kernels.swap_layer_norms "
                         "swaps its LayerNorms)")
+    reason = None if loss is False or _fuses_loss(model) else _loss_support(model)
+    if loss is True:
+        _require(reason, "apply")
     before = model.config._attn_implementation
     if attention and before != NAME:
         model.set_attn_implementation(NAME)  # changes nothing if the model cannot switch
@@ -314,9 +488,12 @@ def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True) -> 
     if layer_norm:
         norms = [name for name, m in model.named_modules() if type(m) is nn.LayerNorm]
         kernels.swap_layer_norms(model)
-    return Report((before, after), attention_modules, norms)
+    if loss is not False and reason is None and not _fuses_loss(model):
+        # an instance attribute: deepcopy rebinds it to the copy, the class is untouched
+        model.forward = types.MethodType(_fused_forward(type(model)), model)
+    return Report((before, after), attention_modules, norms, _fuses_loss(model), reason)
 
 
-__all__ = ["NAME", "SUPPORTED_TRANSFORMERS", "FallbackWarning", "Padding", "Report",
-           "Unexpressible", "apply", "gptfast_attention", "gptfast_mask", "padding_side",
-           "register"]
+__all__ = ["LOSS_MODEL_TYPES", "NAME", "SUPPORTED_TRANSFORMERS", "FallbackWarning", "Padding",
+           "Report", "Unexpressible", "apply", "causal_lm_loss", "gptfast_attention",
+           "gptfast_mask", "padding_side", "register"]
