@@ -103,15 +103,29 @@ def compile_blocks(model):
 
 
 class HFLogits(nn.Module):
-    """Hugging Face ``GPT2LMHeadModel`` behind the chapter model's call: ids -> logits."""
+    """Hugging Face ``GPT2LMHeadModel`` behind the chapter model's call: ids -> logits.
+    ``fused_loss``: the model was patched by ``gptfast.hf.apply`` and ``loss`` is its fused
+    training loss (read by bench/test_model.py, as ``GPTModel.fused_loss``)."""
 
-    def __init__(self, hf, chapter_names):
+    def __init__(self, hf, chapter_names, fused_loss=False):
         super().__init__()
         self.hf = hf
         self.chapter_names = frozenset(chapter_names)
+        self.fused_loss = fused_loss
 
     def forward(self, idx, attention_mask=None):
         return self.hf(input_ids=idx, attention_mask=attention_mask).logits
+
+    def loss(self, idx, targets, attention_mask=None):
+        """The training loss as the Trainer gets it, ``model(**batch).loss``, in training mode:
+        fused, no logits. ``targets`` are per position (the chapter's: position t against
+        targets[t]), so they go in as transformers' ``shift_labels`` (used unshifted);
+        ``labels``, which asks for the loss, is the same tensor."""
+        out = self.hf(input_ids=idx, attention_mask=attention_mask, labels=targets,
+                      shift_labels=targets)
+        if out.logits is not None:
+            raise RuntimeError("hf-gptfast: the fused loss did not run (the model made logits)")
+        return out.loss
 
     def to_chapter(self, named: dict) -> dict:
         """Tensors named as this module's parameters (e.g. gradients), renamed and reshaped as
@@ -125,9 +139,10 @@ class HFLogits(nn.Module):
 def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
     """Hugging Face GPT-2 of the chapter model's size, built offline from a ``GPT2Config``,
     holding the chapter model's weights: untied output head (as the chapter's), tanh GELU, eps
-    1e-5, its dropout rates. ``attn_implementation``: "sdpa", "eager", or "gptfast" (our
-    attention through ``gptfast.hf``, and every LayerNorm swapped for ``gptfast.kernels.LayerNorm``).
-    Skips if transformers is missing or cannot build it."""
+    1e-5, its dropout rates. ``attn_implementation``: "sdpa", "eager", or "gptfast"
+    (``gptfast.hf.apply(model, loss=True)``: our attention, every LayerNorm swapped for
+    ``gptfast.kernels.LayerNorm``, and the fused training loss). Skips if transformers is
+    missing or cannot build it."""
     try:
         from transformers import AutoModelForCausalLM, GPT2Config
     except ImportError:
@@ -157,11 +172,12 @@ def hf_gpt2(model, attn_implementation="sdpa") -> HFLogits:
     params = {name for name, _ in hf.named_parameters()}
     if set(missing) & params or unexpected:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing}, {unexpected}")
+    fused = False
     if attn_implementation == "gptfast":
-        from gptfast.kernels import swap_layer_norms
+        from gptfast.hf import apply
 
-        swap_layer_norms(hf)
-    return HFLogits(hf, (name for name, _ in model.named_parameters()))
+        fused = apply(hf, loss=True).fused_loss
+    return HFLogits(hf, (name for name, _ in model.named_parameters()), fused)
 
 
 def liger_fused_linear_cross_entropy():

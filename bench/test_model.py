@@ -25,14 +25,17 @@ weights:
   hf-eager, hf-sdpa  Hugging Face ``GPT2LMHeadModel`` with ``attn_implementation="eager"`` /
            ``"sdpa"``, built offline from a ``GPT2Config`` of the same size with our weights
            (untied head, like the chapter's)
-  hf-gptfast  the same with ``attn_implementation="gptfast"`` (``gptfast.hf``: our flash
-           attention) and every LayerNorm swapped for ``gptfast.kernels.LayerNorm``
+  hf-gptfast  the same patched by ``gptfast.hf.apply(model, loss=True)``: our flash attention
+           (``attn_implementation="gptfast"``), every LayerNorm ``gptfast.kernels.LayerNorm``,
+           and, for the training step, the loss as the Trainer gets it, ``model(input_ids,
+           attention_mask, labels=...).loss``, with the head and cross-entropy fused
+           (``gptfast.kernels.linear_cross_entropy``, ``logits=None``: no (tokens x vocab) logits)
 
 Padded batch (op ``model_padded``): the same B x T batch right-padded, the rows' lengths spread
 evenly from 25% to 100% of T (the fine-tuning case), with the tokenizer-style 2-D attention
 mask; the loss covers the real tokens only (targets -100 at the padding). Providers: hf-sdpa
-(SDPA with the mask transformers builds: the speedup baseline) and hf-gptfast (per-row lengths,
-padded key tiles never read). Counted work, tokens/s and MFU use the real tokens only (each row
+(SDPA with the mask transformers builds, logits + cross-entropy: the speedup baseline) and
+hf-gptfast (per-row lengths, padded key tiles never read; the fused loss). Counted work, tokens/s and MFU use the real tokens only (each row
 charged the FLOPs of its own length). Agreement: the logits of the first two rows' real tokens
 (the two shortest) and the gradients of their loss, against the chapter model run on each of
 those rows alone at its own length (float64, and eager bf16).
@@ -187,10 +190,11 @@ def checked_logits(model, idx, lengths=None):
 def values(model, idx, targets, mode, amp, lengths=None):
     """Logits of the first CHECKED rows (their real tokens, given ``lengths``) and, for
     ``train``, their loss and every parameter's gradient (one flat vector, parameters in name
-    order, named as the chapter model's). A ``triton-loss`` model (``model.fused_loss``) takes
-    its loss from ``model.loss`` over those rows (the logits then carry no graph); a
-    ``triton-recipe`` model from its compiled loss over the whole batch, the other rows' targets
-    ignored (the timed shape: no second compile)."""
+    order, named as the chapter model's). A ``triton-loss`` or ``hf-gptfast`` model
+    (``model.fused_loss``) takes its loss from ``model.loss`` over those rows (the logits then
+    carry no graph; a padded batch: over the whole batch with its mask, every target but the
+    checked rows' real tokens ignored); a ``triton-recipe`` model from its compiled loss over
+    the whole batch, the other rows' targets ignored (the timed shape: no second compile)."""
     ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     if mode == "fwd":
         with torch.no_grad(), ctx:
@@ -199,11 +203,15 @@ def values(model, idx, targets, mode, amp, lengths=None):
     recipe = model.__dict__.get("recipe")
     if recipe is not None or getattr(model, "fused_loss", False):
         with torch.no_grad(), ctx:
-            logits = model(idx)[:CHECKED].flatten(0, 1)
+            logits, positions = checked_logits(model, idx, lengths)
+        only = torch.full_like(targets, -100).flatten()  # the checked positions' targets alone
+        only[positions] = targets.flatten()[positions.to(idx.device)]
+        only = only.view_as(targets)
         with ctx:
             if recipe is not None:
-                loss = recipe(idx, torch.cat([targets[:CHECKED],
-                                              torch.full_like(targets[CHECKED:], -100)]))
+                loss = recipe(idx, only)
+            elif lengths is not None:  # hf-gptfast on the padded batch, with its mask
+                loss = model.loss(idx, only, right_padding(lengths, idx.shape[1], idx.device))
             else:
                 loss = model.loss(idx[:CHECKED], targets[:CHECKED])
     else:
@@ -230,14 +238,15 @@ def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, length
 
 def training_loss(model, idx, targets, amp, mask=None):
     """The loss a training step backpropagates: a ``triton-recipe`` model's compiled loss, a
-    ``triton-loss`` model's ``model.loss``, else cross-entropy of the fp32 logits (``mask``: a
-    padded batch's attention mask, Hugging Face providers). The model runs under ``amp``."""
+    ``triton-loss`` or ``hf-gptfast`` model's ``model.loss``, else cross-entropy of the fp32
+    logits (``mask``: a padded batch's attention mask, Hugging Face providers). The model runs
+    under ``amp``."""
     with amp:
         recipe = model.__dict__.get("recipe")
         if recipe is not None:
             return recipe(idx, targets)
-        if getattr(model, "fused_loss", False):
-            return model.loss(idx, targets)
+        if getattr(model, "fused_loss", False):  # a mask only for Hugging Face providers
+            return model.loss(idx, targets) if mask is None else model.loss(idx, targets, mask)
         logits = model(idx) if mask is None else model(idx, mask)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
@@ -361,7 +370,7 @@ def test_model_padded_interpreter(benchmark):
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("provider", ["triton", "triton-loss", "triton-recipe"])
+@pytest.mark.parametrize("provider", ["triton", "triton-loss", "triton-recipe", "hf-gptfast"])
 def test_model_interpreter(benchmark, provider):
     """A tiny GPT (2 layers, head dim 16, odd length) in fp32, training-step gradients of the
     first two of three sequences, under the Triton interpreter on CPU (triton-recipe compiled
