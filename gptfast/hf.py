@@ -84,13 +84,13 @@ _import_transformers()
 from transformers import masking_utils  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
-from transformers.modeling_outputs import (  # noqa: E402
+from transformers.modeling_outputs import (
     CausalLMOutputWithCrossAttentions,
     CausalLMOutputWithPast,
 )
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
-from transformers.utils.generic import ModelOutput  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils.generic import ModelOutput
 
 
 class FallbackWarning(UserWarning):

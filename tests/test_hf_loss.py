@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("gptfast.hf")
 
-from transformers import (  # noqa: E402
+from transformers import (
     BertModel,
     GPT2DoubleHeadsModel,
     GPT2LMHeadModel,
@@ -28,15 +28,23 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from gptfast import kernels  # noqa: E402
-from gptfast.kernels.testing import assert_agrees  # noqa: E402
-from tests.test_hf import (  # noqa: E402
-    DEVICE, VOCAB, bert_config, gpt2_config, padding_mask, perturbed, slack, token_ids,
+from gptfast import kernels
+from gptfast.kernels.testing import assert_agrees
+from tests.test_hf import (
+    DEVICE,
+    VOCAB,
+    bert_config,
+    gpt2_config,
+    padding_mask,
+    perturbed,
+    slack,
+    token_ids,
 )
 
-LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                  max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+LLAMA_LIKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+              "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0,
+              "pad_token_id": 0}
 MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(gpt2_config()),  # tied head: lm_head.weight is wte.weight
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
