@@ -291,9 +291,10 @@ register()
 # The training loss of causal LMs, fused with the output head
 # --------------------------------------------------------------------------------------------
 
-# model_type -> causal-LM classes whose forward is exactly: base model, logits = lm_head(last
-# hidden state), transformers' ForCausalLMLoss, nothing after it (checked in their sources and
-# tested, tests/test_hf_loss.py). Others scale or soft-cap the logits (Gemma 2/3, Cohere,
+# The model types (config.model_type) whose causal-LM class (transformers'
+# MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) has a forward that is exactly: base model, logits =
+# lm_head(last hidden state), transformers' ForCausalLMLoss, nothing after it (read in their
+# sources, 5.25; tested, tests/test_hf_loss.py). Others scale or soft-cap the logits (Gemma 2/3, Cohere,
 # Granite) or add auxiliary losses (mixture-of-experts), which the fused op would silently drop.
 LOSS_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 _LOSS_KWARGS = ("shift_labels", "num_items_in_batch", "ignore_index")  # ForCausalLMLoss's
@@ -336,7 +337,7 @@ def _fused_loss(model, hidden: Tensor, labels: Tensor | None, shift_labels: Tens
     """transformers' ForCausalLMLoss of ``lm_head(hidden)`` by ``kernels.linear_cross_entropy``:
     labels shifted left (the last position ignored) unless ``shift_labels`` are given, the mean
     over non-ignored tokens, or their sum over ``num_items_in_batch``."""
-    _require(_head_support(model), "causal_lm_loss")
+    _require(_head_support(model), "causal_lm_loss")  # (also the patched forward's)
     if shift_labels is None:
         if labels is None:
             raise ValueError("gptfast.hf.causal_lm_loss: give labels (shifted inside, as "
