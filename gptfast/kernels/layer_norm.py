@@ -24,8 +24,10 @@ Rows up to 8192 wide (padded to a power of 2) are held in registers; wider rows 
 4096-column blocks. The kernels are in layer_norm_kernels.py, their launch plans in
 layer_norm_plans.py.
 
-Host path: the launch plan is cached per (width, dtype, device), the checks are a few attribute
-reads, and a call without gradients skips autograd (and the statistics the backward would need).
+Host path: every kernel launches through ``_common.Kernel`` (no Triton dispatch per call) with a
+config cached per (width, dtype, device, flags) by ``plan_cache``; the checks are a few attribute
+reads, rows are passed in place with their row stride, and a call without gradients skips
+autograd (and the statistics the backward would need).
 
 torch.compile sees the ops gptfast::layer_norm, gptfast::add_layer_norm and
 gptfast::layer_norm_backward (see gptfast/kernels/__init__.py).
@@ -79,10 +81,11 @@ def _forward(x, residual, weight, bias, eps, stats=True):
     """Returns y and the stored sum (or None), contiguous and shaped like x, and mean, rstd
     (None unless ``stats``: only the backward needs them)."""
     n = x.shape[-1]
-    xr, stride_x = _rows_of(x, n)
+    contiguous = x.is_contiguous()  # (the common case: no call for it)
+    xr, stride_x = (x, n) if contiguous else _rows_of(x, n)
     if residual is None:
         rr, stride_r, dtype, s = xr, stride_x, x.dtype, None
-        y = _like(x, dtype)
+        y = torch.empty_like(x) if contiguous else _like(x, dtype)
     else:
         rr, stride_r = _rows_of(residual, n)
         dtype = x.dtype if residual.dtype is x.dtype else torch.promote_types(x.dtype, residual.dtype)
