@@ -207,14 +207,17 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
         parts = [(_padded(weight, stride), 0, stride)]  # buffer's aligned rows (zeros beyond V)
         bias_rows = _padded(bias, stride)
     transposed = [w.t() for w, _, _ in parts]
-    grad_h = torch.empty_like(hidden) if need_h else None
-    acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=device) if need_w else None
+    one_chunk = 0 < n <= rows
+    grad_h = torch.empty_like(hidden) if need_h and not one_chunk else None
+    # dweight's fp32 sum: over one part, the first chunk's product starts it (no zeros to add to)
+    summed = need_w and (len(parts) > 1 or n == 0)
+    acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=device) if summed else None
     acc_b = torch.zeros(vocab, dtype=torch.float64, device=device) if need_b else None
     outs = []
     with on_device(device):
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            if end - start == n:  # one chunk: the whole tensors, no views
+            if one_chunk:  # the whole tensors, no views
                 h, full, t, chunk_loss, chunk_scale = hidden, buffer, targets, loss, scale
             else:
                 h, full, t, chunk_loss = (hidden[start:end], buffer[: end - start], targets[start:end],
@@ -233,12 +236,15 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
                 grad = _mm_fp32(outs[0], parts[0][0])
                 for (w, _, _), out in zip(parts[1:], outs[1:]):
                     _addmm_fp32(grad, out, w)
-                if end - start == n:
-                    grad_h.copy_(grad)
+                if one_chunk:  # the product itself (rounded once, if not fp32)
+                    grad_h = grad if grad.dtype is hidden.dtype else grad.to(hidden.dtype)
                 else:
                     grad_h[start:end] = grad
-            for (_, lo, hi), out in zip(parts, outs) if need_w else ():
-                _addmm_fp32(acc_w[lo:hi] if hi - lo < acc_w.shape[0] else acc_w, out.t(), h)
+            if need_w and acc_w is None:
+                acc_w = _mm_fp32(outs[0].t(), h)
+            elif need_w:
+                for (_, lo, hi), out in zip(parts, outs):
+                    _addmm_fp32(acc_w[lo:hi] if hi - lo < acc_w.shape[0] else acc_w, out.t(), h)
             if need_b:
                 acc_b += (full if vocab == stride else full[:, :vocab]).sum(0, dtype=torch.float64)
     del buffer, parts, transposed, outs
