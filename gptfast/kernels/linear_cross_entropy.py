@@ -341,6 +341,7 @@ def _setup(ctx, inputs, output):
     hidden, weight, targets, bias, ignore_index, reduction, label_smoothing = inputs[:7]
     _, grad_h, grad_w, grad_b = output
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)  # no zero tensors for the saved gradients' (absent) grads
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
     ctx.has_bias = bias is not None
     if reduction == "none":
