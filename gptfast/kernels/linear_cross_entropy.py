@@ -15,8 +15,8 @@ Plan, per chunk of C tokens (one (C, V) buffer, reused by every chunk):
   3. grad_hidden_c = dlogits @ weight (cuBLAS, fp32 output, rounded once into its rows of
      grad_hidden); dweight += dlogits^T @ hidden_c into one fp32 (V, d) accumulator (cuBLAS with
      an fp32 output on CUDA: no rounding to bf16 between chunks); dbias += column sums in fp64.
-The loss is the fp32 sum of the per-token losses (divided by the count for "mean": all ignored
-gives 0/0 = nan, as torch does).
+The loss is the fp64 sum of the per-token losses rounded once to fp32 (divided in fp64 by the
+count for "mean": all ignored gives 0/0 = nan, as torch does).
 
 Aligned GEMMs: cuBLAS picks its fast (sm_90, 16-byte vectorised) kernels only when the
 contiguous extent of every operand is a multiple of 8 elements (ATen passes the strided views
@@ -52,7 +52,8 @@ fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
 
 Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error.
 One small kernel (``_targets_kernel``) maps the targets to the kernel's int32 form, counts the
-non-ignored ones and finds the first bad one; the call then reads that index (a host sync,
+non-ignored ones, finds the first bad one and writes the gradients' scale (1/count for "mean",
+1 for "sum"); the call then reads that index (a host sync,
 ``check_targets=True``, the default) and raises the same ValueError on CUDA as on CPU before the
 GEMMs run: no device-side assert, the process goes on. ``check_targets=False`` (targets already
 validated, e.g. by ``gptfast.dataset``) skips the read, and so does a CUDA graph capture: a bad
@@ -60,6 +61,10 @@ target then gives a NaN loss for its token (and NaN gradients), never a read out
 
 Autocast: hidden, weight and bias are cast to the autocast dtype (F.linear's policy) and the
 loss is computed in fp32 (cross-entropy's), so the op behaves like the unfused pair under it.
+
+Host path: both kernels launch through ``_common.Kernel`` (no Triton dispatch per call) with
+configs cached by ``plan_cache`` (per vocabulary and flags); one chunk takes its tensors whole
+(no views, grad_hidden is its product), and no torch op computes the count or the scale.
 
 torch.compile sees the ops gptfast::linear_cross_entropy and
 gptfast::linear_cross_entropy_backward (the per-token backward of reduction="none").
