@@ -320,7 +320,8 @@ def _recorded(fn) -> list:
 def variant_cases() -> list[dict]:
     """More calls whose launches differ by shape or flags, for ``launch_equivalence`` only:
     LayerNorm's wide rows (the looping kernels and the row sums), no weight nor bias (no
-    reduction), a weight only, 3-D input, a row-strided bf16 input added to an fp32 residual;
+    reduction), a weight only, 3-D input, bf16 input with bf16 and then fp32 parameters (one
+    config, two compiled kernels), a row-strided bf16 input added to an fp32 residual;
     the fused loss with a bias and label smoothing, an aligned vocabulary with "sum", several
     chunks, and "none" (whose backward reruns the chunk loop)."""
     import importlib
@@ -350,35 +351,45 @@ def variant_cases() -> list[dict]:
     targets = torch.randint(0, 50, (40,), generator=g, device=dev)
     one = torch.ones((), device=dev)
     return [
-        dict(op="layer_norm wide", ours=_grad_call(lambda x, w, b: K.layer_norm(x, w, b),
-                                                   [wide, w_wide, w_wide], rand(3, 8200))),
-        dict(op="layer_norm no params", ours=_grad_call(K.layer_norm, [x], rand(2, 5, 64))),
-        dict(op="layer_norm weight only", ours=_grad_call(K.layer_norm, [x, w], rand(2, 5, 64))),
-        dict(op="layer_norm wide", mode="fwd", ours=_no_grad_call(K.layer_norm, [wide, w_wide])),
-        dict(op="add_layer_norm strided bf16 + fp32", ours=_grad_call(
+        {"op": "layer_norm wide", "ours": _grad_call(lambda x, w, b: K.layer_norm(x, w, b),
+                                                     [wide, w_wide, w_wide], rand(3, 8200))},
+        {"op": "layer_norm no params", "ours": _grad_call(K.layer_norm, [x], rand(2, 5, 64))},
+        {"op": "layer_norm weight only", "ours": _grad_call(K.layer_norm, [x, w], rand(2, 5, 64))},
+        {"op": "layer_norm wide", "mode": "fwd", "ours": _no_grad_call(K.layer_norm, [wide, w_wide])},
+        {"op": "layer_norm bf16, bf16 then fp32 parameters", "mode": "fwd", "ours": _no_grad_call(
+            lambda x, w: (K.layer_norm(x, w.bfloat16(), w.bfloat16()), K.layer_norm(x, w, w)),
+            [x.bfloat16(), w])},  # one plan (x's dtype), two specializations
+        {"op": "add_layer_norm strided bf16 + fp32", "ours": _grad_call(
             lambda x, r, w: K.add_layer_norm(x, r, w), [strided, residual, w],
-            (rand(4, 64), rand(4, 64)))),
-        dict(op="linear_cross_entropy bias, smoothing", ours=_grad_call(
+            (rand(4, 64), rand(4, 64)))},
+        {"op": "linear_cross_entropy bias, smoothing", "ours": _grad_call(
             lambda h, w, b: K.linear_cross_entropy(h, w, targets, b, label_smoothing=0.1,
                                                    check_targets=False),
-            [hidden, weight, bias], one)),
-        dict(op="linear_cross_entropy aligned, sum", ours=_grad_call(
+            [hidden, weight, bias], one)},
+        {"op": "linear_cross_entropy aligned, sum", "ours": _grad_call(
             lambda h, w: K.linear_cross_entropy(h, w, targets, reduction="sum", check_targets=False),
-            [hidden, rand(64, 32)], one)),
-        dict(op="linear_cross_entropy chunks", ours=chunked(_grad_call(
+            [hidden, rand(64, 32)], one)},
+        {"op": "linear_cross_entropy chunks", "ours": chunked(_grad_call(
             lambda h, w: K.linear_cross_entropy(h, w, targets, check_targets=False),
-            [hidden, rand(64, 32)], one))),
-        dict(op="linear_cross_entropy none", ours=_grad_call(
+            [hidden, rand(64, 32)], one))},
+        {"op": "linear_cross_entropy none", "ours": _grad_call(
             lambda h, w: K.linear_cross_entropy(h, w, targets, reduction="none", check_targets=False),
-            [hidden, weight], rand(40))),
+            [hidden, weight], rand(40))},
     ]
+
+
+class _Forgetful(dict):
+    """A ``Kernel``'s cache that finds nothing: each launch takes Triton's dispatch."""
+
+    def get(self, key, default=None):
+        return None
 
 
 def launch_equivalence() -> list[str]:
     """Each case's launches (``cases`` and ``variant_cases``) through ``_common.Kernel``'s direct
-    path against the same call through Triton's own dispatch (every kernel's cache emptied
-    first): the same compiled kernel (so the same specialization), grid, stream and arguments,
-    launch for launch. Returns the differences (none when they agree)."""
+    path against the same call through Triton's own dispatch (every launch: the kernels' caches
+    find nothing): the same compiled kernel (so the same specialization), grid, stream and
+    arguments, launch for launch. Returns the differences (none when they agree)."""
     from gptfast.kernels import _common
 
     kernels = [k for name, mod in sys.modules.items() if name.startswith("gptfast.kernels.")
@@ -389,9 +400,11 @@ def launch_equivalence() -> list[str]:
             if fn is not None:
                 fn()  # compile (stubbed) and fill the caches
         direct = _recorded(case["ours"])
-        for k in kernels:
-            k._compiled.clear()
+        for k in kernels:  # every launch of the call through Triton's dispatch
+            k._compiled = _Forgetful()
         triton_path = _recorded(case["ours"])
+        for k in kernels:
+            k._compiled = {}
         what = f"{case['op']} {case.get('mode', 'fwd+bwd')}"  # (variants: fwd+bwd unless named)
         if not direct:
             problems.append(f"{what}: no launch recorded")
