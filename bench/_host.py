@@ -317,24 +317,95 @@ def _recorded(fn) -> list:
         RECORD = None
 
 
+def variant_cases() -> list[dict]:
+    """More calls whose launches differ by shape or flags, for ``launch_equivalence`` only:
+    LayerNorm's wide rows (the looping kernels and the row sums), no weight nor bias (no
+    reduction), a weight only, 3-D input, bf16 input with bf16 and then fp32 parameters (one
+    config, two compiled kernels), a row-strided bf16 input added to an fp32 residual;
+    the fused loss with a bias and label smoothing, an aligned vocabulary with "sum", several
+    chunks, and "none" (whose backward reruns the chunk loop)."""
+    import importlib
+
+    from gptfast import kernels as K
+
+    lce = importlib.import_module("gptfast.kernels.linear_cross_entropy")
+    dev = _device()
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, device=dev).to(dtype)
+
+    def chunked(fn):  # 16-row chunks of 64 classes: 40 tokens take 3
+        def call():
+            saved, lce.CHUNK_BYTES = lce.CHUNK_BYTES, 16 * 64 * 4
+            try:
+                fn()
+            finally:
+                lce.CHUNK_BYTES = saved
+        return call
+
+    wide, w_wide = rand(3, 8200), rand(8200)
+    x, w = rand(2, 5, 64), rand(64)
+    strided, residual = rand(4, 128, dtype=torch.bfloat16)[:, :64], rand(4, 64)
+    hidden, weight, bias = rand(40, 32), rand(50, 32), rand(50)
+    targets = torch.randint(0, 50, (40,), generator=g, device=dev)
+    one = torch.ones((), device=dev)
+    return [
+        {"op": "layer_norm wide", "ours": _grad_call(lambda x, w, b: K.layer_norm(x, w, b),
+                                                     [wide, w_wide, w_wide], rand(3, 8200))},
+        {"op": "layer_norm no params", "ours": _grad_call(K.layer_norm, [x], rand(2, 5, 64))},
+        {"op": "layer_norm weight only", "ours": _grad_call(K.layer_norm, [x, w], rand(2, 5, 64))},
+        {"op": "layer_norm wide", "mode": "fwd", "ours": _no_grad_call(K.layer_norm, [wide, w_wide])},
+        {"op": "layer_norm bf16, bf16 then fp32 parameters", "mode": "fwd", "ours": _no_grad_call(
+            lambda x, w: (K.layer_norm(x, w.bfloat16(), w.bfloat16()), K.layer_norm(x, w, w)),
+            [x.bfloat16(), w])},  # one plan (x's dtype), two specializations
+        {"op": "add_layer_norm strided bf16 + fp32", "ours": _grad_call(
+            lambda x, r, w: K.add_layer_norm(x, r, w), [strided, residual, w],
+            (rand(4, 64), rand(4, 64)))},
+        {"op": "linear_cross_entropy bias, smoothing", "ours": _grad_call(
+            lambda h, w, b: K.linear_cross_entropy(h, w, targets, b, label_smoothing=0.1,
+                                                   check_targets=False),
+            [hidden, weight, bias], one)},
+        {"op": "linear_cross_entropy aligned, sum", "ours": _grad_call(
+            lambda h, w: K.linear_cross_entropy(h, w, targets, reduction="sum", check_targets=False),
+            [hidden, rand(64, 32)], one)},
+        {"op": "linear_cross_entropy chunks", "ours": chunked(_grad_call(
+            lambda h, w: K.linear_cross_entropy(h, w, targets, check_targets=False),
+            [hidden, rand(64, 32)], one))},
+        {"op": "linear_cross_entropy none", "ours": _grad_call(
+            lambda h, w: K.linear_cross_entropy(h, w, targets, reduction="none", check_targets=False),
+            [hidden, weight], rand(40))},
+    ]
+
+
+class _Forgetful(dict):
+    """A ``Kernel``'s cache that finds nothing: each launch takes Triton's dispatch."""
+
+    def get(self, key, default=None):
+        return None
+
+
 def launch_equivalence() -> list[str]:
-    """Each case's launches through ``_common.Kernel``'s direct path against the same call
-    through Triton's own dispatch (every kernel's cache emptied first): the same compiled kernel
-    (so the same specialization), grid, stream and arguments, launch for launch. Returns the
-    differences (none when they agree)."""
+    """Each case's launches (``cases`` and ``variant_cases``) through ``_common.Kernel``'s direct
+    path against the same call through Triton's own dispatch (every launch: the kernels' caches
+    find nothing): the same compiled kernel (so the same specialization), grid, stream and
+    arguments, launch for launch. Returns the differences (none when they agree)."""
     from gptfast.kernels import _common
 
     kernels = [k for name, mod in sys.modules.items() if name.startswith("gptfast.kernels.")
                for k in vars(mod).values() if isinstance(k, _common.Kernel)]
     problems = []
-    for case in cases():
-        for fn in (case["ours"], case["aten"]):
-            fn()  # compile (stubbed) and fill the caches
+    for case in cases() + variant_cases():
+        for fn in (case["ours"], case.get("aten")):
+            if fn is not None:
+                fn()  # compile (stubbed) and fill the caches
         direct = _recorded(case["ours"])
-        for k in kernels:
-            k._compiled.clear()
+        for k in kernels:  # every launch of the call through Triton's dispatch
+            k._compiled = _Forgetful()
         triton_path = _recorded(case["ours"])
-        what = f"{case['op']} {case['mode']}"
+        for k in kernels:
+            k._compiled = {}
+        what = f"{case['op']} {case.get('mode', 'fwd+bwd')}"  # (variants: fwd+bwd unless named)
         if not direct:
             problems.append(f"{what}: no launch recorded")
         if len(direct) != len(triton_path):

@@ -40,8 +40,9 @@ def stub_run(what: str, triton_dir: str | None = None):
 
 @pytest.mark.parametrize("version", ["installed", "3.6"])
 def test_direct_launches_are_tritons_own(version):
-    """Every op's launches (forward, backward, decode, with and without the fused loss's chunks)
-    pass the compiled kernel Triton's dispatch picks, with its grid, stream and arguments."""
+    """Every op's launches (forward, backward, decode; bench/_host.py's variant_cases too:
+    LayerNorm's wide rows and flags, the fused loss's bias, reductions and chunks) pass the
+    compiled kernel Triton's dispatch picks, with its grid, stream and arguments."""
     if version == "3.6" and not TRITON36:
         pytest.skip("GPTFAST_TRITON36 is unset (a `pip install --no-deps --target DIR "
                     "triton==3.6.0` directory; CI sets it)")

@@ -273,10 +273,10 @@ def test_plans_follow_the_named_gpu():
     """The per-shape plan cache keys on the capability the plans are made for."""
     cpu = torch.device("cpu")
     with gptfast.kernels._common.plans_of(80):
-        sm80 = ln.bwd_plan(768, torch.bfloat16, cpu)
+        sm80 = ln.bwd_plan(768, torch.bfloat16, cpu, False, True, True)
     with gptfast.kernels._common.plans_of(90):
-        sm90 = ln.bwd_plan(768, torch.bfloat16, cpu)
-    assert (sm80[3], sm90[3]) == (108 * 2, 132 * 3)  # row groups: resident programs of all SMs
+        sm90 = ln.bwd_plan(768, torch.bfloat16, cpu, False, True, True)
+    assert (sm80.groups, sm90.groups) == (108 * 2, 132 * 3)  # row groups: resident programs of all SMs
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
@@ -434,8 +434,8 @@ def test_tuned_plans_agree_and_stay_deterministic():
         with tuning.use({ln.BWD_KERNEL: {"fp32-1024": config}}):
             assert ln._bwd_plan(700, torch.float32)[0]["ROWS"] == config["rows"]
             # the launch's cached plan follows the table too
-            cached = ln.bwd_plan(700, torch.float32, torch.device(DEVICE))
-            assert (cached[0]["ROWS"], cached[1]) == (config["rows"], config["num_warps"])
+            cached = ln.bwd_plan(700, torch.float32, torch.device(DEVICE), True, True, True).main
+            assert (cached.kwargs["ROWS"], cached.kwargs["num_warps"]) == (config["rows"], config["num_warps"])
             _compare_add((9, 700), torch.float32)
             x, w, b, dy = _data((9, 700), torch.float32)
             first, second = _grads_twice(layer_norm, (x, w, b), [dy])

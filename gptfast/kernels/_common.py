@@ -251,10 +251,16 @@ class Kernel:
 _CURRENT = contextlib.nullcontext()
 
 
+@functools.cache
+def _one_gpu() -> bool:
+    """Whether at most one CUDA device is visible (then it is the current one)."""
+    return torch.cuda.device_count() <= 1
+
+
 def on_device(device: torch.device):
     """Launch on the tensors' own GPU (Triton launches on the current CUDA device); nothing to
-    switch when it is the current one."""
-    if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+    switch when it is the current one (always so with one GPU: no query per call)."""
+    if _one_gpu() or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
         return _CURRENT
     return torch.cuda.device(device)
 

@@ -24,8 +24,10 @@ Rows up to 8192 wide (padded to a power of 2) are held in registers; wider rows 
 4096-column blocks. The kernels are in layer_norm_kernels.py, their launch plans in
 layer_norm_plans.py.
 
-Host path: the launch plan is cached per (width, dtype, device), the checks are a few attribute
-reads, and a call without gradients skips autograd (and the statistics the backward would need).
+Host path: every kernel launches through ``_common.Kernel`` (no Triton dispatch per call) with a
+config cached per (width, dtype, device, flags) by ``plan_cache``; the checks are a few attribute
+reads, rows are passed in place with their row stride, and a call without gradients skips
+autograd (and the statistics the backward would need).
 
 torch.compile sees the ops gptfast::layer_norm, gptfast::add_layer_norm and
 gptfast::layer_norm_backward (see gptfast/kernels/__init__.py).
@@ -36,15 +38,17 @@ import numbers
 
 import torch
 
+from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    FLOAT_DTYPES, check_device, check_float, library_op, on_device, once_differentiable,
+    FLOAT_DTYPES, cdiv, check_device, check_float, library_op, on_device,
+    once_differentiable,
 )
 from gptfast.kernels.layer_norm_kernels import (  # noqa: F401  (the gate and tests name them here)
     _bwd_kernel, _bwd_row_sums_kernel, _fwd_rows_kernel, _fwd_wide_kernel, _sum_partials_kernel,
 )
 from gptfast.kernels.layer_norm_plans import (  # noqa: F401  (tests and bench/tune.py use these)
-    _SUM_WARPS, BWD_KERNEL, FWD_KERNEL, TUNING_SPACE, _bwd_groups, _bwd_plan, _fwd_plan,
-    _sum_plan, aot_configs, bwd_grid, bwd_plan, fwd_plan, report_cases,
+    _SUM_WARPS, BWD, BWD_KERNEL, FWD_KERNEL, ROW_SUMS, SUM_PARTIALS, TUNING_SPACE, _bwd_groups,
+    _bwd_plan, _fwd_plan, _sum_plan, aot_configs, bwd_grid, bwd_plan, fwd_plan, report_cases,
 )
 
 MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no lower limit
@@ -53,76 +57,89 @@ MAX_N = 1 << 20  # widest row accepted; the looping kernels themselves have no l
 # ---- host side -----------------------------------------------------------------------------
 
 
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(M, n) view of t when its last dimension has unit stride (any row stride), else a copy."""
+def _rows_of(t: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """(t, its row stride) when t is read in place as rows of n elements (contiguous, or 2-D
+    with a unit column stride: any row stride), else (a contiguous copy of its rows, n)."""
+    if t.is_contiguous():
+        return t, n
     if t.dim() == 2 and t.stride(1) == 1:
-        return t
+        return t, t.stride(0)
     rows = t.reshape(-1, n)
-    return rows if rows.stride(-1) == 1 or n == 1 else rows.contiguous()
+    if rows.stride(-1) != 1 and n != 1:
+        rows = rows.contiguous()
+    return rows, rows.stride(0)
+
+
+def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous tensor of t's shape and device in ``dtype``."""
+    if dtype is t.dtype and t.is_contiguous():
+        return torch.empty_like(t)  # the cheapest allocation on the host
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
 
 
 def _forward(x, residual, weight, bias, eps, stats=True):
     """Returns y and the stored sum (or None), contiguous and shaped like x, and mean, rstd
     (None unless ``stats``: only the backward needs them)."""
     n = x.shape[-1]
-    xr = _as_rows(x, n)
-    rr = xr if residual is None else _as_rows(residual, n)
-    m = xr.shape[0]
-    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    device = x.device
-    y = torch.empty(x.shape, dtype=dtype, device=device)
-    s = None if residual is None else torch.empty_like(y)
-    mean = torch.empty(m, dtype=torch.float32, device=device) if stats else None
-    rstd = torch.empty_like(mean) if stats else None
-    if m > 0:
-        kernel, rows, tile, warps = fwd_plan(n, dtype, device)
-        sizes = (m, n) if rows else (n,)
+    contiguous = x.is_contiguous()  # (the common case: no call for it)
+    xr, stride_x = (x, n) if contiguous else _rows_of(x, n)
+    if residual is None:
+        rr, stride_r, dtype, s = xr, stride_x, x.dtype, None
+        y = torch.empty_like(x) if contiguous else _like(x, dtype)
+    else:
+        rr, stride_r = _rows_of(residual, n)
+        dtype = x.dtype if residual.dtype is x.dtype else torch.promote_types(x.dtype, residual.dtype)
+        y = _like(x, dtype)
+        s = torch.empty_like(y)
+    m = x.numel() // n
+    mean = rstd = y  # y stands in for the statistics' pointers without STATS
+    if stats:
+        mean = y.new_empty(m, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+    if m:
+        device = x.device
+        launcher, config, rows = fwd_plan(n, dtype, device, s is not None, weight is not None,
+                                          bias is not None, stats)
+        tensors = (xr, rr, y if s is None else s, y, y if weight is None else weight,
+                   y if bias is None else bias, mean, rstd)
         with on_device(device):
-            kernel[(-(-m // rows) if rows else m,)](
-                xr, rr, y if s is None else s, y, y if weight is None else weight,
-                y if bias is None else bias, y if mean is None else mean, y if rstd is None else rstd,
-                *sizes, xr.stride(0), rr.stride(0), eps, HAS_RESIDUAL=residual is not None,
-                HAS_W=weight is not None, HAS_B=bias is not None, STATS=stats, **tile, num_warps=warps,
-            )
-    return y, s, mean, rstd
+            if rows:
+                launcher(config, (cdiv(m, rows),), tensors, (m, n, stride_x, stride_r, eps))
+            else:  # the wide kernel: one program per row
+                launcher(config, (m,), tensors, (n, stride_x, stride_r, eps))
+    return (y, s, mean, rstd) if stats else (y, s, None, None)
 
 
-def _backward(dy, dsum, xn, weight, bias, mean, rstd):
-    """dx (+ dsum) as (M, N) rows, dweight, dbias; xn are the rows that were normalized."""
-    m, n = xn.shape
-    device = xn.device
-    dyr = _as_rows(dy, n)
-    dsr = dyr if dsum is None else _as_rows(dsum, n)
-    dx = torch.empty((m, n), dtype=xn.dtype, device=device)
-    dw = None if weight is None else torch.empty(n, dtype=weight.dtype, device=device)
-    db = None if bias is None else torch.empty(n, dtype=bias.dtype, device=device)
+def _backward(dy, dsum, x, weight, bias, mean, rstd):
+    """dx (+ dsum) shaped like x, dweight, dbias (None without a weight, a bias); x is the input
+    that was normalized (add_layer_norm: the sum)."""
+    n = x.shape[-1]
+    xr, stride_x = _rows_of(x, n)
+    dyr, stride_dy = _rows_of(dy, n)
+    dsr, stride_ds = (dyr, stride_dy) if dsum is None else _rows_of(dsum, n)
+    dx = _like(x, x.dtype)
+    dw = None if weight is None else torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
+    m = x.numel() // n
     if m == 0:
         return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
-    tile, warps, col_blocks, max_groups, sum_tile = bwd_plan(n, xn.dtype, device)
-    groups, per_program = bwd_grid(m, tile["ROWS"], max_groups)
-    has_w, has_b = weight is not None, bias is not None
-    partials = torch.empty((2, groups, n) if has_w or has_b else (2, 1, 1), dtype=torch.float32,
-                           device=device)
-    whole = tile["WHOLE_ROW"]
-    sums = mean if whole else torch.empty((2, m), dtype=torch.float32, device=device)
+    device = x.device
+    plan = bwd_plan(n, x.dtype, device, dsum is not None, weight is not None, bias is not None)
+    groups, per_program = bwd_grid(m, plan.rows, plan.groups)
+    if plan.reduce is None:  # no parameter gradients: dx stands in for the unused pointers
+        part_w = part_b = dx
+    else:
+        part_w, part_b = torch.empty((2, groups, n), dtype=torch.float32, device=device).unbind()
+    sums = mean if plan.row_sums is None else torch.empty((2, m), dtype=torch.float32, device=device)
     w = dx if weight is None else weight
     with on_device(device):
-        if not whole:
-            _bwd_row_sums_kernel[(m,)](
-                xn, dyr, w, mean, rstd, sums, m, n, xn.stride(0), dyr.stride(0),
-                HAS_W=has_w, BLOCK_N=tile["BLOCK_N"], num_warps=warps,
-            )
-        _bwd_kernel[(groups, col_blocks)](
-            xn, dyr, dsr, dx, w, mean, rstd, sums, partials[0], partials[1],
-            m, n, xn.stride(0), dyr.stride(0), dsr.stride(0), per_program,
-            HAS_DSUM=dsum is not None, HAS_W=has_w, HAS_B=has_b, **tile, num_warps=warps,
-            num_stages=tile["NUM_STAGES"],
-        )
-        if has_w or has_b:
-            _sum_partials_kernel[(-(-n // sum_tile["BLOCK_N"]),)](
-                partials[0], partials[1], dx if dw is None else dw, dx if db is None else db,
-                groups, n, HAS_W=has_w, HAS_B=has_b, **sum_tile, num_warps=_SUM_WARPS,
-            )
+        if plan.row_sums is not None:
+            ROW_SUMS(plan.row_sums, (m,), (xr, dyr, w, mean, rstd, sums), (m, n, stride_x, stride_dy))
+        BWD(plan.main, (groups, plan.col_blocks), (xr, dyr, dsr, dx, w, mean, rstd, sums, part_w, part_b),
+            (m, n, stride_x, stride_dy, stride_ds, per_program))
+        if plan.reduce is not None:
+            SUM_PARTIALS(plan.reduce, plan.reduce_grid,
+                         (part_w, part_b, dx if dw is None else dw, dx if db is None else db), (groups, n))
     return dx, dw, db
 
 
@@ -145,8 +162,8 @@ def _backward_impl(dy: torch.Tensor, dsum: torch.Tensor | None, x: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx + dsum, dweight, dbias) for the normalized input x (add_layer_norm: the sum s);
     an absent weight or bias gets an empty placeholder gradient."""
-    dx, dw, db = _backward(dy, dsum, _as_rows(x, x.shape[-1]), weight, bias, mean, rstd)
-    return dx.view(x.shape), dx.new_empty(0) if dw is None else dw, dx.new_empty(0) if db is None else db
+    dx, dw, db = _backward(dy, dsum, x, weight, bias, mean, rstd)
+    return dx, dx.new_empty(0) if dw is None else dw, dx.new_empty(0) if db is None else db
 
 
 _backward_op = torch.library.custom_op("gptfast::layer_norm_backward", _backward_impl, mutates_args=())
@@ -165,12 +182,13 @@ def _traced(t: torch.Tensor) -> bool:
     return type(t) is not torch.Tensor or torch.compiler.is_compiling()
 
 
-def _backward_call(dy, *args):
-    return (_backward_op if _traced(dy) else _backward_impl)(dy, *args)
-
-
-def _param_grads(ctx, dw, db):
-    return dw if ctx.has_weight else None, db if ctx.has_bias else None
+def _backward_call(dy, dsum, x, weight, bias, mean, rstd):
+    """(dx, dweight, dbias), None for an absent weight or bias: the implementation itself, or
+    the op inside a trace."""
+    if not _traced(dy):
+        return _backward(dy, dsum, x, weight, bias, mean, rstd)
+    dx, dw, db = _backward_op(dy, dsum, x, weight, bias, mean, rstd)
+    return dx, None if weight is None else dw, None if bias is None else db
 
 
 def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -189,15 +207,12 @@ def _layer_norm_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 @once_differentiable("layer_norm")
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _backward_call(dy, None, x, weight, bias, mean, rstd)
-    return dx, *_param_grads(ctx, dw, db), None
+    return *_backward_call(dy, None, *ctx.saved_tensors), None
 
 
 def _add_layer_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
@@ -219,7 +234,6 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.dtypes = x.dtype, residual.dtype
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.save_for_backward(s, weight, bias, mean, rstd)
 
 
@@ -228,9 +242,8 @@ def _add_layer_norm_backward(ctx, dy, dsum, _dmean, _drstd):
     x_dtype, r_dtype = ctx.dtypes
     if dy is None:  # only the sum was used downstream
         return dsum.to(x_dtype), dsum.to(r_dtype), None, None, None
-    s, weight, bias, mean, rstd = ctx.saved_tensors
-    ds, dw, db = _backward_call(dy, dsum, s, weight, bias, mean, rstd)
-    return ds.to(x_dtype), ds.to(r_dtype), *_param_grads(ctx, dw, db), None
+    ds, dw, db = _backward_call(dy, dsum, *ctx.saved_tensors)
+    return ds.to(x_dtype), ds.to(r_dtype), dw, db, None
 
 
 _layer_norm = library_op("layer_norm", _layer_norm_forward, _layer_norm_fake, _layer_norm_setup,
@@ -239,12 +252,14 @@ _add_layer_norm = library_op("add_layer_norm", _add_layer_norm_forward, _add_lay
                              _add_layer_norm_setup, _add_layer_norm_backward)
 
 
-def _needs_op(x, *tensors) -> bool:
+def _needs_op(x, weight, bias, residual=None) -> bool:
     """Whether a call goes through the op: to record autograd, or into a trace. Otherwise
     (inference, or nothing requires grad) it launches the forward directly."""
-    if _traced(x):
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad))
 
 
 # ---- input checks and the public functions ---------------------------------------------------
@@ -255,22 +270,26 @@ def _check(op, x, residual, weight, bias, eps) -> None:
     device, float dtypes, a float eps) is a few attribute reads; the slow path names the problem."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if op == "add_layer_norm" and not isinstance(residual, torch.Tensor):
-        raise TypeError(
-            f"{op}: residual must be a torch.Tensor shaped like x, got {type(residual).__name__} "
-            "(without a residual, call layer_norm)"
-        )
-    device, same = x.device, x.dtype in FLOAT_DTYPES
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-            same = same and t.device == device and t.dtype in FLOAT_DTYPES
+    device = x.device
+    same = x.dtype in FLOAT_DTYPES
+    if residual is not None or op == "add_layer_norm":
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{op}: residual must be a torch.Tensor shaped like x, got "
+                            f"{type(residual).__name__} (without a residual, call layer_norm)")
+        same = same and residual.device == device and residual.dtype in FLOAT_DTYPES
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+        same = same and weight.device == device and weight.dtype in FLOAT_DTYPES
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{op}: bias must be a torch.Tensor, got {type(bias).__name__}")
+        same = same and bias.device == device and bias.dtype in FLOAT_DTYPES
     if not same:
         check_device(op, x=x, residual=residual, weight=weight, bias=bias)
         check_float(op, x=x, residual=residual, weight=weight, bias=bias)
-    elif device.type != "cuda":  # CPU tensors run only in the interpreter
-        check_device(op, x=x)
+    elif not x.is_cuda and not (x.is_cpu and (_common.INTERPRETING or _common.CPU_LAUNCH)):
+        check_device(op, x=x)  # raises: CPU tensors run only in the interpreter (or the host bench)
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension (the normalized last one)")
     n = x.shape[-1]
@@ -280,9 +299,10 @@ def _check(op, x, residual, weight, bias, eps) -> None:
         raise ValueError(
             f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
         )
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.dim() != 1 or p.shape[0] != n):
-            raise ValueError(f"{op}: {name} must have shape ({n},) like the last dimension of x, got {tuple(p.shape)}")
+    if weight is not None and (weight.dim() != 1 or weight.numel() != n):
+        _bad_param(op, "weight", weight, n)
+    if bias is not None and (bias.dim() != 1 or bias.numel() != n):
+        _bad_param(op, "bias", bias, n)
     # Any finite eps, as torch's: eps = 0 on a constant row gives NaN there, as torch does.
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise ValueError(f"{op}: eps must be a finite number, got {eps!r}")
@@ -290,8 +310,8 @@ def _check(op, x, residual, weight, bias, eps) -> None:
         raise ValueError(f"{op}: eps must be a finite number, got {eps!r}")
 
 
-def _contiguous(p):
-    return None if p is None else p.contiguous()
+def _bad_param(op, name, p, n):
+    raise ValueError(f"{op}: {name} must have shape ({n},) like the last dimension of x, got {tuple(p.shape)}")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -302,10 +322,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     dtype. Returns a tensor shaped like x, in x's dtype. Differentiable in x, weight and bias.
     """
     _check("layer_norm", x, None, weight, bias, eps)
-    weight, bias, eps = _contiguous(weight), _contiguous(bias), float(eps)
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     if _needs_op(x, weight, bias):
-        return _layer_norm(x, weight, bias, eps)[0]
-    return _forward(x, None, weight, bias, eps, stats=False)[0]
+        return _layer_norm(x, weight, bias, float(eps))[0]
+    return _forward(x, None, weight, bias, float(eps), False)[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
@@ -319,9 +342,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     input grad, cast to each input's dtype).
     """
     _check("add_layer_norm", x, residual, weight, bias, eps)
-    weight, bias, eps = _contiguous(weight), _contiguous(bias), float(eps)
-    if _needs_op(x, residual, weight, bias):
-        y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps)
-        return y, s
-    y, s, _, _ = _forward(x, residual, weight, bias, eps, stats=False)
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if _needs_op(x, weight, bias, residual):
+        y, s, _, _ = _add_layer_norm(x, residual, weight, bias, float(eps))
+    else:
+        y, s, _, _ = _forward(x, residual, weight, bias, float(eps), False)
     return y, s

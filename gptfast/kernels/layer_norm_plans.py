@@ -4,15 +4,19 @@ and static-report cases that the gate compiles.
 
 A plan depends on the row width, the activation dtype, the device (its compute capability and
 SM count, or the named capability off CUDA, see gptfast.kernels._common) and the device's tuning
-table; ``fwd_plan``/``bwd_plan`` cache it per those, so that a call pays a dict lookup and a
-few integer operations for its grid.
+table; ``fwd_plan``/``bwd_plan`` cache it per those and the call's flags (``plan_cache``), with
+the kernels' direct launchers (``_common.Kernel``) configured, so that a call pays a dict lookup
+and a few integer operations for its grid.
 """
 
+from dataclasses import dataclass
+
 import torch
-import triton
 
 from gptfast.kernels import tuning
-from gptfast.kernels._common import plan_capability, plan_sm_count
+from gptfast.kernels._common import (
+    Kernel, LaunchConfig, cdiv, next_power_of_2, plan_cache, plan_capability, plan_sm_count,
+)
 from gptfast.kernels.layer_norm_kernels import (
     _bwd_kernel, _bwd_row_sums_kernel, _fwd_rows_kernel, _fwd_wide_kernel, _sum_partials_kernel,
 )
@@ -42,17 +46,9 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 _REGS_PER_SUB_PARTITION, _REG_STEP, _MAX_REGS = 65536 // 4, 8, 255
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _row_block(n: int) -> int | None:
     """Padded width of a row held whole in registers, or None: the row needs the looping kernels."""
-    block = max(_MIN_BLOCK, _next_power_of_2(n))
+    block = max(_MIN_BLOCK, next_power_of_2(n))
     return block if block <= _FUSED_MAX_BLOCK else None
 
 
@@ -112,7 +108,7 @@ def _bwd_max_registers(num_warps: int, cc: int | None) -> int:
     i.e. 1.41 waves. (A ptxas ``maxnreg`` cap at this count made configs that need 64-80
     registers spill: the budget is checked, not imposed.)"""
     warps = _programs_per_sm(num_warps, cc) * num_warps
-    per_warp = _REGS_PER_SUB_PARTITION // _cdiv(warps, 4)
+    per_warp = _REGS_PER_SUB_PARTITION // cdiv(warps, 4)
     return min(_MAX_REGS, per_warp // 32 // _REG_STEP * _REG_STEP)
 
 
@@ -148,7 +144,7 @@ for _kernel, _space in TUNING_SPACE.items():
 
 def _sum_plan(n: int, device) -> dict:
     """Tile of the partial-sum reduction: ~4 programs per SM, 4096 elements per tile."""
-    block_n = min(1024, max(32, _next_power_of_2(_cdiv(n, 4 * _sm_count(device)))))
+    block_n = min(1024, max(32, next_power_of_2(cdiv(n, 4 * _sm_count(device)))))
     return dict(BLOCK_G=_SUM_TILE // block_n, BLOCK_N=block_n)
 
 
@@ -167,8 +163,8 @@ def _resident_groups(col_blocks: int, num_warps: int, sms: int, cc: int | None) 
 def bwd_grid(m: int, rows: int, groups: int) -> tuple[int, int]:
     """(G, rows_per_program) for m rows over at most ``groups`` row groups, each owning a run of
     rows that is a multiple of ROWS (fewer groups when m is small)."""
-    per_program = _cdiv(_cdiv(m, groups), rows) * rows
-    return _cdiv(m, per_program), per_program
+    per_program = cdiv(cdiv(m, groups), rows) * rows
+    return cdiv(m, per_program), per_program
 
 
 def _bwd_groups(m: int, col_blocks: int, rows: int, num_warps: int, device) -> tuple[int, int]:
@@ -178,35 +174,54 @@ def _bwd_groups(m: int, col_blocks: int, rows: int, num_warps: int, device) -> t
 
 
 # ---- plans cached per shape class ------------------------------------------------------------
+# The launchers of the kernels (``_common.Kernel``: no Triton dispatch per call) and their configs,
+# made once per (width, dtype, device, flags) by ``plan_cache`` (which also keys on the named
+# capability and the tuning tables' generation); a call adds its grid (a few integer operations).
 
-_CACHE: dict = {}
-
-
-def _key(n: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    return n, dtype, device, plan_capability(device), tuning.generation()
-
-
-def fwd_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    """(kernel, ROWS or 0 for the wide kernel, constexprs, num_warps) of the forward."""
-    key = ("fwd", *_key(n, dtype, device))
-    plan = _CACHE.get(key)
-    if plan is None:
-        kernel, tile, warps = _fwd_plan(n, dtype, device)
-        plan = _CACHE[key] = (kernel, tile.get("ROWS", 0), tile, warps)
-    return plan
+FWD_ROWS, FWD_WIDE = Kernel(_fwd_rows_kernel), Kernel(_fwd_wide_kernel)
+BWD, ROW_SUMS, SUM_PARTIALS = Kernel(_bwd_kernel), Kernel(_bwd_row_sums_kernel), Kernel(_sum_partials_kernel)
 
 
-def bwd_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    """(tile constexprs, num_warps, column blocks, row groups at most (``bwd_grid``), sum tile)
-    of the backward."""
-    key = ("bwd", *_key(n, dtype, device))
-    plan = _CACHE.get(key)
-    if plan is None:
-        tile, warps = _bwd_plan(n, dtype, device)
-        col_blocks = _cdiv(n, tile["BLOCK_N"])
-        groups = _resident_groups(col_blocks, warps, _sm_count(device), key[4])
-        plan = _CACHE[key] = (tile, warps, col_blocks, groups, _sum_plan(n, device))
-    return plan
+@plan_cache
+def fwd_plan(n: int, dtype: torch.dtype, device: torch.device, residual: bool, has_w: bool,
+             has_b: bool, stats: bool) -> tuple:
+    """(launcher, config, ROWS) of the forward: ROWS rows per program, 0 for the wide kernel
+    (one program per row, which takes no M)."""
+    kernel, tile, warps = _fwd_plan(n, dtype, device)
+    launcher = FWD_ROWS if kernel is _fwd_rows_kernel else FWD_WIDE
+    config = launcher.config(HAS_RESIDUAL=residual, HAS_W=has_w, HAS_B=has_b, STATS=stats, **tile,
+                             num_warps=warps)
+    return launcher, config, tile.get("ROWS", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardPlan:
+    main: LaunchConfig  # _bwd_kernel's
+    row_sums: LaunchConfig | None  # _bwd_row_sums_kernel's, for rows that do not fit registers
+    reduce: LaunchConfig | None  # _sum_partials_kernel's, with a weight or a bias
+    rows: int  # ROWS of the main kernel's tile
+    col_blocks: int  # its grid's second dimension
+    groups: int  # row groups at most (``bwd_grid``): the resident programs of all SMs
+    reduce_grid: tuple  # the reduction's grid
+
+
+@plan_cache
+def bwd_plan(n: int, dtype: torch.dtype, device: torch.device, dsum: bool, has_w: bool,
+             has_b: bool) -> BackwardPlan:
+    """The backward's launches for rows of n elements of ``dtype`` (the normalized input's)."""
+    tile, warps = _bwd_plan(n, dtype, device)
+    col_blocks = cdiv(n, tile["BLOCK_N"])
+    groups = _resident_groups(col_blocks, warps, _sm_count(device), plan_capability(device))
+    sum_tile = _sum_plan(n, device)
+    return BackwardPlan(
+        main=BWD.config(HAS_DSUM=dsum, HAS_W=has_w, HAS_B=has_b, **tile, num_warps=warps,
+                        num_stages=tile["NUM_STAGES"]),
+        row_sums=None if tile["WHOLE_ROW"] else ROW_SUMS.config(
+            HAS_W=has_w, BLOCK_N=tile["BLOCK_N"], num_warps=warps),
+        reduce=SUM_PARTIALS.config(HAS_W=has_w, HAS_B=has_b, **sum_tile, num_warps=_SUM_WARPS)
+        if has_w or has_b else None,
+        rows=tile["ROWS"], col_blocks=col_blocks, groups=groups,
+        reduce_grid=(cdiv(n, sum_tile["BLOCK_N"]),))
 
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
@@ -340,11 +355,11 @@ def report_cases(cc: int = 90):
             args = dict(X=p, R=p, S=p, Y=p, W=p, B=p, MEAN=f, RSTD=f, M=m, N=n, stride_x=n,
                         stride_r=n, eps=1e-5)
             flags = dict(HAS_RESIDUAL=True, HAS_W=True, HAS_B=True, STATS=True)
-            grid = triton.cdiv(m, tile["ROWS"]) if kernel is _fwd_rows_kernel else m
+            grid = cdiv(m, tile["ROWS"]) if kernel is _fwd_rows_kernel else m
             cfg = launch_config(f"{kernel.__name__} {label}", kernel, args, flags | tile, warps)
             cases.append({"label": label, "config": cfg, "grid": grid})
             tile, warps = _bwd_plan(n, dtype)
-            col_blocks = triton.cdiv(n, tile["BLOCK_N"])
+            col_blocks = cdiv(n, tile["BLOCK_N"])
             groups = _resident_groups(col_blocks, warps, SM_COUNT[cc], cc)
             groups, per_program = bwd_grid(m, tile["ROWS"], groups)
             with sm_count_of(__name__, SM_COUNT[cc]):
@@ -358,5 +373,5 @@ def report_cases(cc: int = 90):
             args = dict(PART_W=f, PART_B=f, DW=p, DB=p, G=groups, N=n)
             cfg = launch_config(f"_sum_partials_kernel {label}", _sum_partials_kernel, args,
                                 dict(HAS_W=True, HAS_B=True, **sum_tile), _SUM_WARPS)
-            cases.append({"label": label, "config": cfg, "grid": triton.cdiv(n, sum_tile["BLOCK_N"])})
+            cases.append({"label": label, "config": cfg, "grid": cdiv(n, sum_tile["BLOCK_N"])})
     return cases

@@ -15,8 +15,8 @@ Plan, per chunk of C tokens (one (C, V) buffer, reused by every chunk):
   3. grad_hidden_c = dlogits @ weight (cuBLAS, fp32 output, rounded once into its rows of
      grad_hidden); dweight += dlogits^T @ hidden_c into one fp32 (V, d) accumulator (cuBLAS with
      an fp32 output on CUDA: no rounding to bf16 between chunks); dbias += column sums in fp64.
-The loss is the fp32 sum of the per-token losses (divided by the count for "mean": all ignored
-gives 0/0 = nan, as torch does).
+The loss is the fp64 sum of the per-token losses rounded once to fp32 (divided in fp64 by the
+count for "mean": all ignored gives 0/0 = nan, as torch does).
 
 Aligned GEMMs: cuBLAS picks its fast (sm_90, 16-byte vectorised) kernels only when the
 contiguous extent of every operand is a multiple of 8 elements (ATen passes the strided views
@@ -52,7 +52,8 @@ fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
 
 Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error.
 One small kernel (``_targets_kernel``) maps the targets to the kernel's int32 form, counts the
-non-ignored ones and finds the first bad one; the call then reads that index (a host sync,
+non-ignored ones, finds the first bad one and writes the gradients' scale (1/count for "mean",
+1 for "sum"); the call then reads that index (a host sync,
 ``check_targets=True``, the default) and raises the same ValueError on CUDA as on CPU before the
 GEMMs run: no device-side assert, the process goes on. ``check_targets=False`` (targets already
 validated, e.g. by ``gptfast.dataset``) skips the read, and so does a CUDA graph capture: a bad
@@ -61,18 +62,24 @@ target then gives a NaN loss for its token (and NaN gradients), never a read out
 Autocast: hidden, weight and bias are cast to the autocast dtype (F.linear's policy) and the
 loss is computed in fp32 (cross-entropy's), so the op behaves like the unfused pair under it.
 
+Host path: both kernels launch through ``_common.Kernel`` (no Triton dispatch per call) with
+configs cached by ``plan_cache`` (per vocabulary and flags); one chunk takes its tensors whole
+(no views, grad_hidden is its product), and no torch op computes the count or the scale.
+
 torch.compile sees the ops gptfast::linear_cross_entropy and
 gptfast::linear_cross_entropy_backward (the per-token backward of reduction="none").
 """
 
+import contextlib
 import functools
 import numbers
 
 import torch
-import triton
 
+from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    Launch, check_device, check_float, library_op, on_device, once_differentiable,
+    FLOAT_DTYPES, Kernel, Launch, cdiv, check_device, check_float, library_op, next_power_of_2,
+    on_device, once_differentiable, plan_cache,
 )
 from gptfast.kernels.linear_cross_entropy_kernels import _ce_kernel, _targets_kernel
 
@@ -91,14 +98,14 @@ _REDUCTIONS = ("mean", "sum", "none")
 def _launch(vocab: int) -> Launch:
     """The row loop's column block (a power of 2 in 128..4096, 16 fp32 values per thread at
     most) and warps for a vocabulary of ``vocab``."""
-    block = min(_BLOCK_V[1], max(_BLOCK_V[0], triton.next_power_of_2(vocab)))
+    block = min(_BLOCK_V[1], max(_BLOCK_V[0], next_power_of_2(vocab)))
     return Launch(block_m=1, block_n=block, num_warps=max(1, block // 512), num_stages=1)
 
 
 def row_stride(vocab: int) -> int:
     """Elements between logits rows in the chunk buffer: vocab rounded up to 16, so that every
     row starts 16-byte aligned (and Triton, seeing a stride divisible by 16, vectorises)."""
-    return triton.cdiv(vocab, 16) * 16
+    return cdiv(vocab, 16) * 16
 
 
 def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
@@ -107,8 +114,8 @@ def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
     budget = max(1, CHUNK_BYTES // (vocab * element_size))
     if tokens <= budget:
         return max(1, tokens)
-    per_chunk = triton.cdiv(tokens, triton.cdiv(tokens, budget))
-    return min(budget, triton.cdiv(per_chunk, _ROW_ALIGN) * _ROW_ALIGN)
+    per_chunk = cdiv(tokens, cdiv(tokens, budget))
+    return min(budget, cdiv(per_chunk, _ROW_ALIGN) * _ROW_ALIGN)
 
 
 def vocab_parts(vocab: int) -> tuple[tuple[int, int], ...]:
@@ -117,6 +124,23 @@ def vocab_parts(vocab: int) -> tuple[tuple[int, int], ...]:
     is aligned already or smaller than one alignment step."""
     main = vocab // _VOCAB_ALIGN * _VOCAB_ALIGN
     return ((0, vocab),) if main in (0, vocab) else ((0, main), (main, vocab))
+
+
+_TARGETS, _CE = Kernel(_targets_kernel), Kernel(_ce_kernel)
+
+
+@plan_cache
+def _targets_plan(mean: bool):
+    """The targets kernel's config: it writes "mean"'s gradient scale (1/count), or 1."""
+    return _TARGETS.config(MEAN=mean, BLOCK=_TARGETS_BLOCK, num_warps=4)
+
+
+@plan_cache
+def _ce_plan(vocab: int, write_grad: bool, row_scale: bool, smoothing: bool):
+    """The row kernel's config for a vocabulary of ``vocab`` (Triton's default stages)."""
+    launch = _launch(vocab)
+    return _CE.config(WRITE_GRAD=write_grad, ROW_SCALE=row_scale, HAS_SMOOTHING=smoothing,
+                      BLOCK_V=launch.block_n, num_warps=launch.num_warps)
 
 
 # ---- host side -----------------------------------------------------------------------------
@@ -141,8 +165,9 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype: cuBLAS with an fp32 output on CUDA. On CPU (the interpreter) in fp64 (one chunk's
     fp64 copy): the fp32 rounding noise of a chunk's product against eager's product of all
     rows, blocked otherwise, decided the 2x rule at K = 1000 classes by chance (1 seed in 60:
-    20 ulps where eager's draw was 4); exact products keep the CPU tests about the kernels."""
-    if a.is_cuda:
+    20 ulps where eager's draw was 4); exact products keep the CPU tests about the kernels.
+    (The host bench's CPU tensors stand for CUDA ones: there the CUDA calls are timed.)"""
+    if a.is_cuda or _common.CPU_LAUNCH:
         return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.double(), b.double()).float()
 
@@ -151,9 +176,10 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b without rounding the product to the inputs' dtype: in place where
     cuBLAS can accumulate into an fp32 output (fp32 inputs; fp16/bf16 where torch allows it),
     else through an fp32 product (_mm_fp32)."""
-    if a.is_cuda and a.dtype == torch.float32:
+    cuda = a.is_cuda or _common.CPU_LAUNCH  # (the host bench times the CUDA calls)
+    if cuda and a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda and _accumulating_addmm(acc.device):
+    elif cuda and _accumulating_addmm(acc.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += _mm_fp32(a, b)
@@ -174,76 +200,96 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
     n, d = hidden.shape
     vocab = weight.shape[0]
     need_h, need_w, need_b = needs
-    write_grad = any(needs)
-    launch = _launch(vocab)
+    row_scale = scale.numel() > 1
+    config = _ce_plan(vocab, need_h or need_w or need_b, row_scale, smoothing > 0)
     stride = row_stride(vocab)
     rows = chunk_rows(n, stride, hidden.element_size())
-    buffer = torch.empty((min(rows, n), stride), dtype=hidden.dtype, device=hidden.device)
+    device = hidden.device
+    buffer = torch.empty((min(rows, n), stride), dtype=hidden.dtype, device=device)
     if bias is None:  # the products over an aligned main part and the tail (vocab_parts)
-        parts = [(weight[lo:hi], lo, hi) for lo, hi in vocab_parts(vocab)]
+        parts = [(weight if hi - lo == vocab else weight[lo:hi], lo, hi) for lo, hi in vocab_parts(vocab)]
     else:  # the bias inside the product, rounded once with it: weight and bias padded to the
         parts = [(_padded(weight, stride), 0, stride)]  # buffer's aligned rows (zeros beyond V)
         bias_rows = _padded(bias, stride)
-    grad_h = torch.empty_like(hidden) if need_h else None
-    acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=hidden.device) if need_w else None
-    acc_b = torch.zeros(vocab, dtype=torch.float64, device=hidden.device) if need_b else None
-    row_scale = scale.numel() > 1
-    with on_device(hidden.device):
+    transposed = [w.t() for w, _, _ in parts]
+    one_chunk = 0 < n <= rows
+    grad_h = torch.empty_like(hidden) if need_h and not one_chunk else None
+    # dweight's fp32 sum: over one part, the first chunk's product starts it (no zeros to add to)
+    summed = need_w and (len(parts) > 1 or n == 0)
+    acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=device) if summed else None
+    acc_b = torch.zeros(vocab, dtype=torch.float64, device=device) if need_b else None
+    outs = []
+    with on_device(device):
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            h, full = hidden[start:end], buffer[: end - start]
-            logits = full[:, :vocab]  # 16-element aligned rows: cuBLAS writes them at that stride
+            if one_chunk:  # the whole tensors, no views
+                h, full, t, chunk_loss, chunk_scale = hidden, buffer, targets, loss, scale
+            else:
+                h, full, t, chunk_loss = (hidden[start:end], buffer[: end - start], targets[start:end],
+                                          loss[start:end])
+                chunk_scale = scale[start:end] if row_scale else scale
+            # 16-element aligned rows: cuBLAS writes them at the buffer's stride
+            outs = [full if hi - lo == stride else full[:, lo:hi] for _, lo, hi in parts]
             if bias is None:
-                for w, lo, hi in parts:
-                    torch.mm(h, w.t(), out=full[:, lo:hi])
+                for wt, out in zip(transposed, outs):
+                    torch.mm(h, wt, out=out)
             else:  # (contiguous output: cuBLASLt's bias epilogue, as F.linear; 0 beyond V)
-                torch.addmm(bias_rows, h, parts[0][0].t(), out=full)
-            _ce_kernel[(end - start,)](
-                logits, targets[start:end], loss[start:end], scale[start:end] if row_scale else scale,
-                vocab, stride, smoothing, WRITE_GRAD=write_grad, ROW_SCALE=row_scale,
-                HAS_SMOOTHING=smoothing > 0, BLOCK_V=launch.block_n, num_warps=launch.num_warps,
-            )
+                torch.addmm(bias_rows, h, transposed[0], out=full)
+            # the logits' first element stands for the rows (their stride is passed)
+            _CE(config, (end - start,), (full, t, chunk_loss, chunk_scale), (vocab, stride, smoothing))
             if need_h:  # summed over the parts in fp32, rounded once
-                w, lo, hi = parts[0]
-                grad = _mm_fp32(full[:, lo:hi], w)
-                for w, lo, hi in parts[1:]:
-                    _addmm_fp32(grad, full[:, lo:hi], w)
-                grad_h[start:end] = grad
-            for w, lo, hi in parts if need_w else ():
-                _addmm_fp32(acc_w[lo:hi], full[:, lo:hi].t(), h)
+                grad = _mm_fp32(outs[0], parts[0][0])
+                for (w, _, _), out in zip(parts[1:], outs[1:]):
+                    _addmm_fp32(grad, out, w)
+                if one_chunk:  # the product itself (rounded once, if not fp32)
+                    grad_h = grad if grad.dtype is hidden.dtype else grad.to(hidden.dtype)
+                else:
+                    grad_h[start:end] = grad
+            if need_w and acc_w is None:
+                acc_w = _mm_fp32(outs[0].t(), h)
+            elif need_w:
+                for (_, lo, hi), out in zip(parts, outs):
+                    _addmm_fp32(acc_w[lo:hi] if hi - lo < acc_w.shape[0] else acc_w, out.t(), h)
             if need_b:
-                acc_b += logits.sum(0, dtype=torch.float64)
-    del buffer, parts
-    grad_w = None if acc_w is None else acc_w[:vocab].to(weight.dtype)
+                acc_b += (full if vocab == stride else full[:, :vocab]).sum(0, dtype=torch.float64)
+    del buffer, parts, transposed, outs
+    grad_w = None if acc_w is None else (acc_w if acc_w.shape[0] == vocab else acc_w[:vocab]).to(weight.dtype)
     grad_b = None if acc_b is None else acc_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 
 
-def _prepare(hidden, weight, targets, bias, ignore_index, check):
+def _prepare(hidden, weight, targets, bias, ignore_index, check, mean):
     """(hidden rows (N, d), weight, bias contiguous; targets as int32, -1 where ignored and -2
-    where out of range; the count of valid targets, fp32, on the device). ``check``: raise the
-    ValueError for the first out-of-range target (one host read of its index, skipped while a
-    CUDA graph is captured)."""
-    rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    flat = targets.reshape(-1).contiguous()
+    where out of range; the statistics (int32: the count of valid targets, the first bad
+    index); the gradients' scale, fp32 on the device: 1/count with ``mean``, else 1).
+    ``check``: raise the ValueError for the first out-of-range target (one host read of its
+    index, skipped while a CUDA graph is captured)."""
+    rows = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
+    flat = targets if targets.dim() == 1 else targets.reshape(-1)
+    rows, flat = rows.contiguous(), flat.contiguous()
     n = flat.numel()
-    mapped = torch.empty(n + 2, dtype=torch.int32, device=flat.device)  # and the 2 statistics
-    mapped, stats = mapped[:n], mapped[n:]
+    device = flat.device
+    mapped = torch.empty(n, dtype=torch.int32, device=device)
+    stats = torch.empty(2, dtype=torch.int32, device=device)
+    scale = torch.empty(1, dtype=torch.float32, device=device)
     vocab = weight.shape[0]
-    with on_device(flat.device):
-        _targets_kernel[(1,)](flat, mapped, stats, n, vocab, ignore_index, BLOCK=_TARGETS_BLOCK,
-                              num_warps=4)
+    with on_device(device):
+        _TARGETS(_targets_plan(mean), (1,), (flat, mapped, stats, scale), (n, vocab, ignore_index))
     if check and not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):
         first_bad = int(stats[1])
         if first_bad < n:
             raise ValueError(f"{_OP}: target {int(flat[first_bad])} is out of range for {vocab} "
                              f"classes (and is not ignore_index={ignore_index})")
-    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), mapped, \
-        stats[0].to(torch.float32)
+    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), mapped, stats, scale
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _no_autocast(device: torch.device):
-    return torch.autocast(device.type, enabled=False)
+    """The products in the inputs' dtype: autocast off inside (nothing to do when it is off)."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else _NO_CONTEXT
 
 
 # ---- autograd, and the torch.library ops torch.compile sees ---------------------------------
@@ -261,20 +307,27 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
              check_targets: bool, need_hidden: bool, need_weight: bool, need_bias: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, w, b, t, count = _prepare(hidden, weight, targets, bias, ignore_index, check_targets)
-    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    mean = reduction == "mean"
+    h, w, b, t, stats, scale = _prepare(hidden, weight, targets, bias, ignore_index, check_targets,
+                                        mean)
     if reduction == "none":
         needs = (False, False, False)  # the backward computes them, with per-token scales
-    scale = (1.0 / count if reduction == "mean" else torch.ones((), device=h.device)).reshape(1)
-    losses = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
+    else:
+        needs = (need_hidden, need_weight, need_bias and bias is not None)
+    losses = torch.empty(t.shape, dtype=torch.float32, device=h.device)
     with _no_autocast(h.device):
-        grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing, needs, losses.view(-1))
+        grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing, needs, losses)
     if reduction == "none":
-        loss = losses
+        loss = losses if targets.dim() == 1 else losses.view(targets.shape)
     else:
         total = losses.sum(dtype=torch.float64)  # exact enough to add no rounding of its own
-        loss = (total / count if reduction == "mean" else total).to(torch.float32)
-    grad_h = None if grad_h is None else grad_h.view(hidden.shape)
+        if mean:  # divided in fp64 by the int32 count (0/0 = nan), rounded once to fp32
+            loss = torch.empty((), dtype=torch.float32, device=h.device)
+            torch.div(total, stats[0], out=loss)
+        else:
+            loss = total.to(torch.float32)
+    if grad_h is not None and hidden.dim() != 2:
+        grad_h = grad_h.view(*hidden.shape)
     return loss, _or_empty(grad_h, h), _or_empty(grad_w, h), _or_empty(grad_b, h)
 
 
@@ -293,6 +346,7 @@ def _setup(ctx, inputs, output):
     hidden, weight, targets, bias, ignore_index, reduction, label_smoothing = inputs[:7]
     _, grad_h, grad_w, grad_b = output
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)  # no zero tensors for the saved gradients' (absent) grads
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
     ctx.has_bias = bias is not None
     if reduction == "none":
@@ -325,12 +379,12 @@ def _backward_none(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
     """Gradients of reduction="none" for upstream per-token gradients ``grad_loss`` (targets'
     shape): the chunk loop again, each row's gradient scaled by its own grad_loss (the targets
     were checked by the forward)."""
-    h, w, b, t, _ = _prepare(hidden, weight, targets, bias, ignore_index, False)
+    h, w, b, t, _, _ = _prepare(hidden, weight, targets, bias, ignore_index, False, False)
     scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
     with _no_autocast(h.device):
         grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing,
                                           (need_hidden, need_weight, need_bias), torch.empty_like(scale))
-    grad_h = None if grad_h is None else grad_h.view(hidden.shape)
+    grad_h = None if grad_h is None else grad_h.view(*hidden.shape)
     return _or_empty(grad_h, h), _or_empty(grad_w, h), _or_empty(grad_b, h)
 
 
@@ -355,8 +409,14 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
         if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    check_device(_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
-    check_float(_OP, hidden=hidden, weight=weight, bias=bias)
+    device = hidden.device
+    if not (hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+            and weight.device == device and targets.device == device
+            and (bias is None or (bias.device == device and bias.dtype in FLOAT_DTYPES))):
+        check_device(_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
+        check_float(_OP, hidden=hidden, weight=weight, bias=bias)
+    elif not hidden.is_cuda and not (hidden.is_cpu and (_common.INTERPRETING or _common.CPU_LAUNCH)):
+        check_device(_OP, hidden=hidden)  # raises: CPU tensors run only in the interpreter
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{_OP}: targets must be int64 or int32 class indices, got {targets.dtype}")
     if hidden.dim() == 0:
@@ -371,17 +431,20 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
     vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError(f"{_OP}: weight must have at least one row (a vocabulary of 1 or more)")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+    if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"{_OP}: targets must have shape {tuple(hidden.shape[:-1])} (hidden's "
                          f"without its last dim), got {tuple(targets.shape)}")
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise ValueError(f"{_OP}: bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
-            or not 0.0 <= label_smoothing <= 1.0):
+    if type(label_smoothing) is not float and (isinstance(label_smoothing, bool)
+                                               or not isinstance(label_smoothing, numbers.Real)):
+        raise ValueError(f"{_OP}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{_OP}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if not isinstance(check_targets, bool):
         raise TypeError(f"{_OP}: check_targets must be True or False, got {check_targets!r}")
@@ -415,8 +478,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
-    if len(dtypes) > 1:
+    if weight.dtype is not hidden.dtype or (bias is not None and bias.dtype is not hidden.dtype):
+        dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
         raise TypeError(f"{_OP}: hidden, weight and bias must have one dtype (as for F.linear), "
                         f"got {', '.join(str(t) for t in sorted(dtypes, key=str))}")
     grad = torch.is_grad_enabled()
@@ -450,12 +513,12 @@ def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=
             "num_stages": launch.num_stages, "attrs": _aligned(_ce_kernel, signature, "stride_row")}
 
 
-def _targets_config(t: str) -> dict:
-    constexprs = dict(BLOCK=_TARGETS_BLOCK)
-    types = {"TARGETS": "*" + t, "MAPPED": "*i32", "STATS": "*i32", "N": "i32", "V": "i32",
-             "ignore_index": "i32"}
+def _targets_config(t: str, mean: bool = True) -> dict:
+    constexprs = dict(MEAN=mean, BLOCK=_TARGETS_BLOCK)
+    types = {"TARGETS": "*" + t, "MAPPED": "*i32", "STATS": "*i32", "SCALE": "*fp32", "N": "i32",
+             "V": "i32", "ignore_index": "i32"}
     signature = {a: "constexpr" if a in constexprs else types[a] for a in _targets_kernel.arg_names}
-    return {"name": f"_targets_kernel/{t}", "fn": _targets_kernel, "signature": signature,
+    return {"name": f"_targets_kernel/{t}/m{mean:d}", "fn": _targets_kernel, "signature": signature,
             "constexprs": constexprs, "num_warps": 4, "num_stages": 3,
             "attrs": _aligned(_targets_kernel, signature)}
 
@@ -470,7 +533,7 @@ def aot_configs():
     with the gradient pass and label smoothing on (the most code and registers); the other flag
     combinations (forward only, per-row scales of reduction="none", no smoothing) only drop or
     swap a scalar load and a few elementwise ops, and are compiled at GPT-2's block (4096). And
-    the targets kernel for int64 and int32 targets."""
+    the targets kernel for int64 and int32 targets ("mean"'s scale and 1)."""
     configs = [_config(t, _launch(v)) for t in _TYPES.values() for v in _plan_vocabs()]
     gpt2 = _launch(50257)
     for t in _TYPES.values():
@@ -478,7 +541,7 @@ def aot_configs():
                                                  (True, False, False), (True, True, False),
                                                  (True, True, True)):
             configs.append(_config(t, gpt2, write_grad, row_scale, smoothing))
-    return configs + [_targets_config(t) for t in ("i64", "i32")]
+    return configs + [_targets_config(t, mean) for t in ("i64", "i32") for mean in (True, False)]
 
 
 def report_cases(cc: int = 90):
@@ -491,13 +554,14 @@ def report_cases(cc: int = 90):
     from gptfast.kernels.testing import launch_config
 
     tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
-    args = dict(TARGETS="*i64", MAPPED="*i32", STATS="*i32", N=tokens, V=vocab, ignore_index=-100)
+    args = dict(TARGETS="*i64", MAPPED="*i32", STATS="*i32", SCALE="*fp32", N=tokens, V=vocab,
+                ignore_index=-100)
     cfg = launch_config(f"_targets_kernel GPT-2 {tokens} int64", _targets_kernel, args,
-                        dict(BLOCK=_TARGETS_BLOCK), 4)
+                        dict(MEAN=True, BLOCK=_TARGETS_BLOCK), 4)
     cases = [{"label": f"GPT-2 {tokens} int64 targets", "config": cfg, "grid": 1}]
     for dtype, t in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         rows = chunk_rows(tokens, row_stride(vocab), dtype.itemsize)
-        label = f"GPT-2 {tokens}x{vocab} {t} ({triton.cdiv(tokens, rows)} chunks)"
+        label = f"GPT-2 {tokens}x{vocab} {t} ({cdiv(tokens, rows)} chunks)"
         args = dict(LOGITS="*" + t, TARGETS="*i32", LOSS="*fp32", SCALE="*fp32", V=vocab,
                     stride_row=row_stride(vocab), smoothing=0.0)
         constexprs = dict(WRITE_GRAD=True, ROW_SCALE=False, HAS_SMOOTHING=False,

@@ -7,10 +7,13 @@ import triton.language as tl
 
 # Targets, in one program: reads the N targets (int64/int32) in blocks, writes them as int32
 # (-1 for ignore_index, -2 for a target outside [0, V): what _ce_kernel reads), and stores the count of valid targets
-# and the index of the first bad one (N if none) in STATS. 12 bytes per token, one launch; one
-# program keeps the count and the first index exact without atomics (8192 tokens: 2 steps).
+# and the index of the first bad one (N if none) in STATS, and the gradients' scale in SCALE
+# (fp32: 1/count, rounded as torch's fp32 division, with MEAN, "mean"'s; else 1, "sum"'s), which
+# _ce_kernel reads. 12 bytes per token, one launch; one program keeps the count and the first
+# index exact without atomics (8192 tokens: 2 steps).
 @triton.jit
-def _targets_kernel(TARGETS, MAPPED, STATS, N, V, ignore_index, BLOCK: tl.constexpr):
+def _targets_kernel(TARGETS, MAPPED, STATS, SCALE, N, V, ignore_index, MEAN: tl.constexpr,
+                    BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     count = tl.zeros([], tl.int32)
     first_bad = tl.zeros([], tl.int32) + N
@@ -26,6 +29,10 @@ def _targets_kernel(TARGETS, MAPPED, STATS, N, V, ignore_index, BLOCK: tl.conste
         first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, N), axis=0))
     tl.store(STATS, count)
     tl.store(STATS + 1, first_bad)
+    if MEAN:  # inf for no valid target, as torch's 1 / 0
+        tl.store(SCALE, tl.div_rn(tl.full([], 1.0, tl.float32), count.to(tl.float32)))
+    else:
+        tl.store(SCALE, tl.full([], 1.0, tl.float32))
 
 
 @triton.jit
