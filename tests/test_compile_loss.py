@@ -26,12 +26,7 @@ TINY = {"vocab_size": 101, "context_length": 32, "emb_dim": 48, "n_heads": 2, "n
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def tiny_model(drop_rate=0.0, kernels="triton"):
