@@ -265,6 +265,19 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+def _launchable(device: torch.device) -> bool:
+    """Whether the kernels launch on ``device``: CUDA, or the CPU under the interpreter (and
+    under CPU_LAUNCH, the host bench's stand-in for CUDA)."""
+    return device.type == "cuda" or (device.type == "cpu" and (INTERPRETING or CPU_LAUNCH))
+
+
+def check_launchable(op: str, t: torch.Tensor) -> None:
+    """The hot path's device check of one tensor, once the inputs are known to share a device:
+    a few attribute reads, ``check_device``'s error where the kernels cannot launch."""
+    if not (t.is_cuda or (t.is_cpu and (INTERPRETING or CPU_LAUNCH))):  # _launchable(t.device),
+        check_device(op, x=t)  # without making a device object
+
+
 def check_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     """All given tensors on one device where the kernels can run; returns that device."""
     device = None
@@ -276,9 +289,7 @@ def check_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
                 where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items()
                                   if t is not None)
                 raise ValueError(f"{op}: tensors must be on one device, got {where}")
-    if device.type == "cuda":
-        return device
-    if device.type == "cpu" and (INTERPRETING or CPU_LAUNCH):
+    if _launchable(device):
         return device
     if device.type == "cpu":
         raise RuntimeError(

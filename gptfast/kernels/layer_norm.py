@@ -38,9 +38,8 @@ import numbers
 
 import torch
 
-from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    FLOAT_DTYPES, cdiv, check_device, check_float, library_op, on_device,
+    FLOAT_DTYPES, cdiv, check_device, check_float, check_launchable, library_op, on_device,
     once_differentiable,
 )
 from gptfast.kernels.layer_norm_kernels import (  # noqa: F401  (the gate and tests name them here)
@@ -255,7 +254,7 @@ _add_layer_norm = library_op("add_layer_norm", _add_layer_norm_forward, _add_lay
 def _needs_op(x, weight, bias, residual=None) -> bool:
     """Whether a call goes through the op: to record autograd, or into a trace. Otherwise
     (inference, or nothing requires grad) it launches the forward directly."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    if _traced(x):
         return True
     return torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad)
@@ -288,8 +287,8 @@ def _check(op, x, residual, weight, bias, eps) -> None:
     if not same:
         check_device(op, x=x, residual=residual, weight=weight, bias=bias)
         check_float(op, x=x, residual=residual, weight=weight, bias=bias)
-    elif not x.is_cuda and not (x.is_cpu and (_common.INTERPRETING or _common.CPU_LAUNCH)):
-        check_device(op, x=x)  # raises: CPU tensors run only in the interpreter (or the host bench)
+    else:
+        check_launchable(op, x)
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension (the normalized last one)")
     n = x.shape[-1]

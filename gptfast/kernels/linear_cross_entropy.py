@@ -78,8 +78,8 @@ import torch
 
 from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    FLOAT_DTYPES, Kernel, Launch, cdiv, check_device, check_float, library_op, next_power_of_2,
-    on_device, once_differentiable, plan_cache,
+    FLOAT_DTYPES, Kernel, Launch, cdiv, check_device, check_float, check_launchable, library_op,
+    next_power_of_2, on_device, once_differentiable, plan_cache,
 )
 from gptfast.kernels.linear_cross_entropy_kernels import _ce_kernel, _targets_kernel
 
@@ -417,8 +417,8 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
             and (bias is None or (bias.device == device and bias.dtype in FLOAT_DTYPES))):
         check_device(_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
         check_float(_OP, hidden=hidden, weight=weight, bias=bias)
-    elif not hidden.is_cuda and not (hidden.is_cpu and (_common.INTERPRETING or _common.CPU_LAUNCH)):
-        check_device(_OP, hidden=hidden)  # raises: CPU tensors run only in the interpreter
+    else:
+        check_launchable(_OP, hidden)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{_OP}: targets must be int64 or int32 class indices, got {targets.dtype}")
     if hidden.dim() == 0:
