@@ -30,9 +30,9 @@ class TrainingLoss(nn.Module):
     training step; the loss is the mean cross-entropy over targets other than -100.
 
     The targets' values are not read (``GPTModel.loss(check_targets=False)``): a target out of
-    range gives a NaN loss with the Triton kernels. ``check_targets=True`` checks them before
-    each call, outside any compiled graph, with ``GPTModel.loss``'s ValueError (on CUDA one flag
-    read back: a host sync per call).
+    range gives a NaN loss (and NaN gradients) on both paths, never a device-side assert.
+    ``check_targets=True`` checks them before each call, outside any compiled graph, with
+    ``GPTModel.loss``'s ValueError (on CUDA one flag read back: a host sync per call).
     """
 
     def __init__(self, model: nn.Module, check_targets: bool = False, cuda_graphs: bool = False):
@@ -46,7 +46,7 @@ class TrainingLoss(nn.Module):
 
     def __call__(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.check_targets:
-            self.model._check_targets(ids, targets, -100)
+            self.model._check_targets(ids, targets, -100)  # raises on a bad one
         if self.cuda_graphs and isinstance(ids, torch.Tensor) and ids.is_cuda:
             self._refuse_accumulation()
         return super().__call__(ids, targets)

@@ -404,9 +404,9 @@ class GPTModel(nn.Module):
         one flag back: a host sync; a device-side assert would end the process's CUDA use).
         ``check_targets=False`` skips that read for targets known to be valid (the trainer's,
         which ``TokenData`` checks on the host batch by batch); a bad target then gives a NaN
-        loss (Triton kernels) or torch's device assert (kernels="torch").
+        loss and NaN gradients on both paths, never torch's device-side assert.
         """
-        ignore_index = self._check_targets(in_idx, targets, ignore_index, check_targets)
+        ignore_index, read = self._check_targets(in_idx, targets, ignore_index, check_targets)
         x = self.hidden_states(in_idx)
         if use_triton(self.kernels, x):  # targets checked above: no second read in the op
             with label("out_head"):
@@ -415,7 +415,9 @@ class GPTModel(nn.Module):
                                                          check_targets=False)
         with label("out_head"):
             logits = self.out_head(x)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        if read:
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return _unread_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index)
 
     def compile_loss(self, mode="default", *, fullgraph=True, dynamic=None, backend="inductor",
                      check_targets=False) -> TrainingLoss:
@@ -431,7 +433,8 @@ class GPTModel(nn.Module):
         """The targets checked here for both paths, as the fused loss (kernels="triton") checks
         them and in its words, so that both refuse the same input with one message; returns
         ignore_index as an int (numpy integers too). The values are read unless
-        ``check_values`` is False, under torch.compile or while a CUDA graph is captured."""
+        ``check_values`` is False, under torch.compile or while a CUDA graph is captured:
+        returns (ignore_index as an int, whether the values were read)."""
         ids_shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else None
         if not isinstance(targets, torch.Tensor) or (ids_shape and tuple(targets.shape) != ids_shape):
             what = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
@@ -448,13 +451,14 @@ class GPTModel(nn.Module):
         ignore_index, vocab = int(ignore_index), self.cfg["vocab_size"]
         # is_compiling first, so that dynamo never traces the capture query for CUDA targets (a
         # host query returning a bool, not a graph op; traced on torch's CPU build, it raises)
-        if (check_values and targets.numel() and not torch.compiler.is_compiling()
-                and not (targets.is_cuda and torch.cuda.is_current_stream_capturing())):
+        read = (check_values and not torch.compiler.is_compiling()
+                and not (targets.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if read and targets.numel():
             bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
             if bad.any():  # on CUDA one flag read back (a host sync)
                 raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "
                                  f"classes (and is not ignore_index={ignore_index})")
-        return ignore_index
+        return ignore_index, read
 
     def _check_ids(self, in_idx, start_pos):
         if not isinstance(in_idx, torch.Tensor) or in_idx.dtype not in (torch.int64, torch.int32):
@@ -524,6 +528,18 @@ class GPTModel(nn.Module):
                     f"({t} of them) do not fit the KV cache of {max_len} positions"
                 )
         return start_pos
+
+
+def _unread_cross_entropy(logits, targets, ignore_index: int) -> torch.Tensor:
+    """``F.cross_entropy(logits, targets, ignore_index=...)`` (mean) for targets whose values were
+    not read: a target out of range (and not ``ignore_index``) makes the loss, and through it
+    every gradient, NaN, as the fused loss's token does, instead of the device-side assert that
+    would end the process's CUDA use. Valid targets give F.cross_entropy's value exactly (times
+    1.0); no host sync, so it compiles and captures."""
+    vocab = logits.shape[-1]
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    loss = F.cross_entropy(logits, targets.masked_fill(bad, ignore_index), ignore_index=ignore_index)
+    return loss * torch.where(bad.any(), float("nan"), 1.0).to(loss.dtype)
 
 
 def _as_int(name, value) -> int:

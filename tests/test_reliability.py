@@ -651,13 +651,27 @@ def test_the_loss_gives_one_message_on_both_paths(targets, ignore_index, error, 
 
 def test_the_loss_can_skip_reading_targets_known_to_be_valid():
     """check_targets=False (the trainer's: TokenData checked the batch on the host) reads no
-    target back: a bad one gives a NaN loss through the fused loss instead of the ValueError;
-    valid targets give the same loss either way. On CUDA the checked call raises the ValueError
-    and the process's CUDA use goes on (no device-side assert)."""
-    model, x = tiny().use_kernels("triton"), ids(1, 4)
+    target back: a bad one gives a NaN loss and NaN gradients on both paths instead of the
+    ValueError (on CUDA the torch path's cross-entropy would device-assert on it: it no longer
+    sees it); valid targets give the same loss either way (the torch path's exactly). On CUDA
+    the checked call raises the ValueError and the process's CUDA use goes on."""
+    model, x = tiny(), ids(1, 4)
     y = ids(1, 4)
-    torch.testing.assert_close(model.loss(x, y, check_targets=False), model.loss(x, y))
-    assert model.loss(x, torch.full((1, 4), 99, device=DEVICE), check_targets=False).isnan()
+    y[0, 1] = -100
+    bad = y.clone()
+    bad[0, 2] = 99
+    for path in ("torch", "triton"):
+        model.use_kernels(path)
+        checked = model.loss(x, y)
+        unread = model.loss(x, y, check_targets=False)
+        if path == "torch":
+            assert torch.equal(unread, checked)
+        torch.testing.assert_close(unread, checked)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(x, bad, check_targets=False)
+        loss.backward()
+        assert loss.isnan() and model.out_head.weight.grad.isnan().any(), path
+    model.zero_grad(set_to_none=True)
     with pytest.raises(TypeError, match="check_targets must be True or False, got 'no'"):
         model.loss(x, y, check_targets="no")
     for path in ("torch", "triton"):
