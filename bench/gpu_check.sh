@@ -27,13 +27,13 @@
 #   tune         bench/tune.py's table: OUTDIR/configs/<device>.json, to commit as
 #                gptfast/kernels/configs/<device>.json (on CPU a dry run)
 # Sizes, from the first H200 run (2026-12-04, 16 cores): tests 160 s on 14 workers, kernel bench
-# 91 s, model bench 105 s (before its recipe and dropout-0.1 cases), memcheck 25 s; the profile,
-# racecheck and tune are unmeasured. The default steps take ~8 minutes and at most 645 s with
-# every timeout hit (tests 200, rerun 60, bench 105, bench_model 200, profile 35, memcheck 35,
+# 91 s, model bench 105 s (before its recipe, graphs and dropout-0.1 cases), memcheck 25 s; the profile,
+# racecheck and tune are unmeasured. The default steps take ~8-9 minutes and at most 745 s with
+# every timeout hit (tests 200, rerun 60, bench 105, bench_model 300, profile 35, memcheck 35,
 # env ~10): over the device tool's 600 s per command, so a lease runs them as two commands,
-# GPU_CHECK_STEPS="tests bench" (<= 375 s) then "bench_model profile memcheck" (<= 280 s); with
-# the machine's start (1-2 min) that leaves ~2 minutes of a 15-minute lease for one
-# rerun (e.g. GPU_CHECK_STEPS=tests). A failing or timed-out step does not stop the others; a
+# GPU_CHECK_STEPS="tests bench" (<= 375 s) then "bench_model profile memcheck" (<= 380 s); with
+# the machine's start (1-2 min) that leaves ~2-4 minutes of a 15-minute lease for the
+# experiments or one rerun (e.g. GPU_CHECK_STEPS=tests). A failing or timed-out step does not stop the others; a
 # benchmark step cut short keeps the summary of the cases it finished. OUTDIR/steps.txt lists
 # each step's exit status and time. GPU_CHECK_BUNDLE=DIR copies at most 7 files there, for a
 # tool that returns few: steps.txt, env.txt, tests-failed.txt, kernels-quick.md, model-quick.md,
@@ -43,7 +43,7 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_STEPS, GPU_CHECK_TESTS (paths of the tests
 # step, default "tests"), GPU_CHECK_WORKERS, GPU_CHECK_PROFILE_ARGS, GPU_CHECK_BUNDLE,
-# GPU_CHECK_TIMEOUT_<STEP> (seconds: TESTS 200, TESTS_RERUN 60, BENCH 105, BENCH_MODEL 200,
+# GPU_CHECK_TIMEOUT_<STEP> (seconds: TESTS 200, TESTS_RERUN 60, BENCH 105, BENCH_MODEL 300,
 # PROFILE 35, MEMCHECK 35, RACECHECK 90, TUNE 120).
 set -u -o pipefail
 
@@ -153,7 +153,7 @@ if wanted bench; then
         "${MODEL_BENCH[@]/#/--ignore=}" --results-dir "$OUTDIR/results" ${BENCH_JSON[@]+"${BENCH_JSON[@]}"}
 fi
 if wanted bench_model; then
-    step bench_model "$(limit bench_model 200)" "${PYTEST[@]}" "${MODEL_BENCH[@]}" --benchmark-only \
+    step bench_model "$(limit bench_model 300)" "${PYTEST[@]}" "${MODEL_BENCH[@]}" --benchmark-only \
         --quick --results-dir "$OUTDIR/results-model" ${MODEL_JSON[@]+"${MODEL_JSON[@]}"}
 fi
 

@@ -18,6 +18,9 @@ weights:
   triton-recipe  ``GPTModel.compile_loss()``, the fastest recipe in one call: the triton model's
            whole loss (fused head included) one torch.compile graph with its backward, Inductor,
            mode "default" (training step only; under the CPU interpreter: backend "aot_eager")
+  triton-graphs  the same with ``compile_loss(mode="reduce-overhead")``: the compiled loss and its
+           backward each replayed as one CUDA graph (no host launches per kernel; CUDA only,
+           training step only)
   compile  the chapter's architecture with ``F.scaled_dot_product_attention(is_causal=True)``
            as each attention's math, every transformer block torch.compile'd (regional
            compilation: one compiled block serves all layers, so the compile costs one block's
@@ -88,14 +91,15 @@ pytestmark = BENCH_MARK
 OP = "model"
 SIZES = ("124M", "355M")
 BATCHES = ((8, 1024), (2, 512))  # (B, T)
-PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "triton-recipe", "compile",
-             "hf-eager", "hf-sdpa", "hf-gptfast")  # the baseline first
-TRAIN_ONLY = ("triton-loss", "triton-recipe")  # their forward is triton's
+PROVIDERS = ("torch", "triton", "triton-loss", "triton-compile", "triton-recipe", "triton-graphs",
+             "compile", "hf-eager", "hf-sdpa", "hf-gptfast")  # the baseline first
+TRAIN_ONLY = ("triton-loss", "triton-recipe", "triton-graphs")  # their forward is triton's
+RECIPES = {"triton-recipe": "default", "triton-graphs": "reduce-overhead"}  # compile_loss modes
 DROPOUT = 0.1  # the chapter's rate, for the training step's second case
 QUICK_DROPOUT = ("torch", "triton-recipe", "compile")  # the baseline, ours vs issue 23's target
 PADDED = "model_padded"
 PADDED_PROVIDERS = ("hf-sdpa", "hf-gptfast")  # the baseline (bench._runner.BASELINE) first
-OURS = ("triton", "triton-loss", "triton-compile", "triton-recipe", "hf-gptfast")
+OURS = ("triton", "triton-loss", "triton-compile", "triton-recipe", "triton-graphs", "hf-gptfast")
 MODES = ("fwd", "train")
 CHECKED = 2  # sequences compared with float64
 EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # lookups: no FLOPs
@@ -144,14 +148,17 @@ def chapter_model(cfg, device):
 
 def build(provider: str, cfg, device):
     model = chapter_model(cfg, device)
-    if provider in ("triton", "triton-loss", "triton-compile", "triton-recipe"):
+    if provider in ("triton", "triton-loss", "triton-compile", *RECIPES):
         require_model_kernels()
         model.use_kernels("triton")
         model.fused_loss = provider == "triton-loss"  # read by values() and training_loss()
-        if provider == "triton-recipe":  # in __dict__, not a submodule: the loss holds the model
+        if provider in RECIPES:  # in __dict__, not a submodule: the loss holds the model
+            cuda = model.tok_emb.weight.is_cuda
+            if not cuda and RECIPES[provider] != "default":
+                raise ValueError(f"provider {provider!r} replays CUDA graphs: it needs a CUDA device")
             compile_settings()  # room for every case's graph, as for the other compiled providers
-            backend = "inductor" if model.tok_emb.weight.is_cuda else "aot_eager"
-            model.__dict__["recipe"] = model.compile_loss(backend=backend)
+            model.__dict__["recipe"] = model.compile_loss(RECIPES[provider],
+                                                          backend="inductor" if cuda else "aot_eager")
         return compile_blocks(model) if provider == "triton-compile" else model
     if provider == "compile":
         return compile_blocks(use_sdpa(model))
@@ -237,7 +244,7 @@ def check(model, cfg, idx, targets, mode, amp=True, dtype=torch.bfloat16, length
 
 
 def training_loss(model, idx, targets, amp, mask=None):
-    """The loss a training step backpropagates: a ``triton-recipe`` model's compiled loss, a
+    """The loss a training step backpropagates: a ``triton-recipe``/``-graphs`` model's compiled loss, a
     ``triton-loss`` or ``hf-gptfast`` model's ``model.loss``, else cross-entropy of the fp32
     logits (``mask``: a padded batch's attention mask, Hugging Face providers). The model runs
     under ``amp``."""

@@ -376,3 +376,16 @@ def test_peak_memory_counts_a_temporary_allocation():
     resident = torch.empty(8 * mib, dtype=torch.uint8, device="cuda")
     peak = peak_memory(lambda: torch.empty(64 * mib, dtype=torch.uint8, device="cuda"))
     assert peak >= 72 * mib and resident.numel() == 8 * mib
+
+
+def test_the_graphs_provider_needs_cuda_and_the_recipe_does_not():
+    """triton-graphs is compile_loss(mode="reduce-overhead"): on a CPU it is refused by name
+    (CUDA graphs), where triton-recipe compiles (with aot_eager) and computes the loss."""
+    from bench import test_model
+
+    tiny = {**test_model.config("124M"), **test_model.TINY}
+    with pytest.raises(ValueError, match="'triton-graphs' replays CUDA graphs: it needs a CUDA device"):
+        test_model.build("triton-graphs", tiny, "cpu")
+    model = test_model.build("triton-recipe", tiny, "cpu")
+    ids = torch.randint(0, tiny["vocab_size"], (1, 5))
+    assert torch.isfinite(model.__dict__["recipe"](ids, ids))
