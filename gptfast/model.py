@@ -4,7 +4,8 @@ Module names, creation order, parameters and state_dict keys are the chapter's, 
 checkpoints load here and ``torch.manual_seed(s)`` gives bit-identical initial weights.
 ``kernels`` picks the implementation of LayerNorm and attention per model:
 "torch" (eager PyTorch, the chapter's math), "triton" (this package's fused kernels) or
-"auto" (Triton for CUDA inputs, torch otherwise), decided at each forward call.
+"auto" (Triton for CUDA inputs, torch otherwise), decided at each forward call; with Triton
+kernels, CUDA inference also takes the MLP's GELU in its first GEMM's epilogue (``linear_gelu``).
 """
 
 import contextlib
@@ -97,9 +98,30 @@ class FeedForward(nn.Module):
             GELU(),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
+        self.kernels = "torch"
 
     def forward(self, x):
+        up, act, down = self.layers
+        if (x.is_cuda and use_triton(self.kernels, x) and not torch.is_grad_enabled()
+                and type(act) is GELU and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cuda")):
+            return down(linear_gelu(x, up))
         return self.layers(x)
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """GELU(linear(x)) as one GEMM, the activation in its epilogue (``torch._addmm_activation``,
+    cuBLASLt's GELU epilogue): one kernel and one pass over the (tokens x 4d) activations less
+    than F.linear then GELU, and the activation taken on the fp32 accumulator before the one
+    rounding. On CUDA the epilogue's GELU is the tanh approximation, the chapter's ``GELU``; on
+    CPU torch computes the exact (erf) GELU, so ``FeedForward`` takes it on CUDA only, for
+    inference (the op has no backward), outside torch.compile (Inductor fuses GELU itself) and
+    autocast (F.linear's casts), with the chapter's modules in place."""
+    if linear.bias is None:
+        return F.gelu(linear(x), approximate="tanh")
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(linear.bias, rows, linear.weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class MultiHeadAttention(nn.Module):
@@ -289,10 +311,11 @@ class GPTModel(nn.Module):
         self.use_kernels(kernels)
 
     def use_kernels(self, kernels: str) -> "GPTModel":
-        """Switch LayerNorm and attention to "torch", "triton" or "auto"; weights are untouched."""
+        """Switch LayerNorm, attention (and, for CUDA inference, the MLP's GELU epilogue) to
+        "torch", "triton" or "auto"; weights are untouched."""
         self.kernels = check_kernels(kernels)
         for module in self.modules():
-            if isinstance(module, (LayerNorm, MultiHeadAttention, TransformerBlock)):
+            if isinstance(module, (LayerNorm, MultiHeadAttention, TransformerBlock, FeedForward)):
                 module.kernels = kernels
         return self
 

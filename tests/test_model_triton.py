@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gptfast import GPTModel
 from gptfast.kernels.testing import assert_agrees
+from gptfast.model import linear_gelu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Head dim 24 (not a power of two), odd length: the kernels' boundary paths run.
@@ -67,3 +70,43 @@ def test_attention_dropout_is_used_in_training_only():
         torch.testing.assert_close(model.use_kernels("triton")(idx), reference, rtol=1e-4, atol=1e-4)
         model.train()
         assert not torch.equal(model(idx), model(idx))
+
+
+def test_linear_gelu_is_the_linear_layer_and_gelu_in_one_product():
+    """linear_gelu's wiring (the bias, the weight's transpose, leading dimensions): F.gelu of
+    F.linear with the GELU that torch's _addmm_activation takes on this device (the tanh one on
+    CUDA, the chapter's; the exact one on CPU, which is why the model uses it on CUDA only)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 192).to(DEVICE, torch.float64)
+    x = torch.randn(2, 5, 48, dtype=torch.float64, device=DEVICE)[:, ::2]  # strided rows
+    approximate = "tanh" if DEVICE == "cuda" else "none"
+    torch.testing.assert_close(linear_gelu(x, linear), F.gelu(linear(x), approximate=approximate))
+    linear.bias = None  # without a bias: F.linear, then the chapter's GELU
+    torch.testing.assert_close(linear_gelu(x, linear), F.gelu(linear(x), approximate="tanh"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GELU epilogue is CUDA's")
+def test_cuda_inference_takes_the_gelu_epilogue_and_agrees():
+    """kernels="triton", no_grad, bf16 weights: the MLP's first GEMM carries the GELU (no
+    separate GELU kernel runs) and the logits keep the 2x rule against float64."""
+    torch.manual_seed(0)
+    model = GPTModel(GPU_124M, kernels="torch").to(DEVICE, torch.float64).eval()
+    idx = torch.randint(0, GPU_124M["vocab_size"], (2, 257), device=DEVICE)
+    with torch.no_grad():
+        ref = model(idx)
+        eager = model.to(torch.bfloat16)(idx)
+        model.use_kernels("triton")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ours = model(idx)
+            torch.cuda.synchronize()
+    assert not _gelu_kernels(prof), "a separate GELU kernel ran"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as control:
+        F.gelu(ours, approximate="tanh")  # the name the check looks for is the one torch uses
+        torch.cuda.synchronize()
+    assert _gelu_kernels(control)
+    assert_agrees(ours, eager, ref, atol=1e-5, what="logits")
+
+
+def _gelu_kernels(prof) -> list[str]:
+    return [e.name for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and "GeluCUDAKernel" in e.name]
