@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gptfast import GPTModel
 from gptfast.kernels import LinearCrossEntropyLoss, linear_cross_entropy
@@ -273,6 +273,55 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
+
+
+class Launches(TorchDispatchMode):
+    """The aten ops run under it, less allocations and views (what launches a kernel on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_loss_without_gradients_is_three_launches(monkeypatch, reduction):
+    """No gradients and no target check: the logits' product, the row kernel and the loss
+    kernel, as F.linear + F.cross_entropy launch 3; the check adds the targets kernel (and its
+    one read), gradients it as well (their scale)."""
+    kernels = []
+
+    class Counted:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(lce, name)
+
+        def config(self, **kw):
+            return self.kernel.config(**kw)
+
+        def __call__(self, *args):
+            kernels.append(self.name)
+            with _disable_current_modes():  # the interpreter's own tensor work is not counted
+                return self.kernel(*args)
+
+    for name in ("_TARGETS", "_CE", "_LOSS"):
+        monkeypatch.setattr(lce, name, Counted(name))
+    h, w, t, _ = make(6, 16, 64, torch.float32)  # an aligned vocabulary: one product
+    t[1] = -100
+    for check, grad, expected in ((False, False, ["_CE", "_LOSS"]),
+                                  (True, False, ["_TARGETS", "_CE", "_LOSS"]),
+                                  (False, True, ["_TARGETS", "_CE", "_LOSS"])):
+        kernels.clear()
+        with torch.set_grad_enabled(grad), Launches() as ops:
+            loss = linear_cross_entropy(h.requires_grad_(grad), w, t, reduction=reduction,
+                                        check_targets=check)
+        assert kernels == expected, (check, grad)
+        reads = ["_local_scalar_dense"] * check  # the first bad index, before any product
+        assert ops.ops[:1 + check] == reads + ["mm"] and (grad or ops.ops == reads + ["mm"])
+        torch.testing.assert_close(loss, reference(h.detach(), w, t, reduction=reduction))
 
 
 def test_no_tokens_by_vocab_allocation(monkeypatch):

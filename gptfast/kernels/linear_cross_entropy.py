@@ -16,7 +16,9 @@ Plan, per chunk of C tokens (one (C, V) buffer, reused by every chunk):
      grad_hidden); dweight += dlogits^T @ hidden_c into one fp32 (V, d) accumulator (cuBLAS with
      an fp32 output on CUDA: no rounding to bf16 between chunks); dbias += column sums in fp64.
 The loss is the fp64 sum of the per-token losses rounded once to fp32 (divided in fp64 by the
-count for "mean": all ignored gives 0/0 = nan, as torch does).
+count for "mean": all ignored gives 0/0 = nan, as torch does): one program (``_loss_kernel``).
+Without gradients and without the target check a call is 3 launches (the logits product, the
+row kernel, the loss kernel), as F.linear + F.cross_entropy are.
 
 Aligned GEMMs: cuBLAS picks its fast (sm_90, 16-byte vectorised) kernels only when the
 contiguous extent of every operand is a multiple of 8 elements (ATen passes the strided views
@@ -51,20 +53,22 @@ chunk's fp32 product is one more V x d.) Eager linear + cross-entropy holds the 
 fp32 copy, the log-softmax and the logits' gradient: 4 (tokens x vocab) tensors.
 
 Targets: int64 or int32; a target outside [0, V) that is not ``ignore_index`` is an error.
-One small kernel (``_targets_kernel``) maps the targets to the kernel's int32 form, counts the
-non-ignored ones, finds the first bad one and writes the gradients' scale (1/count for "mean",
-1 for "sum"); the call then reads that index (a host sync,
-``check_targets=True``, the default) and raises the same ValueError on CUDA as on CPU before the
-GEMMs run: no device-side assert, the process goes on. ``check_targets=False`` (targets already
-validated, e.g. by ``gptfast.dataset``) skips the read, and so does a CUDA graph capture: a bad
-target then gives a NaN loss for its token (and NaN gradients), never a read outside the row.
+The kernels read the caller's targets as they are. One small kernel (``_targets_kernel``),
+run when the check or the gradients' scale needs it, counts the valid ones, finds the first bad
+one and writes the gradients' scale (1/count for "mean", 1 for "sum"); the call then reads that
+index (a host sync, ``check_targets=True``, the default) and raises the same ValueError on CUDA
+as on CPU before the GEMMs run: no device-side assert, the process goes on.
+``check_targets=False`` (targets already validated, e.g. by ``gptfast.dataset``) skips the read,
+and so does a CUDA graph capture: a bad target then gives a NaN loss for its token (and NaN
+gradients), never a read outside the row.
 
 Autocast: hidden, weight and bias are cast to the autocast dtype (F.linear's policy) and the
 loss is computed in fp32 (cross-entropy's), so the op behaves like the unfused pair under it.
 
-Host path: both kernels launch through ``_common.Kernel`` (no Triton dispatch per call) with
+Host path: the kernels launch through ``_common.Kernel`` (no Triton dispatch per call) with
 configs cached by ``plan_cache`` (per vocabulary and flags); one chunk takes its tensors whole
-(no views, grad_hidden is its product), and no torch op computes the count or the scale.
+(no views, grad_hidden is its product), no torch op computes the count, the scale or the
+loss, and a call without gradients skips the autograd op (the loss alone, directly).
 
 torch.compile sees the ops gptfast::linear_cross_entropy and
 gptfast::linear_cross_entropy_backward (the per-token backward of reduction="none").
@@ -81,14 +85,14 @@ from gptfast.kernels._common import (
     FLOAT_DTYPES, Kernel, Launch, cdiv, check_device, check_float, check_launchable, library_op,
     next_power_of_2, on_device, once_differentiable, plan_cache,
 )
-from gptfast.kernels.linear_cross_entropy_kernels import _ce_kernel, _targets_kernel
+from gptfast.kernels.linear_cross_entropy_kernels import _ce_kernel, _loss_kernel, _targets_kernel
 
 _OP = "linear_cross_entropy"
 CHUNK_BYTES = 1 << 27  # the (C, V) logits buffer of one chunk holds at most this many bytes
 _ROW_ALIGN = 64  # chunk rows are rounded to this (GEMM tiles), within the byte budget
 _VOCAB_ALIGN = 64  # the GEMMs' main part of the vocabulary is a multiple of this many rows
 _BLOCK_V = (128, 4096)  # narrowest and widest column block of the row loop
-_TARGETS_BLOCK = 4096  # targets per step of _targets_kernel's loop
+_TARGETS_BLOCK = 4096  # targets per step of _targets_kernel's and _loss_kernel's loops
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -126,13 +130,28 @@ def vocab_parts(vocab: int) -> tuple[tuple[int, int], ...]:
     return ((0, vocab),) if main in (0, vocab) else ((0, main), (main, vocab))
 
 
-_TARGETS, _CE = Kernel(_targets_kernel), Kernel(_ce_kernel)
+_TARGETS, _CE, _LOSS = Kernel(_targets_kernel), Kernel(_ce_kernel), Kernel(_loss_kernel)
 
 
 @plan_cache
 def _targets_plan(mean: bool):
     """The targets kernel's config: it writes "mean"'s gradient scale (1/count), or 1."""
     return _TARGETS.config(MEAN=mean, BLOCK=_TARGETS_BLOCK, num_warps=4)
+
+
+@plan_cache
+def _loss_plan(mean: bool):
+    """The loss kernel's config: the sum of the per-token losses, divided by the count for "mean"."""
+    return _LOSS.config(MEAN=mean, BLOCK=_TARGETS_BLOCK, num_warps=4)
+
+
+@plan_cache
+def _layout(tokens: int, vocab: int, element_size: int, bias: bool) -> tuple:
+    """(row stride, chunk rows, the products' vocabulary ranges) of a call's chunk loop: with a
+    bias one product over the padded rows, else ``vocab_parts``."""
+    stride = row_stride(vocab)
+    ranges = ((0, stride),) if bias else vocab_parts(vocab)
+    return stride, chunk_rows(tokens, stride, element_size), ranges
 
 
 @plan_cache
@@ -194,22 +213,22 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
+def _chunked(hidden, weight, bias, targets, ignore_index, scale, smoothing, needs, loss):
     """Writes the per-token losses into ``loss`` (fp32, (N,)) and returns, for each of (hidden,
     weight, bias) flagged in ``needs``, its gradient for upstream per-token weights ``scale``
-    (a 1-element or (N,) fp32 tensor), else None. hidden (N, d) and weight (V, d) contiguous;
-    targets (N,) int32 as _targets_kernel maps them."""
+    (a 1-element or (N,) fp32 tensor; None without gradients), else None. hidden (N, d) and
+    weight (V, d) contiguous; targets (N,) contiguous int64/int32. Runs on the tensors' device
+    (the caller's ``on_device``)."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     need_h, need_w, need_b = needs
-    row_scale = scale.numel() > 1
+    row_scale = scale is not None and scale.numel() > 1
     config = _ce_plan(vocab, need_h or need_w or need_b, row_scale, smoothing > 0)
-    stride = row_stride(vocab)
-    rows = chunk_rows(n, stride, hidden.element_size())
+    stride, rows, ranges = _layout(n, vocab, hidden.element_size(), bias is not None)
     device = hidden.device
     buffer = torch.empty((min(rows, n), stride), dtype=hidden.dtype, device=device)
     if bias is None:  # the products over an aligned main part and the tail (vocab_parts)
-        parts = [(weight if hi - lo == vocab else weight[lo:hi], lo, hi) for lo, hi in vocab_parts(vocab)]
+        parts = [(weight if hi - lo == vocab else weight[lo:hi], lo, hi) for lo, hi in ranges]
     else:  # the bias inside the product, rounded once with it: weight and bias padded to the
         parts = [(_padded(weight, stride), 0, stride)]  # buffer's aligned rows (zeros beyond V)
         bias_rows = _padded(bias, stride)
@@ -221,68 +240,67 @@ def _chunked(hidden, weight, bias, targets, scale, smoothing, needs, loss):
     acc_w = torch.zeros((parts[-1][2], d), dtype=torch.float32, device=device) if summed else None
     acc_b = torch.zeros(vocab, dtype=torch.float64, device=device) if need_b else None
     outs = []
-    with on_device(device):
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            if one_chunk:  # the whole tensors, no views
-                h, full, t, chunk_loss, chunk_scale = hidden, buffer, targets, loss, scale
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        if one_chunk:  # the whole tensors, no views
+            h, full, t, chunk_loss, chunk_scale = hidden, buffer, targets, loss, scale
+        else:
+            h, full, t, chunk_loss = (hidden[start:end], buffer[: end - start], targets[start:end],
+                                      loss[start:end])
+            chunk_scale = scale[start:end] if row_scale else scale
+        # 16-element aligned rows: cuBLAS writes them at the buffer's stride
+        outs = [full if hi - lo == stride else full[:, lo:hi] for _, lo, hi in parts]
+        if bias is None:
+            for wt, out in zip(transposed, outs):
+                torch.mm(h, wt, out=out)
+        else:  # (contiguous output: cuBLASLt's bias epilogue, as F.linear; 0 beyond V)
+            torch.addmm(bias_rows, h, transposed[0], out=full)
+        # the logits' first element stands for the rows (their stride is passed); without
+        # gradients the losses stand for the scale, which the kernel then never reads
+        _CE(config, (end - start,), (full, t, chunk_loss, chunk_loss if scale is None else chunk_scale),
+            (vocab, stride, ignore_index, smoothing))
+        if need_h:  # summed over the parts in fp32, rounded once
+            grad = _mm_fp32(outs[0], parts[0][0])
+            for (w, _, _), out in zip(parts[1:], outs[1:]):
+                _addmm_fp32(grad, out, w)
+            if one_chunk:  # the product itself (rounded once, if not fp32)
+                grad_h = grad if grad.dtype is hidden.dtype else grad.to(hidden.dtype)
             else:
-                h, full, t, chunk_loss = (hidden[start:end], buffer[: end - start], targets[start:end],
-                                          loss[start:end])
-                chunk_scale = scale[start:end] if row_scale else scale
-            # 16-element aligned rows: cuBLAS writes them at the buffer's stride
-            outs = [full if hi - lo == stride else full[:, lo:hi] for _, lo, hi in parts]
-            if bias is None:
-                for wt, out in zip(transposed, outs):
-                    torch.mm(h, wt, out=out)
-            else:  # (contiguous output: cuBLASLt's bias epilogue, as F.linear; 0 beyond V)
-                torch.addmm(bias_rows, h, transposed[0], out=full)
-            # the logits' first element stands for the rows (their stride is passed)
-            _CE(config, (end - start,), (full, t, chunk_loss, chunk_scale), (vocab, stride, smoothing))
-            if need_h:  # summed over the parts in fp32, rounded once
-                grad = _mm_fp32(outs[0], parts[0][0])
-                for (w, _, _), out in zip(parts[1:], outs[1:]):
-                    _addmm_fp32(grad, out, w)
-                if one_chunk:  # the product itself (rounded once, if not fp32)
-                    grad_h = grad if grad.dtype is hidden.dtype else grad.to(hidden.dtype)
-                else:
-                    grad_h[start:end] = grad
-            if need_w and acc_w is None:
-                acc_w = _mm_fp32(outs[0].t(), h)
-            elif need_w:
-                for (_, lo, hi), out in zip(parts, outs):
-                    _addmm_fp32(acc_w[lo:hi] if hi - lo < acc_w.shape[0] else acc_w, out.t(), h)
-            if need_b:
-                acc_b += (full if vocab == stride else full[:, :vocab]).sum(0, dtype=torch.float64)
+                grad_h[start:end] = grad
+        if need_w and acc_w is None:
+            acc_w = _mm_fp32(outs[0].t(), h)
+        elif need_w:
+            for (_, lo, hi), out in zip(parts, outs):
+                _addmm_fp32(acc_w[lo:hi] if hi - lo < acc_w.shape[0] else acc_w, out.t(), h)
+        if need_b:
+            acc_b += (full if vocab == stride else full[:, :vocab]).sum(0, dtype=torch.float64)
     del buffer, parts, transposed, outs
     grad_w = None if acc_w is None else (acc_w if acc_w.shape[0] == vocab else acc_w[:vocab]).to(weight.dtype)
     grad_b = None if acc_b is None else acc_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 
 
-def _prepare(hidden, weight, targets, bias, ignore_index, check, mean):
-    """(hidden rows (N, d), weight, bias contiguous; targets as int32, -1 where ignored and -2
-    where out of range; the statistics (int32: the count of valid targets, the first bad
-    index); the gradients' scale, fp32 on the device: 1/count with ``mean``, else 1).
-    ``check``: raise the ValueError for the first out-of-range target (one host read of its
-    index, skipped while a CUDA graph is captured)."""
+def _prepare(hidden, weight, targets, bias, ignore_index, check, mean, need_scale):
+    """(hidden rows (N, d), weight, bias and targets (N,) contiguous, the gradients' scale: fp32
+    (1,) on the device, 1/count with ``mean``, else 1; None unless ``need_scale``). The targets
+    kernel runs when the scale or the check needs it; ``check``: raise the ValueError for the
+    first out-of-range target (one host read of its index, skipped while a CUDA graph is
+    captured)."""
     rows = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     flat = targets if targets.dim() == 1 else targets.reshape(-1)
     rows, flat = rows.contiguous(), flat.contiguous()
-    n = flat.numel()
-    device = flat.device
-    mapped = torch.empty(n, dtype=torch.int32, device=device)
-    stats = torch.empty(2, dtype=torch.int32, device=device)
-    scale = torch.empty(1, dtype=torch.float32, device=device)
-    vocab = weight.shape[0]
-    with on_device(device):
-        _TARGETS(_targets_plan(mean), (1,), (flat, mapped, stats, scale), (n, vocab, ignore_index))
-    if check and not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):
-        first_bad = int(stats[1])
-        if first_bad < n:
-            raise ValueError(f"{_OP}: target {int(flat[first_bad])} is out of range for {vocab} "
-                             f"classes (and is not ignore_index={ignore_index})")
-    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), mapped, stats, scale
+    scale = None
+    if check or need_scale:
+        n, vocab = flat.numel(), weight.shape[0]
+        stats = torch.empty(2, dtype=torch.int32, device=flat.device)
+        scale = torch.empty(1, dtype=torch.float32, device=flat.device)
+        _TARGETS(_targets_plan(mean), (1,), (flat, stats, scale), (n, vocab, ignore_index))
+        if check and not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):
+            first_bad = int(stats[1])
+            if first_bad < n:
+                raise ValueError(f"{_OP}: target {int(flat[first_bad])} is out of range for {vocab} "
+                                 f"classes (and is not ignore_index={ignore_index})")
+    return rows, weight.contiguous(), None if bias is None else bias.contiguous(), flat, scale
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -305,32 +323,40 @@ def _or_empty(t, like):
     return like.new_empty(0) if t is None else t
 
 
+def _compute(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, check,
+             needs) -> tuple:
+    """(loss, grad_hidden, grad_weight, grad_bias): the loss, and for "mean"/"sum" the gradients
+    flagged in ``needs`` (for grad_output = 1; None for the others)."""
+    mean = reduction == "mean"
+    if reduction == "none":
+        needs = (False, False, False)  # the backward computes them, with per-token scales
+    else:
+        needs = (needs[0], needs[1], needs[2] and bias is not None)
+    device = hidden.device
+    with on_device(device), _no_autocast(device):
+        h, w, b, t, scale = _prepare(hidden, weight, targets, bias, ignore_index, check, mean,
+                                     any(needs))
+        losses = torch.empty(t.shape, dtype=torch.float32, device=device)
+        grad_h, grad_w, grad_b = _chunked(h, w, b, t, ignore_index, scale, label_smoothing, needs,
+                                          losses)
+        if reduction == "none":
+            loss = losses if targets.dim() == 1 else losses.view(targets.shape)
+        else:  # the fp64 sum (over the count: 0/0 = nan) rounded once to fp32
+            loss = torch.empty((), dtype=torch.float32, device=device)
+            _LOSS(_loss_plan(mean), (1,), (losses, t, loss), (t.numel(), w.shape[0], ignore_index))
+    if grad_h is not None and hidden.dim() != 2:
+        grad_h = grad_h.view(*hidden.shape)
+    return loss, grad_h, grad_w, grad_b
+
+
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
              check_targets: bool, need_hidden: bool, need_weight: bool, need_bias: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean = reduction == "mean"
-    h, w, b, t, stats, scale = _prepare(hidden, weight, targets, bias, ignore_index, check_targets,
-                                        mean)
-    if reduction == "none":
-        needs = (False, False, False)  # the backward computes them, with per-token scales
-    else:
-        needs = (need_hidden, need_weight, need_bias and bias is not None)
-    losses = torch.empty(t.shape, dtype=torch.float32, device=h.device)
-    with _no_autocast(h.device):
-        grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing, needs, losses)
-    if reduction == "none":
-        loss = losses if targets.dim() == 1 else losses.view(targets.shape)
-    else:
-        total = losses.sum(dtype=torch.float64)  # exact enough to add no rounding of its own
-        if mean:  # divided in fp64 by the int32 count (0/0 = nan), rounded once to fp32
-            loss = torch.empty((), dtype=torch.float32, device=h.device)
-            torch.div(total, stats[0], out=loss)
-        else:
-            loss = total.to(torch.float32)
-    if grad_h is not None and hidden.dim() != 2:
-        grad_h = grad_h.view(*hidden.shape)
-    return loss, _or_empty(grad_h, h), _or_empty(grad_w, h), _or_empty(grad_b, h)
+    loss, grad_h, grad_w, grad_b = _compute(hidden, weight, targets, bias, ignore_index, reduction,
+                                            label_smoothing, check_targets,
+                                            (need_hidden, need_weight, need_bias))
+    return loss, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden), _or_empty(grad_b, hidden)
 
 
 def _fake(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, check_targets,
@@ -381,10 +407,10 @@ def _backward_none(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
     """Gradients of reduction="none" for upstream per-token gradients ``grad_loss`` (targets'
     shape): the chunk loop again, each row's gradient scaled by its own grad_loss (the targets
     were checked by the forward)."""
-    h, w, b, t, _, _ = _prepare(hidden, weight, targets, bias, ignore_index, False, False)
-    scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
-    with _no_autocast(h.device):
-        grad_h, grad_w, grad_b = _chunked(h, w, b, t, scale, label_smoothing,
+    with on_device(hidden.device), _no_autocast(hidden.device):
+        h, w, b, t, _ = _prepare(hidden, weight, targets, bias, ignore_index, False, False, False)
+        scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
+        grad_h, grad_w, grad_b = _chunked(h, w, b, t, ignore_index, scale, label_smoothing,
                                           (need_hidden, need_weight, need_bias), torch.empty_like(scale))
     grad_h = None if grad_h is None else grad_h.view(*hidden.shape)
     return _or_empty(grad_h, h), _or_empty(grad_w, h), _or_empty(grad_b, h)
@@ -487,6 +513,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     grad = torch.is_grad_enabled()
     needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)
+    if not (needs[0] or needs[1] or needs[2] or _common._traced()):  # the loss alone, directly
+        return _compute(hidden, weight, targets, bias, ignore_index, reduction,
+                        float(label_smoothing), check_targets, needs)[0]
     return _linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction,
                                  float(label_smoothing), check_targets, *needs)[0]
 
@@ -503,26 +532,27 @@ def _aligned(fn, signature, *names) -> dict:
             if signature[a].startswith("*") or a in names}
 
 
-def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=True) -> dict:
+def _config(t: str, launch: Launch, write_grad=True, row_scale=False, smoothing=True,
+            targets="i64") -> dict:
     constexprs = dict(WRITE_GRAD=write_grad, ROW_SCALE=row_scale, HAS_SMOOTHING=smoothing,
                       BLOCK_V=launch.block_n)
-    types = {"LOGITS": "*" + t, "TARGETS": "*i32", "LOSS": "*fp32", "SCALE": "*fp32",
-             "V": "i32", "stride_row": "i32", "smoothing": "fp32"}
+    types = {"LOGITS": "*" + t, "TARGETS": "*" + targets, "LOSS": "*fp32", "SCALE": "*fp32",
+             "V": "i32", "stride_row": "i32", "ignore_index": "i32", "smoothing": "fp32"}
     signature = {a: "constexpr" if a in constexprs else types[a] for a in _ce_kernel.arg_names}
-    flags = f"g{write_grad:d}r{row_scale:d}s{smoothing:d}"
+    flags = f"g{write_grad:d}r{row_scale:d}s{smoothing:d}" + ("" if targets == "i64" else f"/{targets}")
     return {"name": f"_ce_kernel/{t}/{flags}/{launch.block_n}w{launch.num_warps}", "fn": _ce_kernel,
             "signature": signature, "constexprs": constexprs, "num_warps": launch.num_warps,
             "num_stages": launch.num_stages, "attrs": _aligned(_ce_kernel, signature, "stride_row")}
 
 
-def _targets_config(t: str, mean: bool = True) -> dict:
+def _targets_config(fn, t: str, mean: bool = True) -> dict:
+    """The targets kernel's or the loss kernel's config (``fn``) for ``t`` targets."""
     constexprs = dict(MEAN=mean, BLOCK=_TARGETS_BLOCK)
-    types = {"TARGETS": "*" + t, "MAPPED": "*i32", "STATS": "*i32", "SCALE": "*fp32", "N": "i32",
-             "V": "i32", "ignore_index": "i32"}
-    signature = {a: "constexpr" if a in constexprs else types[a] for a in _targets_kernel.arg_names}
-    return {"name": f"_targets_kernel/{t}/m{mean:d}", "fn": _targets_kernel, "signature": signature,
-            "constexprs": constexprs, "num_warps": 4, "num_stages": 3,
-            "attrs": _aligned(_targets_kernel, signature)}
+    types = {"TARGETS": "*" + t, "STATS": "*i32", "SCALE": "*fp32", "LOSS": "*fp32",
+             "OUT": "*fp32", "N": "i32", "V": "i32", "ignore_index": "i32"}
+    signature = {a: "constexpr" if a in constexprs else types[a] for a in fn.arg_names}
+    return {"name": f"{fn.__name__}/{t}/m{mean:d}", "fn": fn, "signature": signature,
+            "constexprs": constexprs, "num_warps": 4, "num_stages": 3, "attrs": _aligned(fn, signature)}
 
 
 def _plan_vocabs() -> list[int]:
@@ -534,8 +564,9 @@ def aot_configs():
     """Every (BLOCK_V, num_warps) the heuristic can pick, for fp32/fp16/bf16 logits, compiled
     with the gradient pass and label smoothing on (the most code and registers); the other flag
     combinations (forward only, per-row scales of reduction="none", no smoothing) only drop or
-    swap a scalar load and a few elementwise ops, and are compiled at GPT-2's block (4096). And
-    the targets kernel for int64 and int32 targets ("mean"'s scale and 1)."""
+    swap a scalar load and a few elementwise ops, and are compiled at GPT-2's block (4096), as
+    are int32 targets (int64's: the model's). And the targets and loss kernels for int64 and
+    int32 targets ("mean" and "sum")."""
     configs = [_config(t, _launch(v)) for t in _TYPES.values() for v in _plan_vocabs()]
     gpt2 = _launch(50257)
     for t in _TYPES.values():
@@ -543,32 +574,37 @@ def aot_configs():
                                                  (True, False, False), (True, True, False),
                                                  (True, True, True)):
             configs.append(_config(t, gpt2, write_grad, row_scale, smoothing))
-    return configs + [_targets_config(t, mean) for t in ("i64", "i32") for mean in (True, False)]
+        configs.append(_config(t, gpt2, targets="i32"))
+    return configs + [_targets_config(fn, t, mean) for fn in (_targets_kernel, _loss_kernel)
+                      for t in ("i64", "i32") for mean in (True, False)]
 
 
 def report_cases(cc: int = 90):
     """GPT-2's training loss at 8 x 1024 tokens and vocabulary 50,257, for the static report
-    (gptfast/kernels/report.py): the targets kernel (one program), then one ``_ce_kernel``
-    launch per chunk, fp32 and bf16 logits, mean reduction without label smoothing. The
+    (gptfast/kernels/report.py): the targets kernel (one program), one ``_ce_kernel`` launch
+    per chunk, fp32 and bf16 logits, mean reduction without label smoothing, and the loss
+    kernel (one program). The
     width (768..1600, 124M..1558M) only enters the cuBLAS products, not these launches: one case
     per dtype. Per launch a label, its aot config (specialised as the JIT specialises the call)
     and its grid (a full chunk's rows); the same on every GPU (``cc``)."""
     from gptfast.kernels.testing import launch_config
 
     tokens, vocab, launch = 8 * 1024, 50257, _launch(50257)
-    args = dict(TARGETS="*i64", MAPPED="*i32", STATS="*i32", SCALE="*fp32", N=tokens, V=vocab,
-                ignore_index=-100)
+    args = dict(TARGETS="*i64", STATS="*i32", SCALE="*fp32", N=tokens, V=vocab, ignore_index=-100)
     cfg = launch_config(f"_targets_kernel GPT-2 {tokens} int64", _targets_kernel, args,
                         dict(MEAN=True, BLOCK=_TARGETS_BLOCK), 4)
     cases = [{"label": f"GPT-2 {tokens} int64 targets", "config": cfg, "grid": 1}]
     for dtype, t in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         rows = chunk_rows(tokens, row_stride(vocab), dtype.itemsize)
         label = f"GPT-2 {tokens}x{vocab} {t} ({cdiv(tokens, rows)} chunks)"
-        args = dict(LOGITS="*" + t, TARGETS="*i32", LOSS="*fp32", SCALE="*fp32", V=vocab,
-                    stride_row=row_stride(vocab), smoothing=0.0)
+        args = dict(LOGITS="*" + t, TARGETS="*i64", LOSS="*fp32", SCALE="*fp32", V=vocab,
+                    stride_row=row_stride(vocab), ignore_index=-100, smoothing=0.0)
         constexprs = dict(WRITE_GRAD=True, ROW_SCALE=False, HAS_SMOOTHING=False,
                           BLOCK_V=launch.block_n)
         cfg = launch_config(f"_ce_kernel {label}", _ce_kernel, args, constexprs,
                             launch.num_warps, launch.num_stages)
         cases.append({"label": label, "config": cfg, "grid": rows})
-    return cases
+    args = dict(LOSS="*fp32", TARGETS="*i64", OUT="*fp32", N=tokens, V=vocab, ignore_index=-100)
+    cfg = launch_config(f"_loss_kernel GPT-2 {tokens} int64", _loss_kernel, args,
+                        dict(MEAN=True, BLOCK=_TARGETS_BLOCK), 4)
+    return cases + [{"label": f"GPT-2 {tokens} mean loss", "config": cfg, "grid": 1}]

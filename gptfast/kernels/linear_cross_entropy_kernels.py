@@ -5,14 +5,21 @@ import triton
 import triton.language as tl
 
 
-# Targets, in one program: reads the N targets (int64/int32) in blocks, writes them as int32
-# (-1 for ignore_index, -2 for a target outside [0, V): what _ce_kernel reads), and stores the count of valid targets
-# and the index of the first bad one (N if none) in STATS, and the gradients' scale in SCALE
-# (fp32: 1/count, rounded as torch's fp32 division, with MEAN, "mean"'s; else 1, "sum"'s), which
-# _ce_kernel reads. 12 bytes per token, one launch; one program keeps the count and the first
-# index exact without atomics (8192 tokens: 2 steps).
 @triton.jit
-def _targets_kernel(TARGETS, MAPPED, STATS, SCALE, N, V, ignore_index, MEAN: tl.constexpr,
+def _classify(t, V, ignore_index):
+    """(ignored, bad) for targets t of any integer dtype: ignore_index, or outside [0, V)."""
+    ignored = t == ignore_index
+    return ignored, ~ignored & ((t < 0) | (t >= V))
+
+
+# Targets, in one program, before the products when the gradients' scale or the check needs
+# them: reads the N targets (int64/int32) in blocks and stores the count of valid targets and
+# the index of the first bad one (N if none) in STATS, and the gradients' scale in SCALE (fp32:
+# 1/count, rounded as torch's fp32 division, with MEAN, "mean"'s; else 1, "sum"'s), which
+# _ce_kernel reads. 8 bytes per token read, one launch; one program keeps the count and the
+# first index exact without atomics (8192 tokens: 2 steps).
+@triton.jit
+def _targets_kernel(TARGETS, STATS, SCALE, N, V, ignore_index, MEAN: tl.constexpr,
                     BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     count = tl.zeros([], tl.int32)
@@ -20,19 +27,38 @@ def _targets_kernel(TARGETS, MAPPED, STATS, SCALE, N, V, ignore_index, MEAN: tl.
     for start in range(0, N, BLOCK):
         idx = start + offsets
         ok = idx < N
-        t = tl.load(TARGETS + idx, mask=ok, other=0)
-        ignored = t == ignore_index
-        bad = ok & ~ignored & ((t < 0) | (t >= V))
-        mapped = tl.where(ignored, -1, tl.where(bad, -2, t)).to(tl.int32)
-        tl.store(MAPPED + idx, mapped, mask=ok)
+        ignored, bad = _classify(tl.load(TARGETS + idx, mask=ok, other=ignore_index), V, ignore_index)
         count += tl.sum((ok & ~ignored & ~bad).to(tl.int32), axis=0)
-        first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, N), axis=0))
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(ok & bad, idx, N), axis=0))
     tl.store(STATS, count)
     tl.store(STATS + 1, first_bad)
     if MEAN:  # inf for no valid target, as torch's 1 / 0
         tl.store(SCALE, tl.div_rn(tl.full([], 1.0, tl.float32), count.to(tl.float32)))
     else:
         tl.store(SCALE, tl.full([], 1.0, tl.float32))
+
+
+# The loss, in one program, after the row kernel: the N per-token losses (fp32) summed in fp64
+# in a fixed order (blocks, then a tree within each: deterministic, and exact enough to add no
+# rounding of its own), for MEAN divided in fp64 by the count of valid targets it counts from
+# the targets (0/0 = nan when all are ignored, as torch), and rounded once into the fp32 OUT.
+# 12 bytes per token read, one launch: what a sum, a count and a division took three for.
+@triton.jit
+def _loss_kernel(LOSS, TARGETS, OUT, N, V, ignore_index, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([], tl.float64)
+    count = tl.zeros([], tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + offsets
+        ok = idx < N
+        total += tl.sum(tl.load(LOSS + idx, mask=ok, other=0.0).to(tl.float64), axis=0)
+        if MEAN:
+            ignored, bad = _classify(tl.load(TARGETS + idx, mask=ok, other=ignore_index), V,
+                                     ignore_index)
+            count += tl.sum((ok & ~ignored & ~bad).to(tl.int32), axis=0)
+    if MEAN:
+        total = total / count.to(tl.float64)
+    tl.store(OUT, total.to(tl.float32))
 
 
 @triton.jit
@@ -80,21 +106,23 @@ def _grad_step(z_row, start, cols, V, m, p_scale, hit, flat, target, ignored,
 # writes the gradient over it in place: a program's row (100 KB at V = 50,257 in bf16) was read
 # just before, and the rows in flight (bf16: 3 programs of 8 warps per SM at 80 registers, ~40
 # MB on an H100) fit in its 50 MB L2, so the second read comes from L2 and HBM traffic is one
-# read and one write of the logits; 8 bytes (target, loss) per row besides. (fp32 rows, 4
+# read and one write of the logits; 12 bytes (an int64 target, the loss) per row besides. (fp32 rows, 4
 # programs per SM at 56 registers: ~106 MB in flight, more than L2 holds: part of the second
 # read may come from HBM.) Rows are stride_row apart (V rounded up to 16 elements by the host),
 # so whole blocks load and store 128 bits at a time. No atomics: each row's results belong to
-# one program. A target of -2 (out of range, unchecked: see _targets_kernel) gives NaN.
+# one program. The targets are the caller's (int64/int32): ignore_index gives loss 0 and no
+# gradient, a target outside [0, V) (unchecked: see _targets_kernel) NaN, never a read outside
+# the row.
 @triton.jit
 def _ce_kernel(
-    LOGITS, TARGETS, LOSS, SCALE, V, stride_row, smoothing,
+    LOGITS, TARGETS, LOSS, SCALE, V, stride_row, ignore_index, smoothing,
     WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = LOGITS + row.to(tl.int64) * stride_row
-    target = tl.load(TARGETS + row)  # -1: ignored, -2: out of range (the host's mapping)
-    ignored = target == -1
+    target = tl.load(TARGETS + row)
+    ignored, bad = _classify(target, V, ignore_index)
     cols = tl.arange(0, BLOCK_V)
     full = V // BLOCK_V * BLOCK_V  # the columns of whole blocks
     m = tl.full([], float("-inf"), tl.float32)
@@ -109,14 +137,13 @@ def _ce_kernel(
     # Relative to the max, as log_softmax does: loss = (m - z_t) + log(s), p = exp(z - m) / s
     # (exp(z - lse) would carry the rounding of lse at its magnitude into every probability).
     log_s = tl.log(s)
-    safe_target = tl.where(target >= 0, target, 0)  # never read outside the row
-    z_target = tl.load(z_row + safe_target).to(tl.float32)
+    target = tl.where(ignored | bad, 0, target).to(tl.int32)  # never read outside the row
+    z_target = tl.load(z_row + target).to(tl.float32)
     if HAS_SMOOTHING:
         z_mean = z_sum / V
         loss = (1.0 - smoothing) * (m - z_target) + smoothing * (m - z_mean) + log_s
     else:
         loss = (m - z_target) + log_s
-    bad = target < -1
     tl.store(LOSS + row, tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss)))
     if WRITE_GRAD:
         if ROW_SCALE:
