@@ -250,3 +250,42 @@ def test_the_fused_op_is_what_runs(monkeypatch):
     ours(ids, labels=ids)
     ours(ids, labels=ids, num_items_in_batch=8)
     assert [c["reduction"] for c in calls] == ["mean", "sum"]
+
+
+def test_the_trainer_trains_a_patched_model_as_the_original(tmp_path, monkeypatch):
+    """transformers' Trainer (accelerate's loop: shuffled batches, gradient accumulation with
+    num_items_in_batch, clipping, a linear schedule) trains the patched model as it trains the
+    original: the same logged losses and final weights, fp32, with the fused loss (no logits) on
+    every micro-step. SGD, so that the weights compare the gradients (AdamW's normalisation
+    turns rounding noise in near-zero gradients into lr-sized steps)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    ids = token_ids((8, 12), low=1).cpu()  # the Trainer moves each batch to the model's device
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    fused = []
+    real = kernels.linear_cross_entropy
+    monkeypatch.setattr(hf.kernels, "linear_cross_entropy",
+                        lambda *a, **kw: (fused.append(kw["reduction"]), real(*a, **kw))[1])
+
+    _, eager, ours = models()
+    initial = {name: p.detach().clone() for name, p in eager.named_parameters()}
+    calls = head_calls(ours)
+    logs = {}
+    for name, model in (("eager", eager), ("ours", ours)):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, learning_rate=0.1,
+                                 optim="sgd",
+                                 per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                                 use_cpu=DEVICE == "cpu", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        logs[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert fused == ["sum"] * 6 and calls == []  # 3 steps x 2 micro-steps, num_items_in_batch
+    assert len(logs["ours"]) == 3
+    torch.testing.assert_close(logs["ours"], logs["eager"], rtol=1e-4, atol=1e-5)
+    eager_params = dict(eager.named_parameters())
+    moved = max((p - initial[name]).abs().max().item() for name, p in eager_params.items())
+    assert moved > 1e-2  # the steps changed the weights: their agreement below means something
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, eager_params[name], rtol=1e-5, atol=1e-6, msg=name)
