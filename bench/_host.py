@@ -337,11 +337,11 @@ def variant_cases() -> list[dict]:
 
     def chunked(fn):  # 16-row chunks of 64 classes: 40 tokens take 3
         def call():
-            saved, lce.CHUNK_BYTES = lce.CHUNK_BYTES, 16 * 64 * 4
+            saved, lce.plans.CHUNK_BYTES = lce.plans.CHUNK_BYTES, 16 * 64 * 4
             try:
                 fn()
             finally:
-                lce.CHUNK_BYTES = saved
+                lce.plans.CHUNK_BYTES = saved
         return call
 
     wide, w_wide = rand(3, 8200), rand(8200)

@@ -20,6 +20,7 @@ from gptfast.kernels import LinearCrossEntropyLoss, linear_cross_entropy
 from gptfast.kernels.testing import assert_agrees
 
 lce = importlib.import_module("gptfast.kernels.linear_cross_entropy")  # the module, not the function
+lce_plans = importlib.import_module("gptfast.kernels.linear_cross_entropy_plans")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -28,7 +29,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture
 def small_chunks(monkeypatch):
     """A chunk budget of ~4 rows at vocab 1000 in fp32, so every test runs several chunks."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * 1024)
+    monkeypatch.setattr(lce_plans, "CHUNK_BYTES", 16 * 1024)
 
 
 def reference(hidden, weight, targets, bias=None, ignore_index=-100, reduction="mean",
@@ -106,7 +107,7 @@ def test_vocab_sizes(vocab, monkeypatch):
     GPT-2's 50,257 (12 whole blocks and a partial one: no multiple of any tile).
     Chunks of 4 rows at most (at 50,257 one chunk: CPU BLAS sums a one-row product over 50,257
     terms sequentially, which is not what this tests)."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", max(16 * 1024, 5 * vocab * 4))
+    monkeypatch.setattr(lce_plans, "CHUNK_BYTES", max(16 * 1024, 5 * vocab * 4))
     h, w, t, b = make(5 if vocab == 50257 else 9, 8, vocab, torch.float32, ignored=0.2)
     check(h, w, t, b)
 
@@ -165,7 +166,7 @@ def test_no_tokens():
 def test_dweight_accumulates_in_fp32_across_chunks(monkeypatch):
     """Many chunks of one row each (64 here): rounding each chunk's dW to bf16 would add up
     to many times eager's single rounding; fp32 accumulation stays within the 2x rule."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 64 * 2)
+    monkeypatch.setattr(lce_plans, "CHUNK_BYTES", 64 * 2)
     h, w, t, b = make(64, 16, 64, torch.bfloat16)
     assert lce.chunk_rows(64, 64, 2) == 1
     check(h, w, t, b, reduction="sum")
@@ -179,7 +180,7 @@ def test_dweight_fp32_accumulation_paths_on_cuda(in_place, monkeypatch):
     if in_place and not lce._accumulating_addmm(torch.device(DEVICE)):
         pytest.skip("this torch's addmm(out_dtype=float32) needs self in the inputs' dtype")
     monkeypatch.setattr(lce, "_accumulating_addmm", lambda device: in_place)
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 4 * 512 * 2)
+    monkeypatch.setattr(lce_plans, "CHUNK_BYTES", 4 * 512 * 2)
     h, w, t, b = make(256, 64, 512, torch.bfloat16)
     check(h, w, t, b, reduction="sum")
 
@@ -255,7 +256,7 @@ def test_chunk_plan_bounds_the_buffer():
                                 (100, 10**8, 2)):
         rows = lce.chunk_rows(tokens, vocab, size)
         assert 1 <= rows <= tokens
-        assert rows * vocab * size <= max(lce.CHUNK_BYTES, vocab * size)
+        assert rows * vocab * size <= max(lce_plans.CHUNK_BYTES, vocab * size)
     assert lce.chunk_rows(8192, 50257, 2) * 50257 * 2 < 8192 * 50257 * 2 / 6
 
 
@@ -329,12 +330,12 @@ def test_no_tokens_by_vocab_allocation(monkeypatch):
     here; on CPU its fp64 copy for the exact products, twice that) or the weight's size;
     eager's (tokens x vocab) logits show up in the same probe."""
     tokens, d, vocab = 256, 16, 1000
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 32 * vocab * 4)
+    monkeypatch.setattr(lce_plans, "CHUNK_BYTES", 32 * vocab * 4)
     h, w, t, b = make(tokens, d, vocab, torch.float32)
     logits_bytes = tokens * vocab * 4
     stride = lce.row_stride(vocab)  # 1008: rows 16-element aligned
     buffer = lce.chunk_rows(tokens, stride, 4) * stride * 4
-    assert stride == 1008 and buffer <= lce.CHUNK_BYTES
+    assert stride == 1008 and buffer <= lce_plans.CHUNK_BYTES
     for reduction in ("mean", "none"):
         leaves = [x.clone().requires_grad_() for x in (h, w, b)]
         with LargestTensor() as probe:
