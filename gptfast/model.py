@@ -113,8 +113,8 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """GELU(linear(x)) as one GEMM, the activation in its epilogue (``torch._addmm_activation``,
     cuBLASLt's GELU epilogue): one kernel and one pass over the (tokens x 4d) activations less
     than F.linear then GELU, and the activation taken on the fp32 accumulator before the one
-    rounding (torch takes cuBLASLt for at least 2 rows; one row is a GEMM and torch's GELU
-    kernel, the same numbers). On CUDA the epilogue's GELU is the tanh approximation, the chapter's ``GELU``; on
+    rounding (torch takes cuBLASLt for at least 2 rows; one row is a GEMM, then torch's GELU
+    kernel). On CUDA the epilogue's GELU is the tanh approximation, the chapter's ``GELU``; on
     CPU torch computes the exact (erf) GELU, so ``FeedForward`` takes it on CUDA only, for
     inference (the op has no backward), outside torch.compile (Inductor fuses GELU itself) and
     autocast (F.linear's casts), with the chapter's modules in place."""
