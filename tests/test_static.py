@@ -75,6 +75,7 @@ _KERNELS = {
     "gptfast.kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
     "gptfast.kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
     "gptfast.kernels.linear_cross_entropy": {"_ce_kernel"},
+    "gptfast.kernels.linear": {"_linear_kernel"},
 }
 
 

@@ -1,7 +1,9 @@
 """Fused Triton kernels for GPT-2-style models, with autograd, and drop-in modules.
 
 Ops (kernel + autograd): ``layer_norm``, ``add_layer_norm``, ``attention``, ``decode_attention``,
-``linear_cross_entropy`` (the output projection fused with the cross-entropy loss).
+``linear_cross_entropy`` (the output projection fused with the cross-entropy loss); and
+``linear`` (a decode step's few rows through a linear layer, its bias and GELU in one kernel;
+``F.linear`` elsewhere, under torch.compile too).
 Modules: ``LayerNorm`` (a drop-in ``torch.nn.LayerNorm``), ``swap_layer_norms`` and
 ``LinearCrossEntropyLoss``.
 CUDA tensors run compiled kernels; CPU tensors run in Triton's interpreter when
@@ -46,8 +48,9 @@ first graph dynamic. Repeated calls with the same shapes never recompile.
 from gptfast.kernels.attention import attention
 from gptfast.kernels.decode_attention import decode_attention
 from gptfast.kernels.layer_norm import add_layer_norm, layer_norm
+from gptfast.kernels.linear import linear
 from gptfast.kernels.linear_cross_entropy import linear_cross_entropy
 from gptfast.kernels.nn import LayerNorm, LinearCrossEntropyLoss, swap_layer_norms
 
 __all__ = ["LayerNorm", "LinearCrossEntropyLoss", "add_layer_norm", "attention", "decode_attention",
-           "layer_norm", "linear_cross_entropy", "swap_layer_norms"]
+           "layer_norm", "linear", "linear_cross_entropy", "swap_layer_norms"]

@@ -20,7 +20,7 @@ import json
 import sys
 
 MODULES = ("gptfast.kernels.attention", "gptfast.kernels.attention_sm90", "gptfast.kernels.decode_attention",
-           "gptfast.kernels.layer_norm", "gptfast.kernels.linear_cross_entropy")
+           "gptfast.kernels.layer_norm", "gptfast.kernels.linear_cross_entropy", "gptfast.kernels.linear")
 _TILE_KEYS = ("ROWS", "BLOCK_G", "BLOCK_S", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_V")
 
 

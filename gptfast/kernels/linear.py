@@ -1,0 +1,146 @@
+"""A linear layer for a decode step's few rows: ``F.linear`` (+ the tanh GELU) in one kernel.
+
+``linear(x, weight, bias=None, activation=None)`` is ``F.linear(x, weight, bias)``, followed by
+``F.gelu(..., approximate="tanh")`` with ``activation="gelu_tanh"``, for x (..., K), weight
+(N, K), bias (N,). With at most ``MAX_ROWS`` = 16 rows (a decode step's tokens: batch x new
+tokens), in inference, one Triton launch computes it (``_linear_kernel``): the bias and the
+GELU in its epilogue, on the fp32 sums, rounded once. What it replaces at one row is two or
+three CUDA kernels per layer: torch does not take cuBLASLt for a 1-row product (its rule wants
+both matrices at least 2 x 2), so a biased ``F.linear`` is a copy of the bias into the output and
+a GEMM that adds to it, and the GELU a kernel of its own. Each launch there is a few
+microseconds of a ~58 µs token (GPT-2 124M's weights at the H200's bandwidth), so the count
+decides; the kernel itself streams the weight once, as cuBLAS's GEMV does.
+
+Elsewhere it is ``F.linear`` (and ``F.gelu``) itself: more rows (cuBLAS's GEMMs), gradients
+needed (autograd through torch: the kernel has no backward), autocast (F.linear's casts),
+torch.compile or any trace (Inductor fuses the epilogue itself), a weight whose rows are not
+contiguous, or a device where the kernels do not launch. The results are F.linear's up to the
+order of the fp32 sums (the 2x rule of tests/test_linear.py).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from gptfast.kernels import _common
+from gptfast.kernels._common import (
+    FLOAT_DTYPES, Kernel, Launch, _launchable, cdiv, check_device, check_float, on_device,
+    plan_cache,
+)
+from gptfast.kernels.linear_kernels import _linear_kernel
+
+_OP = "linear"
+MAX_ROWS = 16  # the kernel's row block: at most this many rows take it
+ACTIVATIONS = (None, "gelu_tanh")
+_BLOCK_N = 16  # output features per program (the tensor cores' smallest tile)
+_BLOCK_K = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}  # 512 B of a row a step
+
+_LINEAR = Kernel(_linear_kernel)
+
+
+# 16 rows x 16 features a program, 4 warps, 4 stages in flight (K in steps of 512 bytes of each
+# weight row: 16-byte loads, 32 per row a step; at most 40 KiB of shared memory)
+_LAUNCH = Launch(MAX_ROWS, _BLOCK_N, 4, 4)
+
+
+@plan_cache
+def _plan(dtype: torch.dtype, n: int, k: int, bias: bool, gelu: bool):
+    """(config, grid) of one call's shapes."""
+    launch, block_k = _LAUNCH, _BLOCK_K[dtype]
+    config = _LINEAR.config(HAS_BIAS=bias, GELU=gelu, EVEN_N=n % launch.block_n == 0,
+                            EVEN_K=k % block_k == 0, BLOCK_M=launch.block_m,
+                            BLOCK_N=launch.block_n, BLOCK_K=block_k,
+                            num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return config, (cdiv(n, launch.block_n),)
+
+
+def _check(x, weight, bias, activation) -> None:
+    """Every input problem named in Python, before anything runs (on either path)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{_OP}: weight must have shape (out_features, {x.shape[-1] if x.dim() else 'K'})"
+                         f" for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{_OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_float(_OP, x=x, weight=weight, bias=bias)
+    if weight.dtype is not x.dtype or (bias is not None and bias.dtype is not x.dtype):
+        dtypes = sorted({str(t.dtype) for t in (x, weight, bias) if t is not None})
+        raise TypeError(f"{_OP}: x, weight and bias must have one dtype, got {', '.join(dtypes)}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        check_device(_OP, x=x, weight=weight, bias=bias)
+
+
+def _takes_kernel(x, weight, bias) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= MAX_ROWS or x.shape[-1] == 0 or weight.stride(1) != 1:
+        return False
+    if _common._traced() or torch.is_autocast_enabled(x.device.type) or not _launchable(x.device):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then the tanh GELU if ``activation="gelu_tanh"``; one Triton
+    kernel for at most MAX_ROWS rows in inference, F.linear (and F.gelu) otherwise (see the
+    module's docstring). x (..., K), weight (N, K), bias (N,) or None, one float dtype and device.
+    Returns (..., N) in x's dtype."""
+    _check(x, weight, bias, activation)
+    gelu = activation == "gelu_tanh"
+    if not _takes_kernel(x, weight, bias):
+        out = F.linear(x, weight, bias)
+        return F.gelu(out, approximate="tanh") if gelu else out
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    y = torch.empty((rows.shape[0], n), dtype=x.dtype, device=x.device)
+    config, grid = _plan(x.dtype, n, k, bias is not None, gelu)
+    with on_device(x.device):  # y stands in for an absent bias (HAS_BIAS off: never read)
+        _LINEAR(config, grid, (rows, weight, y if bias is None else bias, y),
+                (rows.shape[0], n, k, rows.stride(0), weight.stride(0), n))
+    return y.view(*x.shape[:-1], n)
+
+
+# ---- ahead-of-time compile configs -----------------------------------------------------------
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# GPT-2 124M's decode-step products (N, K, bias, gelu): QKV, out_proj, the MLP's two, the head
+_GPT2 = {"qkv": (2304, 768, True, False), "out_proj": (768, 768, True, False),
+         "fc1": (3072, 768, True, True), "fc2": (768, 3072, True, False),
+         "head": (50257, 768, False, False)}
+
+
+def _config(dtype, n, k, bias, gelu, name, rows=1) -> dict:
+    from gptfast.kernels.testing import launch_config
+
+    (config, _), t = _plan(dtype, n, k, bias, gelu), _TYPES[dtype]
+    args = dict(X="*" + t, W="*" + t, B="*" + t, Y="*" + t, M=rows, N=n, K=k, stride_xm=k,
+                stride_wn=k, stride_ym=n)
+    constexprs = {key: config.kwargs[key] for key in
+                  ("HAS_BIAS", "GELU", "EVEN_N", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    return launch_config(name, _linear_kernel, args, constexprs, config.kwargs["num_warps"],
+                         config.kwargs["num_stages"])
+
+
+def aot_configs():
+    """Every dtype at GPT-2's decode shapes (even and ragged N, K, with and without the bias and
+    the GELU), and odd sizes (masks on both)."""
+    configs = [_config(dtype, *shape, f"_linear_kernel/{t}/{what}")
+               for dtype, t in _TYPES.items() for what, shape in _GPT2.items()]
+    return configs + [_config(dtype, 1000, 777, True, True, f"_linear_kernel/{t}/odd")
+                      for dtype, t in _TYPES.items()]
+
+
+def report_cases(cc: int = 90):
+    """GPT-2 124M's decode-step products at batch 1 in bf16, for the static report."""
+    cases = []
+    for what, (n, k, bias, gelu) in _GPT2.items():
+        label = f"124M decode B1 {what} {n}x{k} bf16"
+        cfg = _config(torch.bfloat16, n, k, bias, gelu, f"_linear_kernel {label}")
+        cases.append({"label": label, "config": cfg, "grid": cdiv(n, _BLOCK_N)})
+    return cases
