@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    FLOAT_DTYPES, Kernel, Launch, _launchable, cdiv, check_device, check_float, on_device,
+    Kernel, Launch, _launchable, cdiv, check_device, check_float, on_device,
     plan_cache,
 )
 from gptfast.kernels.linear_kernels import _linear_kernel

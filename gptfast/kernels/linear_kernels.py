@@ -48,6 +48,6 @@ def _linear_kernel(
         else:
             acc += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if GELU:
-        acc = acc * tl.sigmoid(TWO_SQRT_2_OVER_PI * (acc + 0.044715 * acc * acc * acc))
+        acc = acc * tl.sigmoid((acc + 0.044715 * acc * acc * acc) * TWO_SQRT_2_OVER_PI)
     out = Y + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(Y.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
