@@ -213,6 +213,7 @@ def cases() -> list[dict]:
     q, k, v = rand(1, 2, 16, 32), rand(1, 2, 16, 32), rand(1, 2, 16, 32)
     q1, kc, vc = rand(1, 2, 1, 32), rand(1, 2, 64, 32), rand(1, 2, 64, 32)
     hidden, weight = rand(8, 32), rand(50, 32)
+    x1, w1, b1 = rand(1, 1, 64), rand(256, 64), rand(256)
     targets = torch.randint(0, 50, (8,), generator=g, device=dev)
     eps = 1e-5
     out = []
@@ -235,6 +236,9 @@ def cases() -> list[dict]:
     add("decode_attention", lambda q, kc, vc: K.decode_attention(q, kc, vc, 17),
         lambda q, kc, vc: F.scaled_dot_product_attention(q, kc[:, :, :17], vc[:, :, :17]),
         "F.scaled_dot_product_attention", [q1, kc, vc])
+    add("linear", lambda x, w, b: K.linear(x, w, b, "gelu_tanh"),  # a decode step's MLP product
+        lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), "F.gelu(F.linear)",
+        [x1, w1, b1])
     # The trainer's call (its targets checked on the host); check_targets=True adds one kernel
     # and a read of its flag (a host sync), whose stubbed launch would leave the flag unwritten.
     add("linear_cross_entropy", lambda h, w: K.linear_cross_entropy(h, w, targets, check_targets=False),

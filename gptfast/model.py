@@ -5,7 +5,8 @@ checkpoints load here and ``torch.manual_seed(s)`` gives bit-identical initial w
 ``kernels`` picks the implementation of LayerNorm and attention per model:
 "torch" (eager PyTorch, the chapter's math), "triton" (this package's fused kernels) or
 "auto" (Triton for CUDA inputs, torch otherwise), decided at each forward call; with Triton
-kernels, CUDA inference also takes the MLP's GELU in its first GEMM's epilogue (``linear_gelu``).
+kernels, inference also takes the MLP's GELU in its first product's epilogue and a decode step's
+linear layers in one kernel each (``gptfast.kernels.linear``).
 """
 
 import contextlib
@@ -102,27 +103,14 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         up, act, down = self.layers
-        if (x.is_cuda and use_triton(self.kernels, x) and not torch.is_grad_enabled()
-                and type(act) is GELU and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cuda")):
-            return down(linear_gelu(x, up))
+        if (use_triton(self.kernels, x) and not torch.is_grad_enabled() and type(act) is GELU
+                and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type)):
+            # the GELU in the first product's epilogue: a decode step's few rows in one kernel
+            # each (kernels.linear), more rows through cuBLASLt's GELU epilogue on CUDA
+            ops = triton_ops()
+            return ops.linear(ops.linear(x, up.weight, up.bias, "gelu_tanh"), down.weight, down.bias)
         return self.layers(x)
-
-
-def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """GELU(linear(x)) as one GEMM, the activation in its epilogue (``torch._addmm_activation``,
-    cuBLASLt's GELU epilogue): one kernel and one pass over the (tokens x 4d) activations less
-    than F.linear then GELU, and the activation taken on the fp32 accumulator before the one
-    rounding (torch takes cuBLASLt for at least 2 rows; one row is a GEMM, then torch's GELU
-    kernel). On CUDA the epilogue's GELU is the tanh approximation, the chapter's ``GELU``; on
-    CPU torch computes the exact (erf) GELU, so ``FeedForward`` takes it on CUDA only, for
-    inference (the op has no backward), outside torch.compile (Inductor fuses GELU itself) and
-    autocast (F.linear's casts), with the chapter's modules in place."""
-    if linear.bias is None:
-        return F.gelu(linear(x), approximate="tanh")
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(linear.bias, rows, linear.weight.t(), use_gelu=True)
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class MultiHeadAttention(nn.Module):
@@ -163,11 +151,14 @@ class MultiHeadAttention(nn.Module):
             context_vec = self._attend(queries, keys, values)
         elif (use_triton(self.kernels, x) and not torch.is_grad_enabled()
               and not torch.compiler.is_compiling()):
-            # one GEMM for the three projections, on the cache's concatenated weights (a copy:
-            # no gradient would reach the weights, hence not in grad mode)
-            qkv = F.linear(x, *self.cache.fused_qkv(self))
+            # one product for the three projections, on the cache's concatenated weights (a
+            # copy: no gradient would reach the weights, hence not in grad mode); a decode
+            # step's few rows in one kernel with the bias (kernels.linear), a prompt's in cuBLAS
+            qkv = triton_ops().linear(x, *self.cache.fused_qkv(self))
             qkv = qkv.view(b, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             context_vec = self._attend_cached(qkv[0], qkv[1], qkv[2], step, qkv[1:])
+            context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # a view
+            return triton_ops().linear(context_vec, self.out_proj.weight, self.out_proj.bias)
         else:
             queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
             context_vec = self._attend_cached(queries, keys, values, step)

@@ -50,14 +50,16 @@ def test_direct_launches_are_tritons_own(version):
 
 
 def test_decode_step_kernels_per_token():
-    """A greedy KV-cache step with the Triton kernels launches 9 kernels per layer on a GPU:
-    add + LayerNorm (the previous block's residual add fused in), one QKV GEMM, decode
-    attention (split, which also appends the step's key and value, + merge), out_proj, add +
-    LayerNorm, 3 for the MLP; and 10 per token (2 embeddings and their add, lengths (2), final
-    add + LayerNorm, head, argmax, positions, the token's append). The CPU run counts four more:
-    the model's range checks of CPU token ids and positions (here a 2-layer model)."""
+    """A greedy KV-cache step with the Triton kernels launches 8 kernels per layer on a GPU:
+    add + LayerNorm (the previous block's residual add fused in), the QKV product
+    (kernels.linear), decode attention (split, which also appends the step's key and value, +
+    merge), out_proj (kernels.linear, its bias inside), add + LayerNorm, the MLP's two products
+    (kernels.linear, the GELU in the first); and 10 per token (2 embeddings and their add,
+    lengths (2), final add + LayerNorm, head, argmax, positions, the token's append). The CPU run
+    counts four more: the model's range checks of CPU token ids and positions (here a 2-layer
+    model)."""
     kernels, host_reads = stub_run("count")
-    assert kernels == 9 * 2 + 10 + 4
+    assert kernels == 8 * 2 + 10 + 4
     assert host_reads == 4  # CPU only: token ids' and positions' range checks
 
 

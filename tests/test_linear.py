@@ -126,3 +126,18 @@ def test_bad_input_is_named_before_anything_runs(monkeypatch, change, error, mat
     with pytest.raises(error, match=match), torch.no_grad():
         linear(**_inputs(**change))
     assert calls == []
+
+
+def test_the_gelu_epilogue_is_the_linear_layer_and_gelu_in_one_product():
+    """More rows than the kernel takes, in inference on CUDA: one cuBLASLt GEMM with the GELU
+    in its epilogue (``_linear_gelu``). Its wiring (the bias, the weight's transpose, leading
+    dimensions, strided rows) against F.gelu of F.linear with the GELU torch's _addmm_activation
+    takes on this device (the tanh one on CUDA, the chapter's; the exact one on CPU, which is why
+    the op takes it on CUDA only)."""
+    x, w, b = make((4, 9), 40, 48, torch.float64)
+    x = x[:, ::2]
+    approximate = "tanh" if DEVICE == "cuda" else "none"
+    torch.testing.assert_close(lin._linear_gelu(x, w, b), F.gelu(F.linear(x, w, b), approximate=approximate))
+    with torch.no_grad():  # on CPU the op itself is F.linear then the tanh GELU at 4 x 5 rows
+        torch.testing.assert_close(linear(x.float(), w.float(), b.float(), "gelu_tanh"),
+                                   reference(x, w, b, "gelu_tanh").float(), rtol=1e-5, atol=1e-6)

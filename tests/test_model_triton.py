@@ -3,11 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gptfast import GPTModel
 from gptfast.kernels.testing import assert_agrees
-from gptfast.model import linear_gelu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Head dim 24 (not a power of two), odd length: the kernels' boundary paths run.
@@ -70,19 +68,6 @@ def test_attention_dropout_is_used_in_training_only():
         torch.testing.assert_close(model.use_kernels("triton")(idx), reference, rtol=1e-4, atol=1e-4)
         model.train()
         assert not torch.equal(model(idx), model(idx))
-
-
-def test_linear_gelu_is_the_linear_layer_and_gelu_in_one_product():
-    """linear_gelu's wiring (the bias, the weight's transpose, leading dimensions): F.gelu of
-    F.linear with the GELU that torch's _addmm_activation takes on this device (the tanh one on
-    CUDA, the chapter's; the exact one on CPU, which is why the model uses it on CUDA only)."""
-    torch.manual_seed(0)
-    linear = nn.Linear(48, 192).to(DEVICE, torch.float64)
-    x = torch.randn(2, 5, 48, dtype=torch.float64, device=DEVICE)[:, ::2]  # strided rows
-    approximate = "tanh" if DEVICE == "cuda" else "none"
-    torch.testing.assert_close(linear_gelu(x, linear), F.gelu(linear(x), approximate=approximate))
-    linear.bias = None  # without a bias: F.linear, then the chapter's GELU
-    torch.testing.assert_close(linear_gelu(x, linear), F.gelu(linear(x), approximate="tanh"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GELU epilogue is CUDA's")

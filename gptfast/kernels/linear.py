@@ -11,11 +11,16 @@ a GEMM that adds to it, and the GELU a kernel of its own. Each launch there is a
 microseconds of a ~58 µs token (GPT-2 124M's weights at the H200's bandwidth), so the count
 decides; the kernel itself streams the weight once, as cuBLAS's GEMV does.
 
-Elsewhere it is ``F.linear`` (and ``F.gelu``) itself: more rows (cuBLAS's GEMMs), gradients
-needed (autograd through torch: the kernel has no backward), autocast (F.linear's casts),
-torch.compile or any trace (Inductor fuses the epilogue itself), a weight whose rows are not
-contiguous, or a device where the kernels do not launch. The results are F.linear's up to the
-order of the fp32 sums (the 2x rule of tests/test_linear.py).
+More rows in inference on CUDA, with the GELU and a bias, are one cuBLASLt GEMM with the GELU
+in its epilogue (``torch._addmm_activation``: on CUDA the tanh GELU; torch's CPU version takes
+the exact one, so not on CPU): one kernel and one pass over the activations less than F.linear
+then F.gelu, the GELU taken on the fp32 accumulator before the one rounding.
+
+Elsewhere it is ``F.linear`` (and ``F.gelu``) itself: gradients needed (autograd through torch:
+the kernel has no backward), autocast (F.linear's casts), torch.compile or any trace (Inductor
+fuses the epilogue itself), a weight whose rows are not contiguous, or a device where the
+kernels do not launch. The results are F.linear's up to the order of the fp32 sums and the one
+rounding (the 2x rule of tests/test_linear.py).
 """
 
 import torch
@@ -23,8 +28,8 @@ import torch.nn.functional as F
 
 from gptfast.kernels import _common
 from gptfast.kernels._common import (
-    Kernel, Launch, _launchable, cdiv, check_device, check_float, on_device,
-    plan_cache,
+    _CURRENT, FLOAT_DTYPES, INTERPRETING, Kernel, Launch, cdiv, check_device, check_float,
+    on_device, plan_cache,
 )
 from gptfast.kernels.linear_kernels import _linear_kernel
 
@@ -54,7 +59,15 @@ def _plan(dtype: torch.dtype, n: int, k: int, bias: bool, gelu: bool):
 
 
 def _check(x, weight, bias, activation) -> None:
-    """Every input problem named in Python, before anything runs (on either path)."""
+    """Every input problem named in Python, before anything runs (on either path). The common
+    case (plain tensors of one float dtype and device, matching shapes) is a few attribute
+    reads: a decode step makes four calls a layer."""
+    if (type(x) is torch.Tensor and type(weight) is torch.Tensor and activation in ACTIVATIONS
+            and x.dtype in FLOAT_DTYPES and weight.dtype is x.dtype and weight.dim() == 2
+            and x.dim() > 0 and weight.shape[1] == x.shape[-1] and weight.device == x.device
+            and (bias is None or (type(bias) is torch.Tensor and bias.dtype is x.dtype
+                                  and bias.shape == weight.shape[:1] and bias.device == x.device))):
+        return
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -69,41 +82,57 @@ def _check(x, weight, bias, activation) -> None:
     if weight.dtype is not x.dtype or (bias is not None and bias.dtype is not x.dtype):
         dtypes = sorted({str(t.dtype) for t in (x, weight, bias) if t is not None})
         raise TypeError(f"{_OP}: x, weight and bias must have one dtype, got {', '.join(dtypes)}")
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
-        check_device(_OP, x=x, weight=weight, bias=bias)
+    check_device(_OP, x=x, weight=weight, bias=bias)
 
 
-def _takes_kernel(x, weight, bias) -> bool:
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= MAX_ROWS or x.shape[-1] == 0 or weight.stride(1) != 1:
+def _inference(x, weight, bias) -> bool:
+    """No autograd, no autocast, no trace: what both fused paths need."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return False
-    if _common._traced() or torch.is_autocast_enabled(x.device.type) or not _launchable(x.device):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))
+    return not (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type))
+
+
+def _linear_gelu(x, weight, bias) -> torch.Tensor:
+    """GELU(x @ weight^T + bias) as one cuBLASLt GEMM with the GELU in its epilogue (torch takes
+    cuBLASLt for at least 2 rows: one row is a GEMM, then torch's GELU kernel; tanh on CUDA,
+    erf on CPU)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, then the tanh GELU if ``activation="gelu_tanh"``; one Triton
-    kernel for at most MAX_ROWS rows in inference, F.linear (and F.gelu) otherwise (see the
-    module's docstring). x (..., K), weight (N, K), bias (N,) or None, one float dtype and device.
-    Returns (..., N) in x's dtype."""
+    kernel for at most MAX_ROWS rows in inference, cuBLASLt's GELU epilogue for more on CUDA,
+    F.linear (and F.gelu) otherwise (see the module's docstring). x (..., K), weight (N, K), bias
+    (N,) or None, one float dtype and device. Returns (..., N) in x's dtype."""
     _check(x, weight, bias, activation)
     gelu = activation == "gelu_tanh"
-    if not _takes_kernel(x, weight, bias):
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.numel() // k if k else 0
+    inference = _inference(x, weight, bias)
+    launchable = x.is_cuda or (x.is_cpu and (INTERPRETING or _common.CPU_LAUNCH))
+    if not (inference and 0 < m <= MAX_ROWS and weight.stride(1) == 1 and launchable):
+        if gelu and inference and bias is not None and x.is_cuda:
+            return _linear_gelu(x, weight, bias)
         out = F.linear(x, weight, bias)
         return F.gelu(out, approximate="tanh") if gelu else out
-    k, n = x.shape[-1], weight.shape[0]
-    rows = x.reshape(-1, k)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
-    y = torch.empty((rows.shape[0], n), dtype=x.dtype, device=x.device)
+    if x.is_contiguous():  # rows in place
+        rows, stride = x, k
+    else:
+        rows = x.reshape(-1, k)
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        stride = rows.stride(0)
+    y = x.new_empty((*x.shape[:-1], n))  # (x's dtype and device)
     config, grid = _plan(x.dtype, n, k, bias is not None, gelu)
-    with on_device(x.device):  # y stands in for an absent bias (HAS_BIAS off: never read)
+    with _CURRENT if _common._one_gpu() else on_device(x.device):  # (y: a stand-in for no bias)
         _LINEAR(config, grid, (rows, weight, y if bias is None else bias, y),
-                (rows.shape[0], n, k, rows.stride(0), weight.stride(0), n))
-    return y.view(*x.shape[:-1], n)
+                (m, n, k, stride, weight.stride(0), n))
+    return y
 
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
