@@ -71,7 +71,8 @@ def test_every_config_compiles(compiled):
 
 _KERNELS = {
     "gptfast.kernels.attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "gptfast.kernels.attention_sm90": {"_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel"},
+    "gptfast.kernels.attention_sm90": {"_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel",
+                                       "_bwd1_sm90_kernel", "_bwd1_preprocess_kernel"},
     "gptfast.kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
     "gptfast.kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
     "gptfast.kernels.linear_cross_entropy": {"_ce_kernel"},
@@ -239,6 +240,14 @@ def test_sass_figures():
         "/*0060*/ IMAD.U32 R3, RZ, RZ, UR9 ;", "/*0070*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3], RZ ;",
         "/*0080*/ @!P0 BRA 0x60 ;", "/*0090*/ BRA 0x20 ;"])
     assert _sass_figures(poll)["loops"] == [5] and _sass_figures(poll)["loads"] == "TMA"
+    # the one-pass backward's wait for its turn (a strong load of a counter in a loop) inside
+    # the per-tile loop: the per-tile loop is the work loop, the poll counted in it
+    spin = "\n".join([
+        "/*0000*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;", "/*0010*/ BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+        "/*0020*/ LDG.E.STRONG.GPU R40, desc[UR46][R64.64] ;", "/*0030*/ CCTL.IVALL ;",
+        "/*0040*/ @P3 BRA 0x10 ;", "/*0050*/ LDG.E.128.STRONG.GPU R40, desc[UR46][R56.64] ;",
+        "/*0060*/ @P1 BRA 0x0 ;", "/*0070*/ EXIT ;"])
+    assert _sass_figures(spin)["loops"] == [7]
     assert _sass_figures("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
     assert _sass_figures("/*0000*/ FFMA R0, R1, R2, R0 ;") | {"loops": None} == {
         "spill_stores": 0, "spill_loads": 0, "mma": "none", "loads": "none", "loops": None,
