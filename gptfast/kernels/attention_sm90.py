@@ -64,8 +64,7 @@ _TILES = {
     },
     # one program per tile only (programs_per_sm 0): its dQ order needs program-id dispatch
     BWD1: {
-        "bf16-d64": [(64, 128, 8, 2, 1, 0), (64, 128, 8, 3, 1, 0), (64, 64, 4, 2, 1, 0),
-                     (64, 128, 8, 2, 0, 0)],
+        "bf16-d64": [(64, 128, 8, 2, 1, 0), (64, 128, 8, 3, 1, 0), (64, 128, 8, 2, 0, 0)],
         "bf16-d128": [(64, 32, 8, 2, 1, 0)],  # 64x64 spilled (triton 3.6)
         "bf16-d64-dropout": [(64, 32, 8, 2, 1, 0), (64, 32, 4, 2, 1, 0)],  # 64x128, 64x64 spilled
         "bf16-d128-dropout": [(64, 32, 8, 2, 1, 0)],
@@ -205,9 +204,9 @@ def backward1(cfg, do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed, dropou
         o, do, delta, count, *o.stride(), *do.stride(), H, Tq, D, dropout_p, EVEN_D=D == block_d,
         BLOCK_M=cfg["block_m"], BLOCK_D=block_d, num_warps=4)
     tensors = {"q": (q, "block_m"), "k": (k, "block_n"), "v": (v, "block_n"), "do": (do, "block_m"),
-               "dq": (dq, "block_m"), "dk": (dk, "block_n"), "dv": (dv, "block_n")}
-    _launch(_bwd1_sm90_kernel, cfg, block_d, tensors, (lse2, delta, acc, count), "block_n",
-            (scale, scale * LOG2E), causal, seed, dropout_p)
+               "dk": (dk, "block_n"), "dv": (dv, "block_n")}
+    _launch(_bwd1_sm90_kernel, cfg, block_d, tensors, (lse2, delta, acc, count, dq, *dq.stride()),
+            "block_n", (scale, scale * LOG2E), causal, seed, dropout_p)
     if INTERPRETING and bool((count < 0).any()):
         raise RuntimeError("attention_sm90 one-pass backward: a key tile's program ran before "
                            "the key tiles it adds its dQ after (it would spin forever on a GPU)")
@@ -241,6 +240,8 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
     for i, arg in enumerate(fn.arg_names):
         if arg in flags:
             signature[arg] = "constexpr"
+        elif arg == "DQ" and kernel == BWD1:  # the one-pass kernel's masked pointer stores
+            signature[arg], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
         elif arg in _ROWS:
             rows = cfg[_ROWS[arg]]
             signature[arg] = f"tensordesc<bf16[1, 1, {rows}, {block_d}]>" if cfg["tma"] else "*bf16"

@@ -80,43 +80,80 @@ def _bwd1_preprocess_kernel(
 
 @triton.jit
 def _wait_turn(counter, turn):
-    """Wait until the counter reads ``turn`` (acquire: what its releaser wrote is visible after)."""
-    seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    if not _INTERPRETED:
-        while seen != turn:
-            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()  # every thread's accumulator loads after the one thread's acquire
-    return seen
+    """Wait until the counter reads ``turn``, then return 0. Every thread spins on its own
+    acquire load (what the releasers wrote before their releases is visible to it after), in an
+    assembly loop: a Triton loop (scf.while) or barrier in the per-tile loop stops triton from
+    software-pipelining it. The interpreter reads once: a wrong turn would spin forever, it flags
+    the counter instead."""
+    if _INTERPRETED:
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.atomic_xchg(counter, OUT_OF_ORDER, mask=seen != turn)
+        waited = seen - seen
+    else:
+        waited = tl.inline_asm_elementwise(
+            """{
+            .reg .pred %p<1>;
+            .reg .b32 %r<1>;
+            $$spin:
+            ld.acquire.gpu.global.b32 %r0, [$1];
+            setp.ne.s32 %p0, %r0, $2;
+            @%p0 bra $$spin;
+            sub.s32 $0, %r0, $2;
+            }""", "=r,l,r", [counter, turn], dtype=tl.int32, is_pure=False, pack=1)
+    return waited
 
 
 @triton.jit
-def _add_dq(dq, counter, acc_ptrs, n, last, out_rows, DQd, DQ, stride_dqm, stride_dqd, off_b,
-            off_h, start_m, Tq, Tk, D, shift, out_scale, CAUSAL: tl.constexpr,
-            EVEN_D: tl.constexpr, TMA: tl.constexpr):
+def _pass_turn(counter, after, NUM_WARPS: tl.constexpr):
+    """Add 1 to the counter per warp, after this thread's stores (``after``: a value that the last
+    of them produced, to keep the order): the warp's lanes meet (bar.warp.sync orders their
+    stores), then its lane 0 adds with release semantics. Per warp, not per block: a block
+    barrier would stop the loop's pipelining; a turn is thus num_warps counts."""
+    if _INTERPRETED:  # the programs run one at a time: the whole turn at once
+        tl.atomic_add(counter, NUM_WARPS, sem="release", scope="gpu")
+    else:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred %p<1>;
+            .reg .b32 %r<1>;
+            bar.warp.sync 0xffffffff;
+            mov.u32 %r0, %laneid;
+            setp.eq.u32 %p0, %r0, 0;
+            @%p0 red.release.gpu.global.add.u32 [$1], 1;
+            mov.u32 $0, 0;
+            }""", "=r,l,r", [counter, after], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _add_dq(dq, counter, acc_ptrs, dq_ptrs, n, last, rows, Tq, Tk, D, shift, out_scale,
+            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, NUM_WARPS: tl.constexpr):
     """Key tile n's part ``dq`` of one query tile into the accumulator, in key-tile order: the
     first (n = 0) stores it, the last writes dQ = out_scale * sum in bf16 (the variants' dtype;
-    0 where a row sees one key)."""
-    if n > 0:
-        seen = _wait_turn(counter, n)
-        if _INTERPRETED:  # a wrong turn would spin forever on a GPU: flag the launch
-            tl.atomic_xchg(counter, OUT_OF_ORDER, mask=seen != n)
-        dq += tl.load(acc_ptrs, cache_modifier=".cg")
-    if last:
-        dq = dq * tl.where(_single_key(out_rows, 0, Tk, shift, CAUSAL), 0.0, out_scale)[:, None]
-        _store_rows(DQd, DQ, stride_dqm, stride_dqd, off_b, off_h, start_m, Tq, D,
-                    dq.to(tl.bfloat16), TMA, EVEN_D)
-    else:
-        tl.store(acc_ptrs, dq, cache_modifier=".cg")
-        tl.debug_barrier()  # every thread's stores before the release
-        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    0 where a row sees one key). Branch-free (masked loads and stores: an scf.if of stores in
+    the loop crashed triton 3.6's pipeliner). Key tile 0 waits too (for the preprocess's 0: at
+    once); the accumulator's address depends on the wait's result (0), so no compiler may load
+    it before the wait ends."""
+    waited = _wait_turn(counter, n * NUM_WARPS)
+    in_t = rows[:, None] < Tq
+    none = tl.zeros_like(in_t)  # (a mask from a scalar: the interpreter needs it broadcast)
+    dq += tl.load(acc_ptrs + waited * dq.shape[1], mask=in_t & (none | (n > 0)), other=0.0,
+                  cache_modifier=".cg")  # (times the row length: the loads stay 16-byte wide)
+    tl.store(acc_ptrs, dq, mask=in_t & (none | ~last), cache_modifier=".cg")
+    dq = dq * tl.where(_single_key(rows, 0, Tk, shift, CAUSAL), 0.0, out_scale)[:, None]
+    out = in_t & (none | last)
+    if not EVEN_D:
+        out = out & (tl.arange(0, dq.shape[1])[None, :] < D)
+    tl.store(dq_ptrs, dq.to(tl.bfloat16), mask=out)
+    _pass_turn(counter, waited, NUM_WARPS)
 
 
 @triton.jit
-def _bwd1_steps(dk, dv, k, v, Qd, DOd, DQd, Q, DO, DQ, stride_qm, stride_qd, stride_dom,
+def _bwd1_steps(dk, dv, k, v, Qd, DOd, Q, DO, dq_head, stride_qm, stride_qd, stride_dom,
                 stride_dod, stride_dqm, stride_dqd, lse2_ptrs, delta_ptrs, acc_head, count_head,
                 off_b, off_h, n, start_n, hi, m_full, steps, n_k, Tq, Tk, D, shift, qk_scale,
                 out_scale, key, dropout_p, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr):
+                EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                NUM_WARPS: tl.constexpr):
     """The query tiles hi - BLOCK_M, hi - 2 BLOCK_M, ... (``steps`` of them, downward): dV += (P *
     Z)^T dO and dK += dS^T Q as the dK/dV kernel's keys-major steps (rows past Tq load zeros and
     add nothing), and each tile's dQ part dS K added in order (``_add_dq``). Causal tiles below
@@ -155,13 +192,13 @@ def _bwd1_steps(dk, dv, k, v, Qd, DOd, DQd, Q, DO, DQ, stride_qm, stride_qd, str
         dv = _mma(p_kept.to(do.dtype), do, dv)
         dk = _mma(ds, q, dk)
         dq = _mma(tl.trans(ds), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
-        m = start_m // BLOCK_M
         last = n == n_k - 1
         if CAUSAL:
             last = n == tl.minimum(n_k - 1, (start_m + BLOCK_M - 1 + shift) // BLOCK_N)
         acc_ptrs = acc_head + _wide(rows)[:, None] * BLOCK_D + offs_d[None, :]
-        _add_dq(dq, count_head + m, acc_ptrs, n, last, rows, DQd, DQ, stride_dqm, stride_dqd,
-                off_b, off_h, start_m, Tq, Tk, D, shift, out_scale, CAUSAL, EVEN_D, TMA)
+        dq_ptrs = dq_head + _wide(rows)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+        _add_dq(dq, count_head + start_m // BLOCK_M, acc_ptrs, dq_ptrs, n, last, rows, Tq, Tk, D,
+                shift, out_scale, CAUSAL, EVEN_D, NUM_WARPS)
     return dk, dv
 
 
@@ -170,21 +207,23 @@ def _bwd1_steps(dk, dv, k, v, Qd, DOd, DQd, Q, DO, DQ, stride_qm, stride_qd, str
 # accumulators stay in registers while Q, dO (BLOCK_M rows), LSE and delta stream through, last
 # query tile first; causal tiles start at the first query tile that sees a key of theirs and
 # mask only the diagonal ones. dK/dV are written once; dQ once per (query tile, key tile) into
-# the fp32 accumulator DQacc ((BH, n_m * BLOCK_M, BLOCK_D), contiguous) and by the last key tile.
+# the fp32 accumulator DQacc ((BH, n_m * BLOCK_M, BLOCK_D), contiguous) and by the last key tile
+# (pointer stores: the one masked store of the loop).
 @triton.jit
 def _bwd1_sm90_kernel(
-    Q, K, V, DO, DQ, DK, DV, LSE2, Delta, DQacc, Count,
+    Q, K, V, DO, DK, DV, LSE2, Delta, DQacc, Count, DQ,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     BH, H, Tq, Tk, D, sm_scale, qk_scale, Seed, dropout_p,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    NUM_WARPS: tl.constexpr = 4 if _INTERPRETED else tl.extra.cuda.num_warps()
     n_k = tl.cdiv(Tk, BLOCK_N)
     n_m = tl.cdiv(Tq, BLOCK_M)
     shift = Tk - Tq
@@ -200,7 +239,7 @@ def _bwd1_sm90_kernel(
                    off_b, off_h, start_n, Tk, D, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
     q_head = _head(Q, stride_qb, stride_qh, off_b, off_h, TMA)
     do_head = _head(DO, stride_dob, stride_doh, off_b, off_h, TMA)
-    dq_head = _head(DQ, stride_dqb, stride_dqh, off_b, off_h, TMA)
+    dq_head = _head(DQ, stride_dqb, stride_dqh, off_b, off_h, False)
     lse2_ptrs = LSE2 + off_bh.to(tl.int64) * Tq
     delta_ptrs = Delta + off_bh.to(tl.int64) * Tq
     acc_head = DQacc + off_bh.to(tl.int64) * m_end * BLOCK_D
@@ -218,11 +257,11 @@ def _bwd1_sm90_kernel(
         m_lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
         m_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(c_hi - shift, 0), BLOCK_M) * BLOCK_M,
                                        m_lo), m_end)
-    dk, dv = _bwd1_steps(dk, dv, k, v, Q, DO, DQ, q_head, do_head, dq_head, stride_qm,
-                         stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, lse2_ptrs,
-                         delta_ptrs, acc_head, count_head, off_b, off_h, n, start_n, m_end,
-                         m_full, (m_end - m_lo) // BLOCK_M, n_k, Tq, Tk, D, shift, qk_scale,
-                         out_scale, key, dropout_p, CAUSAL, DROPOUT, EVEN_D, TMA, BLOCK_M)
+    dk, dv = _bwd1_steps(dk, dv, k, v, Q, DO, q_head, do_head, dq_head, stride_qm, stride_qd,
+                         stride_dom, stride_dod, stride_dqm, stride_dqd, lse2_ptrs, delta_ptrs,
+                         acc_head, count_head, off_b, off_h, n, start_n, m_end, m_full,
+                         (m_end - m_lo) // BLOCK_M, n_k, Tq, Tk, D, shift, qk_scale, out_scale,
+                         key, dropout_p, CAUSAL, DROPOUT, EVEN_D, TMA, BLOCK_M, NUM_WARPS)
     if DROPOUT:
         dk = dk * (1.0 / (1.0 - dropout_p))
         dv = dv * (1.0 / (1.0 - dropout_p))
