@@ -44,7 +44,7 @@ def one_pass(cls: str, cfg: dict | None = None) -> dict:
 
 @pytest.mark.parametrize("cfg", sm90.SPACE[sm90.BWD1]["bf16-d64"], ids=sm90._variant)
 def test_every_d64_config(cfg, launched):
-    """136 queries and keys: 3 query tiles of 64 (the last ragged), 2 or 3 key tiles; 2 x 3
+    """136 queries and keys: 3 query tiles of 64 (the last ragged), 2 key tiles of 128; 2 x 3
     heads, so key tiles of several heads interleave in program order."""
     with plans_of(90), tuning.use(one_pass("bf16-d64", cfg)):
         assert_flash_rule((2, 3, 136, 64), (2, 3, 136, 64), BF16, True)
@@ -64,9 +64,9 @@ def test_every_other_class(cls, launched):
 
 
 @pytest.mark.parametrize("tq,tk,d,causal,p", [
-    (70, 200, 64, True, 0.1),    # Tq < Tk: the diagonal shifted by 130, 4 key tiles of 64
-    (61, 200, 64, False, 0.0),   # full attention: every key tile adds to every query tile
-    (130, 130, 128, False, 0.1),  # D = 128, dropout, ragged last query tile
+    (70, 200, 64, True, 0.1),    # Tq < Tk: the diagonal shifted by 130, 7 key tiles of 32
+    (61, 200, 64, False, 0.0),   # full attention: both key tiles add to every query tile
+    (130, 130, 128, False, 0.1),  # D = 128, dropout, ragged last query tile, 5 key tiles
     (40, 40, 64, True, 0.0),     # one key tile: it is first and last, no accumulator
 ])
 def test_masks_and_shapes(tq, tk, d, causal, p, launched):

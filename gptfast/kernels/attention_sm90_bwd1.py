@@ -8,17 +8,19 @@ this kernel does 5 (S, dP, dV += P^T dO, dK += dS^T Q, dQ_part = dS K). Each pro
 key tile, as the dK/dV kernel does (keys-major scores), and adds its part of each query tile's
 dQ into an fp32 accumulator in a FIXED order, FlashAttention-3's deterministic mode:
 
-- A per-(batch*head, query tile) int32 counter says how many key tiles have added. Key tile n
-  waits (one thread spins on an acquire read of it, then the block meets at a barrier) until it
-  reads n, loads the accumulator (plain fp32 loads past L1: it is the only writer now), adds its
-  part, stores it, meets at a barrier and adds 1 to the counter (release semantics). The
-  additions thus happen in key-tile order, so the result is bitwise the same on every run.
+- A per-(batch*head, query tile) int32 counter says how many warps of key tiles have added.
+  Key tile n waits (every thread spins on its own acquire load of it) until it reads
+  n * num_warps, loads the accumulator (fp32 loads past L1: it is the only writer now), adds its
+  part, stores it, and each warp passes its turn: its lanes meet (bar.warp.sync), its lane 0
+  adds 1 with release semantics. The additions thus happen in key-tile order, so the result is
+  bitwise the same on every run. (A block barrier and a Triton spin loop would be simpler, but
+  either in the loop stops Triton from software-pipelining it.)
 - The key tiles that visit query tile m are 0 .. last(m), all of them, in both masks: key tile 0
   first (every row sees key 0: no per-row lengths here; it stores, the accumulator needs no
   zeroing), and last(m) = the final key tile (non-causal) or the one holding key
   min(start_m + BLOCK_M - 1 + Tk - Tq, Tk - 1) (causal, aligned bottom-right, Tq <= Tk), which
-  writes the finished dQ rows in the output dtype instead (no conversion launch) and releases
-  nothing. A query tile that only key tile 0 visits never touches the accumulator.
+  writes the finished dQ rows in the output dtype instead (no conversion launch; it passes its
+  turn too, unread). A query tile that only key tile 0 visits never touches the accumulator.
 - Deadlock freedom: program id = key tile * BH + batch*head, so a program waits only on programs
   with lower ids (the same head's earlier key tiles). ASSUMPTION: the GPU dispatches blocks in
   program-id order (a block starts only once every lower one has started), as FlashAttention-3's
