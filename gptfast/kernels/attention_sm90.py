@@ -1,4 +1,5 @@
-"""Launch plans of the Hopper attention variants (``attention_sm90_fwd``, ``attention_sm90_bwd``).
+"""Launch plans of the Hopper attention variants (``attention_sm90_fwd``, ``attention_sm90_bwd``,
+``attention_sm90_bwd1``).
 
 A variant runs only where a plan names it: a device's tuning table (``gptfast.kernels.tuning``)
 or ``tuning.use`` (tests, ``bench/experiments/attention_sm90.py``) maps one of the tuning
@@ -10,8 +11,10 @@ aligned, unit last stride, 16-byte multiples for the others; else pointer loads)
 programs per SM). dK/dV computes its scores keys-major only: a query-major form (the
 forward's orientation) raced on sm_90 (see the generic ``_dkdv_tiles``), and the static gate
 rejects any config whose pending wgmma reads a pipelined buffer with fewer slots than stages.
-The backward takes the variants when plans name both of its kernels: the dQ kernel (which also
-computes the preprocess's delta) runs first, then dK/dV.
+The backward takes the one-pass kernel (``bwd1``: its preprocess, then dK, dV and dQ in one
+launch, with an fp32 dQ workspace of B * H * T * block_d * 4 bytes) where a plan names it and
+dK, dV are wanted; else the pair when plans name both of its kernels: the dQ kernel (which
+also computes the preprocess's delta) runs first, then dK/dV.
 
 The variants serve bf16 (the chapter model's training dtype under autocast) with a head dim
 that the launch pads to 64 or 128, without per-row lengths; anything else keeps the generic
