@@ -101,6 +101,21 @@ def test_no_wgmma_reads_a_slot_being_refilled(compiled):
     assert any("races" in r for r in declared), "no sm_90 record was checked"
 
 
+def test_the_one_pass_backward_loop_stays_pipelined(compiled):
+    """The one-pass backward's per-tile loop loads its Q and dO tiles through the software
+    pipeline (slotted buffers): a Triton-level spin loop or block barrier in it stopped triton
+    3.6's pipeliner (every step then issued its loads and waited). The count on hand-made TTGIR:
+    (slots, rows, cols) 16-bit buffers only, not a plain tile, a TMA store's 4-D one or fp32."""
+    declared, _ = compiled
+    one_pass = [r for r in declared if r["kernel"] == "_bwd1_sm90_kernel" and r["ok"]]
+    assert one_pass and all(r["pipelined_tiles"] >= 2 for r in one_pass), [
+        (r["name"], r["pipelined_tiles"]) for r in one_pass if r["pipelined_tiles"] < 2]
+    ttgir = "\n".join(f"%{i} = ttg.local_alloc : () -> !ttg.memdesc<{shape}, #shared, #smem, mutable>"
+                      for i, shape in enumerate(("2x64x64xbf16", "1x64xf32", "64x64xbf16",
+                                                 "1x1x64x64xbf16", "1x32x128xf16")))
+    assert testing.pipelined_tiles(ttgir) == 2
+
+
 def test_the_refill_race_check_sees_a_refilled_slot():
     """The check on a hand-made loop: a wgmma left pending (pendings = 1) on a 2-slot buffer of
     a 3-stage pipeline is a race; with 3 slots, or waited for (pendings = 0), it is not."""

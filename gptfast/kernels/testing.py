@@ -307,10 +307,18 @@ def async_reads_of_refilled_buffers(ttgir: str, num_stages: int) -> list[str]:
     return races
 
 
+def pipelined_tiles(ttgir: str) -> int:
+    """How many 2-D 16-bit tile buffers in shared memory the software pipeliner allocated (a
+    leading slot dimension: (slots, rows, cols)); 0: the loop issues its loads and waits for
+    them itself."""
+    return len(re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<\d+x\d+x\d+x(?:bf16|f16)",
+                          ttgir))
+
+
 def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
     """Compile one aot config for ``cc``: its name, kernel, cc, triton version, ok/error, the
     per-block shared-memory limit, ``kernel_stats``' figures (``sass``: see there) and, for
-    sm_90, the races ``async_reads_of_refilled_buffers`` finds."""
+    sm_90, the races ``async_reads_of_refilled_buffers`` finds and the ``pipelined_tiles``."""
     import triton
 
     record = {"name": cfg["name"], "kernel": cfg["fn"].__name__, "cc": cc,
@@ -322,6 +330,7 @@ def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
         record.update(ok=True, error=None, **kernel_stats(kernel.asm["cubin"], kernel.metadata.shared, sass))
         if cc >= 90:  # wgmma's asynchronous reads against the software pipeline's refills
             record["races"] = async_reads_of_refilled_buffers(kernel.asm["ttgir"], record["num_stages"])
+            record["pipelined_tiles"] = pipelined_tiles(kernel.asm["ttgir"])
     except Exception as exc:  # reported to the caller, which fails with the message
         record.update(ok=False, shared=None, error=f"{type(exc).__name__}: {exc}"[:2000])
     return record
