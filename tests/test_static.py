@@ -71,7 +71,8 @@ def test_every_config_compiles(compiled):
 
 _KERNELS = {
     "gptfast.kernels.attention": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "gptfast.kernels.attention_sm90": {"_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel"},
+    "gptfast.kernels.attention_sm90": {"_fwd_sm90_kernel", "_bwd_dq_sm90_kernel", "_bwd_dkdv_sm90_kernel",
+                                       "_bwd1_sm90_kernel", "_bwd1_preprocess_kernel"},
     "gptfast.kernels.decode_attention": {"_split_kernel", "_merge_kernel"},
     "gptfast.kernels.layer_norm": {"_fwd_rows_kernel", "_bwd_kernel", "_sum_partials_kernel"},
     "gptfast.kernels.linear_cross_entropy": {"_ce_kernel"},
@@ -99,6 +100,21 @@ def test_no_wgmma_reads_a_slot_being_refilled(compiled):
     races = [f"{_what(r)}: {race}" for r in declared + rows if r["ok"] for race in r.get("races", ())]
     assert not races, "\n".join(races)
     assert any("races" in r for r in declared), "no sm_90 record was checked"
+
+
+def test_the_one_pass_backward_loop_stays_pipelined(compiled):
+    """The one-pass backward's per-tile loop loads its Q and dO tiles through the software
+    pipeline (slotted buffers): a Triton-level spin loop or block barrier in it stopped triton
+    3.6's pipeliner (every step then issued its loads and waited). The count on hand-made TTGIR:
+    (slots, rows, cols) 16-bit buffers only, not a plain tile, a TMA store's 4-D one or fp32."""
+    declared, _ = compiled
+    one_pass = [r for r in declared if r["kernel"] == "_bwd1_sm90_kernel" and r["ok"]]
+    assert one_pass and all(r["pipelined_tiles"] >= 2 for r in one_pass), [
+        (r["name"], r["pipelined_tiles"]) for r in one_pass if r["pipelined_tiles"] < 2]
+    ttgir = "\n".join(f"%{i} = ttg.local_alloc : () -> !ttg.memdesc<{shape}, #shared, #smem, mutable>"
+                      for i, shape in enumerate(("2x64x64xbf16", "1x64xf32", "64x64xbf16",
+                                                 "1x1x64x64xbf16", "1x32x128xf16")))
+    assert testing.pipelined_tiles(ttgir) == 2
 
 
 def test_the_refill_race_check_sees_a_refilled_slot():
@@ -240,6 +256,14 @@ def test_sass_figures():
         "/*0060*/ IMAD.U32 R3, RZ, RZ, UR9 ;", "/*0070*/ SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3], RZ ;",
         "/*0080*/ @!P0 BRA 0x60 ;", "/*0090*/ BRA 0x20 ;"])
     assert _sass_figures(poll)["loops"] == [5] and _sass_figures(poll)["loads"] == "TMA"
+    # the one-pass backward's wait for its turn (a strong load of a counter in a loop) inside
+    # the per-tile loop: the per-tile loop is the work loop, the poll counted in it
+    spin = "\n".join([
+        "/*0000*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;", "/*0010*/ BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+        "/*0020*/ LDG.E.STRONG.GPU R40, desc[UR46][R64.64] ;", "/*0030*/ CCTL.IVALL ;",
+        "/*0040*/ @P3 BRA 0x10 ;", "/*0050*/ LDG.E.128.STRONG.GPU R40, desc[UR46][R56.64] ;",
+        "/*0060*/ @P1 BRA 0x0 ;", "/*0070*/ EXIT ;"])
+    assert _sass_figures(spin)["loops"] == [7]
     assert _sass_figures("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
     assert _sass_figures("/*0000*/ FFMA R0, R1, R2, R0 ;") | {"loops": None} == {
         "spill_stores": 0, "spill_loads": 0, "mma": "none", "loads": "none", "loops": None,

@@ -13,13 +13,17 @@ B=8 T=1024 D=64 with dropout. Three phases:
    the public op against float64 at one shape (B=4 H=4 T=1024; FlashAttention's 2x rule on the
    output and the three gradients, as the tests apply it). A config that fails, errs or kills
    its worker is left out of the timings (a crash would poison the main process's CUDA context).
+   The one-pass backward (``bwd1``, whose programs wait on each other) runs there once at every
+   timed shape of its class first: a hang (a broken dispatch-order assumption) ends at the
+   worker timeout instead of hanging the timings.
 2. Kernel timings: each kernel launched directly (no autograd), ``triton.testing.do_bench``
    medians (L2 cleared between calls): forward per FWD config, dQ (with the fused delta) per DQ
-   config, dK/dV per DKDV config, and the generic path's forward, preprocess + dQ and
-   preprocess + dK/dV.
+   config, dK/dV per DKDV config, the one-pass backward (its preprocess + kernel) per BWD1
+   config, and the generic path's forward, preprocess + dQ and preprocess + dK/dV.
 3. End to end, through the public ``attention`` (autograd, host overhead included, as a model
    sees it): generic, the fastest variants of phase 2 put in place with ``tuning.use`` (where
-   they win), and SDPA's cuDNN, flash and default backends, forward and forward + backward.
+   they win; the two-launch pair and the one-pass backward each in place too), and SDPA's
+   cuDNN, flash and default backends, forward and forward + backward.
 
 Writes ``attention_sm90.md`` (the tables, printed last too) and ``attention_sm90.json`` (every
 figure, the checks, the errors, and the tuning-table entries of the winners) under ``--out``.
@@ -50,7 +54,7 @@ from gptfast.kernels.testing import agreement
 
 generic = sys.modules["gptfast.kernels.attention"]
 sm90 = sys.modules["gptfast.kernels.attention_sm90"]
-KERNELS = {"fwd": sm90.FWD, "dq": sm90.DQ, "dkdv": sm90.DKDV}
+KERNELS = {"fwd": sm90.FWD, "dq": sm90.DQ, "dkdv": sm90.DKDV, "bwd1": sm90.BWD1}
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BF16 = torch.bfloat16
@@ -120,7 +124,7 @@ class Inputs:
 
 
 def kernel_call(item: tuple, x: Inputs):
-    """A no-argument function launching ``item`` once: ("fwd" | "dq" | "dkdv", config) for a
+    """A no-argument function launching ``item`` once: ("fwd" | "dq" | "dkdv" | "bwd1", config) for a
     variant, ("generic", "fwd" | "bwd" | "dq" | "dkdv") for the generic path (its dq and dkdv
     each with the preprocess before them, bwd all three)."""
     kind, what = item
@@ -140,6 +144,10 @@ def kernel_call(item: tuple, x: Inputs):
         dq, delta = torch.empty_like(x.dq), torch.empty_like(x.delta)
         return lambda: sm90.backward_dq(what, x.do, *a, x.o, x.lse2, dq, delta, True, x.scale,
                                         x.seed, x.p, x.block_d)
+    if kind == "bwd1":
+        dq = torch.empty_like(x.dq)
+        return lambda: sm90.backward1(what, x.do, *a, x.o, x.lse2, dq, x.dk, x.dv, True, x.scale,
+                                      x.seed, x.p, x.block_d)
     return lambda: sm90.backward_dkdv(what, x.do, *a, x.lse2, x.delta, x.dk, x.dv, True, x.scale,
                                       x.seed, x.p, x.block_d)
 
@@ -156,7 +164,8 @@ def items(cls: str) -> list[tuple]:
 
 def item_plans(cls: str, item: tuple) -> dict:
     """The plans that put a variant config in place for the public op: a DQ or DKDV config
-    with the other backward kernel's first config (the backward takes both or neither)."""
+    with the other backward kernel's first config (the backward takes both or neither); a BWD1
+    config with both (it goes first; the pair serves a backward without dK)."""
     kind, cfg = item
     if kind == "fwd":
         return {sm90.FWD: {cls: cfg}}
@@ -231,6 +240,9 @@ def worker(part: str, dry: bool) -> None:
             shape = next(s for s in _first_shapes(dry) if s.cls == cls)
             x = inputs.setdefault(cls, Inputs(shape))
             kernel_call(item, x)()
+            if item[0] == "bwd1":  # every timed shape: a hang ends here, at the worker timeout
+                for other in (s for s in shapes(dry) if s.cls == cls and s != shape):
+                    kernel_call(item, Inputs(other))()
             _sync()
             if item[0] != "generic":
                 record["check"] = check(item_plans(cls, item), check_shape(cls, dry))
@@ -338,18 +350,35 @@ def best_per_shape(rows: list[dict]) -> dict:
 def winners(rows: list[dict]) -> dict:
     """Per class, the variant config of each kernel with the least ms summed over the class's
     shapes, where it beats the generic kernel's sum (fwd against the generic forward; dq + dkdv
-    against the generic backward's three launches): {tuning kernel: {cls: config}}."""
+    against the generic backward's three launches; bwd1 against that and the dq + dkdv pair):
+    {tuning kernel: {cls: config}}."""
     best = {}
     for cls in sorted({r["cls"] for r in rows}):
         mine = [r for r in rows if r["cls"] == cls]
         total = _totals(mine)
-        fwd, dq, dkdv = (_fastest(total, kind) for kind in KERNELS)
+        fwd, dq, dkdv, bwd1 = (_fastest(total, kind) for kind in KERNELS)
         if fwd and fwd[0] < total.get(("fwd", "generic fwd"), math.inf):
             best.setdefault(sm90.FWD, {})[cls] = _config(mine, "fwd", fwd[1])
-        if dq and dkdv and dq[0] + dkdv[0] < total.get(("bwd", "generic bwd"), math.inf):
+        generic_bwd = total.get(("bwd", "generic bwd"), math.inf)
+        if dq and dkdv and dq[0] + dkdv[0] < generic_bwd:
             best.setdefault(sm90.DQ, {})[cls] = _config(mine, "dq", dq[1])
             best.setdefault(sm90.DKDV, {})[cls] = _config(mine, "dkdv", dkdv[1])
+        pair = dq[0] + dkdv[0] if dq and dkdv else math.inf
+        if bwd1 and bwd1[0] < min(pair, generic_bwd):
+            best.setdefault(sm90.BWD1, {})[cls] = _config(mine, "bwd1", bwd1[1])
     return best
+
+
+def fastest_configs(rows: list[dict]) -> dict:
+    """{tuning kernel: {cls: config}}: each kernel's config of the least summed ms per class."""
+    out = {}
+    for cls in sorted({r["cls"] for r in rows}):
+        mine = [r for r in rows if r["cls"] == cls]
+        total = _totals(mine)
+        for kind, kernel in KERNELS.items():
+            if found := _fastest(total, kind):
+                out.setdefault(kernel, {})[cls] = _config(mine, kind, found[1])
+    return out
 
 
 def _totals(rows: list[dict]) -> dict:
@@ -392,8 +421,14 @@ def _ours(plans: dict):
     return run
 
 
-def end_to_end_rows(clock: Clock, best: dict, dry: bool) -> list[dict]:
+def end_to_end_rows(clock: Clock, best: dict, fastest: dict, dry: bool) -> list[dict]:
+    """``best``: the winners; ``fastest``: each kernel's fastest config per class, winner or
+    not, for the rows of the two-launch pair and of the one-pass backward."""
+    pair = {k: v for k, v in best.items() if k != sm90.BWD1}
+    pair |= {k: fastest[k] for k in (sm90.DQ, sm90.DKDV) if k in fastest}
+    one_pass = pair | ({sm90.BWD1: fastest[sm90.BWD1]} if sm90.BWD1 in fastest else {})
     providers = {"gptfast generic": _ours({}), "gptfast sm90 plans": _ours(best),
+                 "gptfast sm90 pair": _ours(pair), "gptfast sm90 one-pass": _ours(one_pass),
                  "sdpa cudnn": sdpa("cudnn"), "sdpa flash": sdpa("flash"), "sdpa default": sdpa(None)}
     rows = []
     for shape in shapes(dry):
@@ -434,7 +469,7 @@ def markdown(checks: dict, krows: list[dict], erows: list[dict], best: dict, met
               "| shape | kernel | config | ms | TFLOP/s |", "|---|---|---|--:|--:|"]
     for r in krows:
         shape = next(s for s in shapes(meta["dry"]) if s.name == r["shape"])
-        mode = r["kind"] if r["kind"] in ("fwd", "bwd") else None
+        mode = {"fwd": "fwd", "bwd": "bwd", "bwd1": "bwd"}.get(r["kind"])
         flops = f"{tflops(shape, mode, r['ms']):.0f}" if mode and isinstance(r["ms"], float) else "-"
         lines.append(f"| {r['shape']} | {r['kind']} | {r['item']} | {_cell(r['ms'])} | {flops} |")
     lines += ["", "## End to end through `attention` / SDPA (ms, TFLOP/s)", "",
@@ -458,8 +493,8 @@ def summary(krows: list[dict], erows: list[dict], dry: bool) -> list[str]:
     that shape (launched directly), and SDPA's cuDNN and flash backends (end to end)."""
     best = best_per_shape(krows)
     cols = ["fwd generic", "fwd variant", "bwd generic", "bwd variants (dq + dkdv)",
-            "fwd+bwd generic", "fwd+bwd variants", "cuDNN fwd", "cuDNN fwd+bwd", "flash fwd",
-            "flash fwd+bwd"]
+            "bwd one-pass", "fwd+bwd generic", "fwd+bwd variants", "cuDNN fwd", "cuDNN fwd+bwd",
+            "flash fwd", "flash fwd+bwd"]
     lines = ["", "## Summary per shape: ms (TFLOP/s), kernels launched directly; SDPA end to end", "",
              "| shape | " + " | ".join(cols) + " |", "|---|" + "--:|" * len(cols)]
     for shape in shapes(dry):
@@ -467,8 +502,10 @@ def summary(krows: list[dict], erows: list[dict], dry: bool) -> list[str]:
         gen_fwd, gen_bwd = (_ms(krows, shape=name, item=f"generic {k}") for k in ("fwd", "bwd"))
         fwd = best.get((name, "fwd"), (None,))[0]
         bwd = _add(best.get((name, "dq"), (None,))[0], best.get((name, "dkdv"), (None,))[0])
-        values = [("fwd", gen_fwd), ("fwd", fwd), ("bwd", gen_bwd), ("bwd", bwd),
-                  ("fwd+bwd", _add(gen_fwd, gen_bwd)), ("fwd+bwd", _add(fwd, bwd))]
+        one_pass = best.get((name, "bwd1"), (None,))[0]
+        either = min((t for t in (bwd, one_pass) if t is not None), default=None)
+        values = [("fwd", gen_fwd), ("fwd", fwd), ("bwd", gen_bwd), ("bwd", bwd), ("bwd", one_pass),
+                  ("fwd+bwd", _add(gen_fwd, gen_bwd)), ("fwd+bwd", _add(fwd, either))]
         values += [(mode, _ms(erows, shape=name, provider=f"sdpa {backend}", mode=mode))
                    for backend in ("cudnn", "flash") for mode in ("fwd", "fwd+bwd")]
         cells = ["-" if ms is None else f"{ms:.4f} ({tflops(shape, mode, ms):.0f})" for mode, ms in values]
@@ -517,7 +554,7 @@ def main(argv=None) -> int:
     clock = Clock(args.warmup, args.rep, budget - (time.monotonic() - start))
     krows = kernel_rows(clock, checks, args.dry_run)
     best = winners(krows)
-    erows = end_to_end_rows(clock, best, args.dry_run)
+    erows = end_to_end_rows(clock, best, fastest_configs(krows), args.dry_run)
     meta = {"device": torch.cuda.get_device_name() if CUDA else "CPU (dry run, interpreter)",
             "torch": torch.__version__, "triton": _triton_version(), "commit": _commit(),
             "seconds": time.monotonic() - start, "dry": args.dry_run}

@@ -1,4 +1,5 @@
-"""Launch plans of the Hopper attention variants (``attention_sm90_fwd``, ``attention_sm90_bwd``).
+"""Launch plans of the Hopper attention variants (``attention_sm90_fwd``, ``attention_sm90_bwd``,
+``attention_sm90_bwd1``).
 
 A variant runs only where a plan names it: a device's tuning table (``gptfast.kernels.tuning``)
 or ``tuning.use`` (tests, ``bench/experiments/attention_sm90.py``) maps one of the tuning
@@ -10,8 +11,10 @@ aligned, unit last stride, 16-byte multiples for the others; else pointer loads)
 programs per SM). dK/dV computes its scores keys-major only: a query-major form (the
 forward's orientation) raced on sm_90 (see the generic ``_dkdv_tiles``), and the static gate
 rejects any config whose pending wgmma reads a pipelined buffer with fewer slots than stages.
-The backward takes the variants when plans name both of its kernels: the dQ kernel (which also
-computes the preprocess's delta) runs first, then dK/dV.
+The backward takes the one-pass kernel (``bwd1``: its preprocess, then dK, dV and dQ in one
+launch, with an fp32 dQ workspace of B * H * T * block_d * 4 bytes) where a plan names it and
+dK, dV are wanted; else the pair when plans name both of its kernels: the dQ kernel (which
+also computes the preprocess's delta) runs first, then dK/dV.
 
 The variants serve bf16 (the chapter model's training dtype under autocast) with a head dim
 that the launch pads to 64 or 128, without per-row lengths; anything else keeps the generic
@@ -25,9 +28,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from gptfast.kernels import tuning
 from gptfast.kernels._common import INTERPRETING, plan_capability, plan_sm_count
 from gptfast.kernels.attention_sm90_bwd import _bwd_dkdv_sm90_kernel, _bwd_dq_sm90_kernel
+from gptfast.kernels.attention_sm90_bwd1 import (
+    _bwd1_preprocess_kernel, _bwd1_sm90_kernel,
+)
 from gptfast.kernels.attention_sm90_fwd import _fwd_sm90_kernel
 
 FWD, DQ, DKDV = "attention_sm90.fwd", "attention_sm90.dq", "attention_sm90.dkdv"
+BWD1 = "attention_sm90.bwd1"  # the one-pass backward (attention_sm90_bwd1), tried first
 LOG2E = 1.4426950408889634
 # The interpreter's own plans (no GPU named): a persistent program loops over several tiles.
 _INTERPRETER_SMS = 2
@@ -57,6 +64,13 @@ _TILES = {
         "bf16-d128": [(32, 64, 8, 3, 1, 0), (32, 128, 8, 2, 1, 0)],
         "bf16-d64-dropout": [(32, 128, 8, 3, 1, 0)],
         "bf16-d128-dropout": [(32, 64, 8, 3, 1, 0)],
+    },
+    # one program per tile only (programs_per_sm 0): its dQ order needs program-id dispatch
+    BWD1: {
+        "bf16-d64": [(64, 128, 8, 2, 1, 0), (64, 128, 8, 3, 1, 0), (64, 128, 8, 2, 0, 0)],
+        "bf16-d128": [(64, 32, 8, 2, 1, 0)],  # 64x64 spilled (triton 3.6)
+        "bf16-d64-dropout": [(64, 32, 8, 2, 1, 0), (64, 32, 4, 2, 1, 0)],  # 64x128, 64x64 spilled
+        "bf16-d128-dropout": [(64, 32, 8, 2, 1, 0)],
     },
 }
 _KEYS = ("block_m", "block_n", "num_warps", "num_stages", "tma", "programs_per_sm")
@@ -138,10 +152,16 @@ def forward(cfg, q, k, v, o, lse2, causal, scale, seed, dropout_p, block_d):
 
 def backward(do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed, dropout_p, block_d,
              lengths) -> bool:
-    """Fill dq (and dk, dv unless None) through the dQ and dK/dV variants if plans name both for
-    this launch; False (nothing done: the generic kernels) otherwise. dQ runs first: it writes
-    the delta that dK/dV reads."""
+    """Fill dq (and dk, dv unless None): through the one-pass backward if a plan names it (and
+    dk, dv are wanted), else the dQ and dK/dV variants if plans name both for this launch; False
+    (nothing done: the generic kernels) otherwise. dQ runs first: it writes the delta that
+    dK/dV reads."""
     dropout = dropout_p > 0
+    one_pass = plan(BWD1, q, block_d, dropout, lengths) if dk is not None else None
+    if one_pass is not None:
+        backward1(one_pass, do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed, dropout_p,
+                  block_d)
+        return True
     dq_cfg = plan(DQ, q, block_d, dropout, lengths)
     dkdv_cfg = plan(DKDV, q, block_d, dropout, lengths)
     if dq_cfg is None or dkdv_cfg is None:
@@ -170,11 +190,37 @@ def backward_dkdv(cfg, do, q, k, v, lse2, delta, dk, dv, causal, scale, seed, dr
             (scale, scale * LOG2E), causal, seed, dropout_p)
 
 
+def backward1(cfg, do, q, k, v, o, lse2, dq, dk, dv, causal, scale, seed, dropout_p, block_d):
+    """Fill dq, dk, dv in two launches: the preprocess (delta, the counters reset), then the
+    one-pass kernel (dQ added in key-tile order into an fp32 accumulator, see
+    ``attention_sm90_bwd1``). Under the interpreter a launch whose programs would have waited on
+    a later one raises."""
+    if cfg["programs_per_sm"]:
+        raise ValueError(f"cfg: the one-pass backward takes one program per tile (programs_per_sm "
+                         f"0), not {cfg['programs_per_sm']}: its dQ order relies on dispatch order")
+    B, H, Tq, D = q.shape
+    n_m = triton.cdiv(Tq, cfg["block_m"])
+    delta = torch.empty_like(lse2)
+    count = torch.empty((B * H, n_m), dtype=torch.int32, device=q.device)
+    acc = torch.empty((B * H, n_m * cfg["block_m"], block_d), dtype=torch.float32, device=q.device)
+    _bwd1_preprocess_kernel[(n_m, B * H)](
+        o, do, delta, count, *o.stride(), *do.stride(), H, Tq, D, dropout_p, EVEN_D=D == block_d,
+        BLOCK_M=cfg["block_m"], BLOCK_D=block_d, num_warps=4)
+    tensors = {"q": (q, "block_m"), "k": (k, "block_n"), "v": (v, "block_n"), "do": (do, "block_m"),
+               "dk": (dk, "block_n"), "dv": (dv, "block_n")}
+    _launch(_bwd1_sm90_kernel, cfg, block_d, tensors, (lse2, delta, acc, count, dq, *dq.stride()),
+            "block_n", (scale, scale * LOG2E), causal, seed, dropout_p)
+    if INTERPRETING and bool((count < 0).any()):
+        raise RuntimeError("attention_sm90 one-pass backward: a key tile's program ran before "
+                           "the key tiles it adds its dQ after (it would spin forever on a GPU)")
+
+
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compilation check and static report (gptfast/kernels/testing.py, report.py)
 # --------------------------------------------------------------------------------------------
 
-_KERNEL_FNS = {FWD: _fwd_sm90_kernel, DQ: _bwd_dq_sm90_kernel, DKDV: _bwd_dkdv_sm90_kernel}
+_KERNEL_FNS = {FWD: _fwd_sm90_kernel, DQ: _bwd_dq_sm90_kernel, DKDV: _bwd_dkdv_sm90_kernel,
+               BWD1: _bwd1_sm90_kernel}
 # each kernel's tile rows per tensor argument (block_m or block_n), for the descriptors' blocks
 _ROWS = {"Q": "block_m", "O": "block_m", "DO": "block_m", "DQ": "block_m", "K": "block_n",
          "V": "block_n", "DK": "block_n", "DV": "block_n"}
@@ -197,13 +243,16 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
     for i, arg in enumerate(fn.arg_names):
         if arg in flags:
             signature[arg] = "constexpr"
+        elif arg == "DQ" and kernel == BWD1:  # the one-pass kernel's masked pointer stores
+            signature[arg], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
         elif arg in _ROWS:
             rows = cfg[_ROWS[arg]]
             signature[arg] = f"tensordesc<bf16[1, 1, {rows}, {block_d}]>" if cfg["tma"] else "*bf16"
             if not cfg["tma"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in ("LSE2", "Delta"):
-            signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif arg in ("LSE2", "Delta", "DQacc", "Count"):
+            signature[arg] = "*i32" if arg == "Count" else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg == "Seed":  # the dropout seed in device memory (a (1,) int64 tensor)
             signature[arg], attrs[(i,)] = "*i64", [["tt.divisibility", 16]]
         elif arg.startswith("stride") and arg.endswith("d"):
@@ -220,6 +269,27 @@ def _aot_config(kernel: str, cfg: dict, block_d: int, causal: bool, dropout: boo
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "ccs": (90,)}
 
 
+def _preprocess_aot_config(block_m: int, block_d: int, name=None) -> dict:
+    """The aot config of the one-pass backward's preprocess (pointer loads of bf16 O and dO)."""
+    fn = _bwd1_preprocess_kernel
+    constexprs = dict(EVEN_D=True, BLOCK_M=block_m, BLOCK_D=block_d)
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs or (arg.startswith("stride") and arg.endswith("d")):
+            signature[arg] = "constexpr"
+            constexprs.setdefault(arg, 1)
+        elif arg in ("O", "DO", "Delta", "Count"):
+            signature[arg] = {"O": "*bf16", "DO": "*bf16", "Delta": "*fp32", "Count": "*i32"}[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg.startswith("stride") or arg in ("Tq", "D"):
+            signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        else:  # H, dropout_p
+            signature[arg] = "fp32" if arg == "dropout_p" else "i32"
+    return {"name": name or f"{BWD1}-preprocess-{block_m}-d{block_d}-sm90", "fn": fn,
+            "signature": signature, "constexprs": constexprs, "attrs": attrs, "num_warps": 4,
+            "num_stages": 1, "ccs": (90,)}
+
+
 def aot_configs():
     """Every config of the plans' spaces, for sm_90 only (the plans never pick them on older
     GPUs), at its shape class's head dim and dropout, causal, plus each class's first config
@@ -232,7 +302,8 @@ def aot_configs():
             block_d, dropout = int(cls.split("-")[1][1:]), cls.endswith("dropout")
             configs += [_aot_config(kernel, cfg, block_d, True, dropout) for cfg in space]
             configs.append(_aot_config(kernel, space[0], block_d, False, dropout))
-    return configs
+    block_ms = {cfg["block_m"] for space in SPACE[BWD1].values() for cfg in space}
+    return configs + [_preprocess_aot_config(m, d) for m in sorted(block_ms) for d in (64, 128)]
 
 
 def report_cases(cc: int = 90):
@@ -252,10 +323,14 @@ def report_cases(cc: int = 90):
             dropout = cls.endswith("dropout")
             for cfg in classes[cls]:
                 label = f"124M B{B} T{T} bf16{' p=0.1' if dropout else ''} {_variant(cfg)}"
-                rows = cfg["block_n" if kernel == DKDV else "block_m"]
+                rows = cfg["block_n" if kernel in (DKDV, BWD1) else "block_m"]
                 tiles = triton.cdiv(T, rows) * B * H
                 grid = min(tiles, SM_COUNTS[cc] * cfg["programs_per_sm"]) if cfg["programs_per_sm"] else tiles
                 cases.append({"label": label, "grid": grid,
                               "config": _aot_config(kernel, cfg, 64, True, dropout, H, T,
                                                     name=f"{kernel} {label}")})
+    for block_m in sorted({cfg["block_m"] for cfg in SPACE[BWD1]["bf16-d64"]}):
+        label = f"124M B{B} T{T} bf16 {block_m} rows"
+        cases.append({"label": label, "grid": triton.cdiv(T, block_m) * B * H,
+                      "config": _preprocess_aot_config(block_m, 64, f"{BWD1} preprocess {label}")})
     return cases

@@ -115,6 +115,14 @@ def nvidia_tool(name: str) -> str:
     return str(Path(triton.backends.nvidia.__file__).parent / "bin" / name)
 
 
+def _is_spin(ops: list, lo: int, hi: int) -> bool:
+    """Whether the loop [lo, hi] only polls a counter in global memory (a strong load or an
+    atomic, no matrix product): a wait, not a work loop; the loop around it is the work loop."""
+    body = [op for a, op, _ in ops if lo <= a <= hi and op != "NOP"]
+    polls = any(op.startswith(("LDG.E.STRONG", "ATOMG", "ATOM.")) for op in body)
+    return polls and len(body) <= 16 and not any(op.startswith("HGMMA") for op in body)
+
+
 def _sass_figures(sass: str) -> dict:
     """Matrix and load instructions, spill bytes and loop lengths read from ``cuobjdump -sass``.
 
@@ -126,7 +134,8 @@ def _sass_figures(sass: str) -> dict:
     program order; ``main_loop`` is the shortest: in the flash kernels the masked (diagonal,
     boundary) loop repeats the unmasked steady-state loop's work plus the masking, so the
     shortest is the one most key or query tiles go through. Loops that only poll a barrier (the
-    wait for a TMA copy) are left out.
+    wait for a TMA copy) are left out, and so are those that only poll a counter (the one-pass
+    backward's wait for its turn): the loop around such a poll is the work loop.
     """
     ops = [(int(a, 16), op, rest) for a, op, rest in _INSTRUCTION.findall(sass)]
     names = {op.split(".")[0] for _, op, _ in ops}
@@ -143,6 +152,7 @@ def _sass_figures(sass: str) -> dict:
         target = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
         if op.split(".")[0] == "BRA" and target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
+    loops = [(lo, hi) for lo, hi in loops if not _is_spin(ops, lo, hi)]
     inner = [(lo, hi) for lo, hi in loops
              if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
     bodies = [[op for a, op, _ in ops if lo <= a <= hi and op != "NOP"] for lo, hi in sorted(inner)]
@@ -297,10 +307,18 @@ def async_reads_of_refilled_buffers(ttgir: str, num_stages: int) -> list[str]:
     return races
 
 
+def pipelined_tiles(ttgir: str) -> int:
+    """How many 2-D 16-bit tile buffers in shared memory the software pipeliner allocated (a
+    leading slot dimension: (slots, rows, cols)); 0: the loop issues its loads and waits for
+    them itself."""
+    return len(re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<\d+x\d+x\d+x(?:bf16|f16)",
+                          ttgir))
+
+
 def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
     """Compile one aot config for ``cc``: its name, kernel, cc, triton version, ok/error, the
     per-block shared-memory limit, ``kernel_stats``' figures (``sass``: see there) and, for
-    sm_90, the races ``async_reads_of_refilled_buffers`` finds."""
+    sm_90, the races ``async_reads_of_refilled_buffers`` finds and the ``pipelined_tiles``."""
     import triton
 
     record = {"name": cfg["name"], "kernel": cfg["fn"].__name__, "cc": cc,
@@ -312,6 +330,7 @@ def config_record(cfg: dict, cc: int, sass: bool = True) -> dict:
         record.update(ok=True, error=None, **kernel_stats(kernel.asm["cubin"], kernel.metadata.shared, sass))
         if cc >= 90:  # wgmma's asynchronous reads against the software pipeline's refills
             record["races"] = async_reads_of_refilled_buffers(kernel.asm["ttgir"], record["num_stages"])
+            record["pipelined_tiles"] = pipelined_tiles(kernel.asm["ttgir"])
     except Exception as exc:  # reported to the caller, which fails with the message
         record.update(ok=False, shared=None, error=f"{type(exc).__name__}: {exc}"[:2000])
     return record
