@@ -121,3 +121,31 @@ def test_batched_prompts_bad_input():
         generate_batch(model, [torch.tensor([1]), torch.tensor([], dtype=torch.long)], 2)
     with pytest.raises(ValueError, match="non-empty list"):
         generate_batch(model, [], 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels are counted on CUDA")
+def test_a_decode_step_launches_8_cuda_kernels_a_layer():
+    """With the Triton kernels a cached one-token step launches 8 CUDA kernels a layer: add +
+    LayerNorm, the QKV product, decode attention's split (which appends the key and value) and
+    merge, out_proj, add + LayerNorm, the MLP's two products (kernels.linear: each product's
+    bias, and the GELU, inside; torch's biased F.linear at one row is a bias copy and a GEMM).
+    Counted as the difference between a 2-layer and a 1-layer model's step (the profiler's
+    kernels, copies and memsets excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(layers):
+        torch.manual_seed(0)
+        model = GPTModel({**CFG, "n_layers": layers}, kernels="triton").to(DEVICE).eval()
+        model.setup_cache(1, max_len=CFG["context_length"])
+        ids = torch.randint(0, CFG["vocab_size"], (1, 5), device=DEVICE)
+        with torch.no_grad():
+            model(ids, start_pos=0)
+            model(ids[:, :1], start_pos=torch.tensor([5], device=DEVICE))  # warm-up: compiles
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(ids[:, :1], start_pos=torch.tensor([6], device=DEVICE))
+                torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not any(w in e.name.lower() for w in ("memcpy", "memset")))
+
+    assert kernels(2) - kernels(1) == 8
