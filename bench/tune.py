@@ -33,6 +33,7 @@ from gptfast.kernels.testing import agreement
 attn = importlib.import_module("gptfast.kernels.attention")
 dec = importlib.import_module("gptfast.kernels.decode_attention")
 ln = importlib.import_module("gptfast.kernels.layer_norm")
+lin = importlib.import_module("gptfast.kernels.linear")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EPS = 1e-5
@@ -132,6 +133,30 @@ def _attention_shapes(cls: str, device, dry: bool, backward: bool) -> list[Shape
     return [Shape(run, eager(dtype), eager(torch.float64), _SLACK[dtype])]
 
 
+def _linear_shapes(cls: str, device, dry: bool) -> list[Shape]:
+    """A decode step's products (GPT-2 124M's four) at the class's rows (1, or 8 of up to 16):
+    the kernel's tiles against F.linear itself ("kernel": 0), as the model calls them."""
+    t, m = cls.split("-m")
+    dtype, rows = _DTYPES[t], 1 if m == "1" else 8
+    shapes = []
+    for n, k, act in ([(70, 600, "gelu_tanh")] if dry else
+                      [(2304, 768, None), (768, 768, None), (3072, 768, "gelu_tanh"), (768, 3072, None)]):
+        g = torch.Generator().manual_seed(n + k)
+        x, w, b = (torch.randn(*s, generator=g).to(device, dtype) for s in ((rows, k), (n, k), (n,)))
+        w /= k**0.5
+
+        def reference(dt, x=x, w=w, b=b, act=act):
+            out = torch.nn.functional.linear(x.to(dt), w.to(dt), b.to(dt))
+            return [torch.nn.functional.gelu(out, approximate="tanh") if act else out]
+
+        def run(x=x, w=w, b=b, act=act):
+            with torch.no_grad():
+                return [lin.linear(x, w, b, act)]
+
+        shapes.append(Shape(run, reference(dtype), reference(torch.float64), _SLACK[dtype]))
+    return shapes
+
+
 # kernel -> shapes of one of its shape classes.
 CASES = {
     attn.FWD_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=False),
@@ -140,6 +165,7 @@ CASES = {
     dec.SPLIT_KERNEL: _decode_shapes,
     ln.FWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=False),
     ln.BWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=True),
+    lin.KERNEL: _linear_shapes,
 }
 
 

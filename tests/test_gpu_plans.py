@@ -149,6 +149,11 @@ def _run_class(kernel, cls):
 
         q, k, v = make_inputs(2, 1, 1, 64, 80, BF16, [70, 33])
         check(q, k, v, torch.tensor([70, 33]), cls)
+    elif kernel.startswith("linear."):
+        from tests.test_linear import check_linear
+
+        dtype, rows = {"bf16": BF16, "fp16": torch.float16, "fp32": F32}[cls.split("-")[0]], cls.split("-m")[1]
+        check_linear(int(rows), 70, 600, dtype, True, "gelu_tanh")  # ragged N and K
     else:
         from tests.test_layer_norm import _compare_add, _compare_layer_norm
 

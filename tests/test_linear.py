@@ -65,14 +65,37 @@ def launches(monkeypatch) -> list:
 @pytest.mark.parametrize("bias, activation", [(True, None), (True, "gelu_tanh"), (False, None)])
 def test_matches_f_linear(monkeypatch, dtype, rows, n, k, bias, activation):
     calls = launches(monkeypatch)
+    check_linear(rows, n, k, dtype, bias, activation)
+    assert calls == [(-(-n // 16),)], "the kernel ran, once, over the output features"
+
+
+def check_linear(rows, n, k, dtype, bias, activation):
+    """The op against float64 by the 2x rule (and its output's dtype and shape)."""
     x, w, b = make(rows, n, k, dtype, bias)
     with torch.no_grad():
         out = linear(x, w, b, activation)
-    assert calls == [(-(-n // 16),)], "the kernel ran, once, over the output features"
     eager = reference(x, w, b, activation)
     ref = reference(x, w, b, activation, torch.float64)
     assert out.dtype == dtype and out.shape == eager.shape
     assert_agrees(out, eager, ref, atol=slack(ref, dtype))
+
+
+def test_the_device_table_picks_the_tiles_or_f_linear(monkeypatch):
+    """A tuning table's entry for the call's class (dtype, one row or more) sets the tiles, or
+    "kernel": 0, F.linear itself (what bench/tune.py measures against)."""
+    from gptfast.kernels import tuning
+
+    calls = launches(monkeypatch)
+    wide = {**lin.STATIC, "block_n": 32}
+    with tuning.use({lin.KERNEL: {"fp32-m1": wide}}):
+        check_linear(1, 100, 64, torch.float32, True, None)
+        check_linear(3, 100, 64, torch.float32, True, None)  # another class: the static tiles
+    assert calls == [(4,), (7,)]
+    calls.clear()
+    x, w, b = make(1, 100, 64, torch.float32)
+    with tuning.use({lin.KERNEL: {"fp32-m1": {**lin.STATIC, "kernel": 0}}}), torch.no_grad():
+        assert torch.equal(linear(x, w, b, "gelu_tanh"), reference(x, w, b, "gelu_tanh"))
+    assert calls == []
 
 
 def test_strided_rows_and_determinism(monkeypatch):

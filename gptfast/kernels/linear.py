@@ -16,6 +16,10 @@ in its epilogue (``torch._addmm_activation``: on CUDA the tanh GELU; torch's CPU
 the exact one, so not on CPU): one kernel and one pass over the activations less than F.linear
 then F.gelu, the GELU taken on the fp32 accumulator before the one rounding.
 
+Whether the kernel or F.linear serves a class (a dtype, one row or 2-16) is a device tuning
+table's to say (kernel ``linear.rows``, ``"kernel": 0`` for F.linear): ``bench/tune.py`` times
+both at GPT-2's decode products; without a table, the kernel.
+
 Elsewhere it is ``F.linear`` (and ``F.gelu``) itself: gradients needed (autograd through torch:
 the kernel has no backward), autocast (F.linear's casts), torch.compile or any trace (Inductor
 fuses the epilogue itself), a weight whose rows are not contiguous, or a device where the
@@ -26,7 +30,7 @@ rounding (the 2x rule of tests/test_linear.py).
 import torch
 import torch.nn.functional as F
 
-from gptfast.kernels import _common
+from gptfast.kernels import _common, tuning
 from gptfast.kernels._common import (
     _CURRENT, FLOAT_DTYPES, INTERPRETING, Kernel, Launch, cdiv, check_device, check_float,
     on_device, plan_cache,
@@ -36,21 +40,31 @@ from gptfast.kernels.linear_kernels import _linear_kernel
 _OP = "linear"
 MAX_ROWS = 16  # the kernel's row block: at most this many rows take it
 ACTIVATIONS = (None, "gelu_tanh")
-_BLOCK_N = 16  # output features per program (the tensor cores' smallest tile)
 _BLOCK_K = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}  # 512 B of a row a step
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _LINEAR = Kernel(_linear_kernel)
 
-
-# 16 rows x 16 features a program, 4 warps, 4 stages in flight (K in steps of 512 bytes of each
-# weight row: 16-byte loads, 32 per row a step; at most 40 KiB of shared memory)
-_LAUNCH = Launch(MAX_ROWS, _BLOCK_N, 4, 4)
+# The tuning tables' name, classes ("bf16-m1": one row, where torch launches a bias copy and a
+# GEMM; "bf16-m16": 2 to 16 rows, cuBLASLt's one kernel) and space: the kernel's tiles, or
+# "kernel": 0, F.linear itself, so that a GPU's bench/tune.py run decides per class which is
+# faster. Default: 16 features a program, 4 warps, 4 stages in flight (K in steps of 512 bytes
+# of each weight row: 16-byte loads; at most 40 KiB of shared memory).
+KERNEL = "linear.rows"
+STATIC = {"kernel": 1, "block_n": 16, "num_warps": 4, "num_stages": 4}
+TUNING_SPACE = {f"{t}-m{rows}": [STATIC, {**STATIC, "block_n": 32}, {**STATIC, "kernel": 0}]
+                for t in _TYPES.values() for rows in (1, MAX_ROWS)}
+tuning.register(KERNEL, TUNING_SPACE)
 
 
 @plan_cache
-def _plan(dtype: torch.dtype, n: int, k: int, bias: bool, gelu: bool):
-    """(config, grid) of one call's shapes."""
-    launch, block_k = _LAUNCH, _BLOCK_K[dtype]
+def _plan(device: torch.device, dtype: torch.dtype, one_row: bool, n: int, k: int, bias: bool,
+          gelu: bool):
+    """(config, grid) of one call's shapes, or None where the device's table says F.linear."""
+    cfg = tuning.lookup(KERNEL, f"{_TYPES[dtype]}-m{1 if one_row else MAX_ROWS}", device) or STATIC
+    if not cfg["kernel"]:
+        return None
+    launch, block_k = Launch(MAX_ROWS, cfg["block_n"], cfg["num_warps"], cfg["num_stages"]), _BLOCK_K[dtype]
     config = _LINEAR.config(HAS_BIAS=bias, GELU=gelu, EVEN_N=n % launch.block_n == 0,
                             EVEN_K=k % block_k == 0, BLOCK_M=launch.block_m,
                             BLOCK_N=launch.block_n, BLOCK_K=block_k,
@@ -115,7 +129,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m = x.numel() // k if k else 0
     inference = _inference(x, weight, bias)
     launchable = x.is_cuda or (x.is_cpu and (INTERPRETING or _common.CPU_LAUNCH))
-    if not (inference and 0 < m <= MAX_ROWS and weight.stride(1) == 1 and launchable):
+    plan = None
+    if inference and 0 < m <= MAX_ROWS and weight.stride(1) == 1 and launchable:
+        plan = _plan(x.device, x.dtype, m == 1, n, k, bias is not None, gelu)
+    if plan is None:
         if gelu and inference and bias is not None and x.is_cuda:
             return _linear_gelu(x, weight, bias)
         out = F.linear(x, weight, bias)
@@ -128,7 +145,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             rows = rows.contiguous()
         stride = rows.stride(0)
     y = x.new_empty((*x.shape[:-1], n))  # (x's dtype and device)
-    config, grid = _plan(x.dtype, n, k, bias is not None, gelu)
+    config, grid = plan
     with _CURRENT if _common._one_gpu() else on_device(x.device):  # (y: a stand-in for no bias)
         _LINEAR(config, grid, (rows, weight, y if bias is None else bias, y),
                 (m, n, k, stride, weight.stride(0), n))
@@ -137,17 +154,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # ---- ahead-of-time compile configs -----------------------------------------------------------
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # GPT-2 124M's decode-step products (N, K, bias, gelu): QKV, out_proj, the MLP's two, the head
 _GPT2 = {"qkv": (2304, 768, True, False), "out_proj": (768, 768, True, False),
          "fc1": (3072, 768, True, True), "fc2": (768, 3072, True, False),
          "head": (50257, 768, False, False)}
 
 
-def _config(dtype, n, k, bias, gelu, name, rows=1) -> dict:
+def _config(dtype, n, k, bias, gelu, name, rows=1, tiles=STATIC) -> dict:
     from gptfast.kernels.testing import launch_config
 
-    (config, _), t = _plan(dtype, n, k, bias, gelu), _TYPES[dtype]
+    with tuning.use({KERNEL: {f"{_TYPES[dtype]}-m{1 if rows == 1 else MAX_ROWS}": tiles}}):
+        config, _ = _plan(None, dtype, rows == 1, n, k, bias, gelu)
+    t = _TYPES[dtype]
     args = dict(X="*" + t, W="*" + t, B="*" + t, Y="*" + t, M=rows, N=n, K=k, stride_xm=k,
                 stride_wn=k, stride_ym=n)
     constexprs = {key: config.kwargs[key] for key in
@@ -158,11 +176,16 @@ def _config(dtype, n, k, bias, gelu, name, rows=1) -> dict:
 
 def aot_configs():
     """Every dtype at GPT-2's decode shapes (even and ragged N, K, with and without the bias and
-    the GELU), and odd sizes (masks on both)."""
+    the GELU) and odd sizes (masks on both) with the static tiles, and the tuning space's other
+    tiles at the MLP's first product and the head (the even and the ragged case)."""
     configs = [_config(dtype, *shape, f"_linear_kernel/{t}/{what}")
                for dtype, t in _TYPES.items() for what, shape in _GPT2.items()]
-    return configs + [_config(dtype, 1000, 777, True, True, f"_linear_kernel/{t}/odd")
-                      for dtype, t in _TYPES.items()]
+    configs += [_config(dtype, 1000, 777, True, True, f"_linear_kernel/{t}/odd")
+                for dtype, t in _TYPES.items()]
+    others = [c for c in TUNING_SPACE["bf16-m1"] if c["kernel"] and c != STATIC]
+    return configs + [_config(dtype, *_GPT2[what], f"_linear_kernel/{t}/{what}/n{c['block_n']}"
+                              f"w{c['num_warps']}s{c['num_stages']}", tiles=c)
+                      for c in others for dtype, t in _TYPES.items() for what in ("fc1", "head")]
 
 
 def report_cases(cc: int = 90):
@@ -171,5 +194,5 @@ def report_cases(cc: int = 90):
     for what, (n, k, bias, gelu) in _GPT2.items():
         label = f"124M decode B1 {what} {n}x{k} bf16"
         cfg = _config(torch.bfloat16, n, k, bias, gelu, f"_linear_kernel {label}")
-        cases.append({"label": label, "config": cfg, "grid": cdiv(n, _BLOCK_N)})
+        cases.append({"label": label, "config": cfg, "grid": cdiv(n, STATIC["block_n"])})
     return cases
