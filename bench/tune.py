@@ -157,15 +157,16 @@ def _linear_shapes(cls: str, device, dry: bool) -> list[Shape]:
     return shapes
 
 
-# kernel -> shapes of one of its shape classes.
+# kernel -> shapes of one of its shape classes (in the order a budget cuts: the decode step's
+# kernel-or-cuBLAS choice first, the quickest to settle).
 CASES = {
+    lin.KERNEL: _linear_shapes,
     attn.FWD_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=False),
     attn.DKDV_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=True),
     attn.DQ_KERNEL: lambda cls, device, dry: _attention_shapes(cls, device, dry, backward=True),
     dec.SPLIT_KERNEL: _decode_shapes,
     ln.FWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=False),
     ln.BWD_KERNEL: lambda cls, device, dry: _layer_norm_shapes(cls, device, dry, backward=True),
-    lin.KERNEL: _linear_shapes,
 }
 
 
