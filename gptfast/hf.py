@@ -88,6 +88,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithCrossAttentions,
     CausalLMOutputWithPast,
 )
+from transformers.activations import NewGELUActivation  # noqa: E402
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils.generic import ModelOutput
@@ -444,20 +445,36 @@ class Report:
     layer_norms: list[str]  # the nn.LayerNorm modules now kernels.LayerNorm
     fused_loss: bool = False  # model(..., labels=...) in training: the fused loss, no logits
     loss_reason: str | None = None  # why not, when the model's loss cannot be fused
+    gelus: list[str] = field(default_factory=list)  # NewGELUActivation modules now fused GELUs
 
     def __str__(self) -> str:
         before, after = self.attn_implementation
         loss = "fused" if self.fused_loss else f"transformers' ({self.loss_reason or 'loss=False'})"
         return (f"attention: {before} -> {after} in {len(self.attention_modules)} modules; "
-                f"LayerNorm: {len(self.layer_norms)} modules swapped; loss: {loss}")
+                f"LayerNorm: {len(self.layer_norms)} modules swapped; "
+                f"GELU: {len(self.gelus)} modules fused; loss: {loss}")
+
+
+def swap_gelus(model: nn.Module) -> list[str]:
+    """Replace every ``NewGELUActivation`` (GPT-2's "gelu_new": the tanh GELU written as eight
+    elementwise torch ops, each a pass over the activations and, in training, a saved tensor)
+    with ``nn.GELU(approximate="tanh")``: the same function in one kernel forward and one
+    backward (torch's, computing in fp32), nothing saved but its input. Returns the modules'
+    names. Exact-type matches only: another activation keeps its own formula."""
+    names = [name for name, m in model.named_modules() if type(m) is NewGELUActivation]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.GELU(approximate="tanh"))
+    return names
 
 
 def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True,
-          loss: bool | None = None) -> Report:
+          loss: bool | None = None, gelu: bool = True) -> Report:
     """Patch a loaded Hugging Face model in place: its attention implementation becomes
     ``"gptfast"`` (through ``set_attn_implementation``, for the model and its sub-models), every
     plain ``nn.LayerNorm`` becomes ``gptfast.kernels.LayerNorm`` (same module objects and
-    Parameters), and the training loss is fused with the output head: in training mode,
+    Parameters), every ``NewGELUActivation`` the one-kernel tanh GELU (``swap_gelus``; ``gelu``),
+    and the training loss is fused with the output head: in training mode,
     ``model(..., labels=labels)`` (what the Trainer calls) returns transformers' loss computed
     by ``causal_lm_loss`` and ``logits=None`` (Liger-Kernel's convention); without labels or in
     eval mode the forward is transformers' own. ``loss``: None fuses it where the model is
@@ -489,12 +506,13 @@ def apply(model: nn.Module, attention: bool = True, layer_norm: bool = True,
     if layer_norm:
         norms = [name for name, m in model.named_modules() if type(m) is nn.LayerNorm]
         kernels.swap_layer_norms(model)
+    gelus = swap_gelus(model) if gelu else []
     if loss is not False and reason is None and not _fuses_loss(model):
         # an instance attribute: deepcopy rebinds it to the copy, the class is untouched
         model.forward = types.MethodType(_fused_forward(type(model)), model)
-    return Report((before, after), attention_modules, norms, _fuses_loss(model), reason)
+    return Report((before, after), attention_modules, norms, _fuses_loss(model), reason, gelus)
 
 
 __all__ = ["LOSS_MODEL_TYPES", "NAME", "SUPPORTED_TRANSFORMERS", "FallbackWarning", "Padding",
            "Report", "Unexpressible", "apply", "causal_lm_loss", "gptfast_attention",
-           "gptfast_mask", "padding_side", "register"]
+           "gptfast_mask", "padding_side", "register", "swap_gelus"]

@@ -188,8 +188,27 @@ def test_apply_reports_what_it_replaced(gpt2_dir):
     assert all(type(model.get_submodule(n)) is kernels.LayerNorm for n in report.layer_norms)
     assert all(p is params[n] for n, p in model.named_parameters())  # same Parameters
     assert "5 modules swapped" in str(report)
+    assert report.gelus == ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]  # gelu_new
+    assert all(type(model.get_submodule(n)) is torch.nn.GELU for n in report.gelus)
+    assert "GELU: 2 modules fused" in str(report)
     again = hf.apply(model)  # idempotent: nothing left to replace
     assert again.attn_implementation == ("gptfast", "gptfast") and again.layer_norms == []
+    assert again.gelus == []
+
+
+def test_the_fused_gelu_is_gelu_new(gpt2_dir):
+    """NewGELUActivation (eight elementwise ops) and the one-kernel tanh GELU that replaces it:
+    the same function (float64: to rounding), forward and backward; gelu=False keeps it."""
+    from transformers.activations import NewGELUActivation
+
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    new, fused = NewGELUActivation()(x), torch.nn.GELU(approximate="tanh")(x)
+    torch.testing.assert_close(fused, new, rtol=1e-12, atol=1e-14)
+    grads = [torch.autograd.grad(y.sum(), x)[0] for y in (new, fused)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+    model = load(GPT2LMHeadModel, gpt2_dir, "sdpa")
+    assert hf.apply(model, gelu=False).gelus == []
+    assert type(model.transformer.h[0].mlp.act) is NewGELUActivation
 
 
 def test_apply_rejects_what_is_not_a_transformers_model():
