@@ -11,7 +11,8 @@ import torch
 from gptfast.kernels import attention, tuning
 from gptfast.kernels._common import plans_of
 from tests import test_attention
-from tests.test_attention import DEVICE, assert_flash_rule, out_and_grads
+from tests.test_attention import assert_flash_rule
+from tests.test_attention_sm90 import assert_repeats_bitwise
 
 sm90 = sys.modules["gptfast.kernels.attention_sm90"]
 BF16 = torch.bfloat16
@@ -87,14 +88,7 @@ def test_exact_zeros_nan_and_bitwise_repeats():
         test_attention.test_single_key_score_gradients_are_exactly_zero(BF16, 0.5)
         for kind in ("k_nan", "q_nan", "do_nan"):
             check_flash(150, 150, 64, BF16, True, kind, 140, 130, 0.1 if kind == "q_nan" else 0.0)
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v, do = (torch.randn(1, 2, 300, 64, generator=gen, device=DEVICE).to(BF16)
-                       for _ in range(4))
-        run = lambda: out_and_grads(  # noqa: E731
-            lambda *a: attention(*a, dropout_p=0.2, generator=torch.Generator().manual_seed(5)),
-            (q, k, v), do)
-        for a, b in zip(run(), run()):
-            assert torch.equal(a, b)
+        assert_repeats_bitwise(300)
 
 
 def test_an_out_of_order_launch_raises_instead_of_hanging(monkeypatch):
