@@ -49,7 +49,7 @@ _LINEAR = Kernel(_linear_kernel)
 # GEMM; "bf16-m16": 2 to 16 rows, cuBLASLt's one kernel) and space: the kernel's tiles, or
 # "kernel": 0, F.linear itself, so that a GPU's bench/tune.py run decides per class which is
 # faster. Default: 16 features a program, 4 warps, 4 stages in flight (K in steps of 512 bytes
-# of each weight row: 16-byte loads; at most 40 KiB of shared memory).
+# of each weight row: 16-byte loads; 49 KiB of shared memory, 4 programs an SM).
 KERNEL = "linear.rows"
 STATIC = {"kernel": 1, "block_n": 16, "num_warps": 4, "num_stages": 4}
 TUNING_SPACE = {f"{t}-m{rows}": [STATIC, {**STATIC, "block_n": 32}, {**STATIC, "kernel": 0}]
@@ -64,7 +64,8 @@ def _plan(device: torch.device, dtype: torch.dtype, one_row: bool, n: int, k: in
     cfg = tuning.lookup(KERNEL, f"{_TYPES[dtype]}-m{1 if one_row else MAX_ROWS}", device) or STATIC
     if not cfg["kernel"]:
         return None
-    launch, block_k = Launch(MAX_ROWS, cfg["block_n"], cfg["num_warps"], cfg["num_stages"]), _BLOCK_K[dtype]
+    launch = Launch(MAX_ROWS, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])
+    block_k = _BLOCK_K[dtype]
     config = _LINEAR.config(HAS_BIAS=bias, GELU=gelu, EVEN_N=n % launch.block_n == 0,
                             EVEN_K=k % block_k == 0, BLOCK_M=launch.block_m,
                             BLOCK_N=launch.block_n, BLOCK_K=block_k,
