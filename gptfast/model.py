@@ -394,15 +394,19 @@ class GPTModel(nn.Module):
         with label("embedding"):
             tok_embeds = self.tok_emb(in_idx)
             pos_embeds = self.pos_emb(positions)
+        if (step is None or not use_triton(self.kernels, tok_embeds)
+                or torch.compiler.is_compiling()):
             x = self.drop_emb(tok_embeds + pos_embeds)
-        if step is None or not use_triton(self.kernels, x) or torch.compiler.is_compiling():
             for block in self.trf_blocks:
                 x = block(x, step)
             with label("final_norm"):
                 return self.final_norm(x)
         # With a KV cache and the Triton kernels, each block's last residual add is fused into
-        # the next LayerNorm (the final one's too): one kernel less per layer and token.
-        branch = None
+        # the next LayerNorm (the final one's too): one kernel less per layer and token; and
+        # a decode step's embedding sum into the first (per-row positions: one per token).
+        x, branch = tok_embeds, pos_embeds
+        if pos_embeds.shape != tok_embeds.shape or (self.drop_emb.training and self.drop_emb.p):
+            x, branch = self.drop_emb(tok_embeds + pos_embeds), None
         for block in self.trf_blocks:
             x, branch = block.unfinished(x, branch, step)
         with label("final_norm"):

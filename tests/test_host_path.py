@@ -54,12 +54,12 @@ def test_decode_step_kernels_per_token():
     add + LayerNorm (the previous block's residual add fused in), the QKV product
     (kernels.linear), decode attention (split, which also appends the step's key and value, +
     merge), out_proj (kernels.linear, its bias inside), add + LayerNorm, the MLP's two products
-    (kernels.linear, the GELU in the first); and 10 per token (2 embeddings and their add,
-    lengths (2), final add + LayerNorm, head, argmax, positions, the token's append). The CPU run
-    counts four more: the model's range checks of CPU token ids and positions (here a 2-layer
-    model)."""
+    (kernels.linear, the GELU in the first); and 9 per token (2 embeddings, their sum inside
+    the first add + LayerNorm, lengths (2), final add + LayerNorm, head, argmax, positions, the
+    token's append). The CPU run counts four more: the model's range checks of CPU token ids and
+    positions (here a 2-layer model)."""
     kernels, host_reads = stub_run("count")
-    assert kernels == 8 * 2 + 10 + 4
+    assert kernels == 8 * 2 + 9 + 4
     assert host_reads == 4  # CPU only: token ids' and positions' range checks
 
 
