@@ -48,8 +48,8 @@ import torch
 
 from gptfast.kernels import attention_sm90
 from gptfast.kernels._common import (
-    Kernel, cdiv, check_device, check_float, host_readable, library_op, on_device,
-    once_differentiable, plan_cache, plan_capability,
+    FLOAT_DTYPES, Kernel, cdiv, check_device, check_float, check_launchable, host_readable,
+    library_op, on_device, once_differentiable, plan_cache, plan_capability,
 )
 from gptfast.kernels.attention_kernels import (  # noqa: F401  (the gate, tests and tools name them here)
     _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel, _dropout_mask_kernel, _fwd_kernel,
@@ -272,20 +272,16 @@ _attention = library_op("attention", _attention_forward, _attention_fake, _atten
 
 
 def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
+    """Every input problem named, before any launch. The common case (plain 4-D tensors of one
+    float dtype and device, a bool causal, float scale and dropout_p) takes a few attribute
+    reads before the shape checks; anything else the slow path, which names the problem."""
     op = "attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{op}: {name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
-            )
-    check_device(op, q=q, k=k, v=v)
-    check_float(op, q=q, k=k, v=v)
-    if causal not in (True, False):
-        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in FLOAT_DTYPES
+            and k.dtype is q.dtype and v.dtype is q.dtype and k.device == q.device
+            and v.device == q.device and (causal is True or causal is False)):
+        _check_types(op, q, k, v, causal)
+    check_launchable(op, q)
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     (B, H, Tq, D), Tk = q.shape, k.shape[2]
@@ -305,14 +301,34 @@ def _check_inputs(q, k, v, causal, scale, dropout_p) -> None:
         )
     if Tk == 0 and Tq > 0 and B * H > 0:
         raise ValueError(f"{op}: {Tq} queries but no keys (k/v have seq_len 0)")
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
+    if (type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real))
+            or not math.isfinite(scale)):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    if (type(dropout_p) is not float and (isinstance(dropout_p, bool)
+                                          or not isinstance(dropout_p, numbers.Real))
+            or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if dropout_p > 0 and Tq * Tk > MAX_DROPOUT_SCORES:
         raise ValueError(
             f"{op}: dropout supports at most 2**31 weights per head (Tq * Tk), got {Tq} x {Tk}"
         )
+
+
+def _check_types(op, q, k, v, causal) -> None:
+    """The slow path of _check_inputs' type, dtype and device checks: raises naming the problem."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+    check_device(op, q=q, k=k, v=v)
+    check_float(op, q=q, k=k, v=v)
+    if causal not in (True, False):
+        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _check_lengths(q, k, key_lens, query_lens, padding) -> None:
