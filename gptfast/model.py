@@ -65,6 +65,14 @@ def triton_ops():
     return _KERNELS[0]
 
 
+def plain_linears(*modules: nn.Module) -> bool:
+    """Whether each module is a plain ``nn.Linear`` without hooks: then the fused paths may use
+    its weight and bias directly. A wrapped or replaced layer (an adapter such as LoRA, a
+    quantized linear) or a hooked one keeps its own forward."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+               for m in modules)
+
+
 class LayerNorm(nn.Module):
     """Layer normalisation with the chapter's ``scale``/``shift`` and biased variance."""
 
@@ -104,7 +112,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         up, act, down = self.layers
         if (use_triton(self.kernels, x) and not torch.is_grad_enabled() and type(act) is GELU
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling() and plain_linears(up, down)
                 and not torch.is_autocast_enabled(x.device.type)):
             # the GELU in the first product's epilogue: a decode step's few rows in one kernel
             # each (kernels.linear), more rows through cuBLASLt's GELU epilogue on CUDA
@@ -150,7 +158,8 @@ class MultiHeadAttention(nn.Module):
             queries, keys, values = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
             context_vec = self._attend(queries, keys, values)
         elif (use_triton(self.kernels, x) and not torch.is_grad_enabled()
-              and not torch.compiler.is_compiling()):
+              and not torch.compiler.is_compiling()
+              and plain_linears(self.W_query, self.W_key, self.W_value, self.out_proj)):
             # one product for the three projections, on the cache's concatenated weights (a
             # copy: no gradient would reach the weights, hence not in grad mode); a decode
             # step's few rows in one kernel with the bias (kernels.linear), a prompt's in cuBLAS

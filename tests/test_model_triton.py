@@ -95,3 +95,37 @@ def test_cuda_inference_takes_the_gelu_epilogue_and_agrees():
 def _gelu_kernels(prof) -> list[str]:
     return [e.name for e in prof.events()
             if e.device_type == torch.autograd.DeviceType.CUDA and "GeluCUDAKernel" in e.name]
+
+
+class Scaled(torch.nn.Module):
+    """A replaced linear layer (as an adapter would be): its own forward, twice the product."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x):
+        return 2 * self.inner(x)
+
+
+@pytest.mark.parametrize("where", ["out_proj", "ff_up", "hooked"])
+def test_replaced_or_hooked_linears_keep_their_forward_in_the_fused_paths(where):
+    """The cached step's fused products and the MLP's use the weights directly only for plain,
+    hook-free nn.Linear layers: a replaced or hooked one is called, so the cached Triton step
+    still equals the torch model's full forward."""
+    torch.manual_seed(0)
+    model = GPTModel(TINY, kernels="torch").to(DEVICE).eval()
+    block = model.trf_blocks[0]
+    if where == "out_proj":
+        block.att.out_proj = Scaled(block.att.out_proj)
+    elif where == "ff_up":
+        block.ff.layers[0] = Scaled(block.ff.layers[0])
+    else:
+        block.ff.layers[2].register_forward_hook(lambda m, args, out: out * 3)
+    idx = torch.randint(0, TINY["vocab_size"], (1, 6), device=DEVICE)
+    with torch.no_grad():
+        reference = model(idx)[:, -1]
+        model.use_kernels("triton").setup_cache(1)
+        model(idx[:, :5], start_pos=0)
+        step = model(idx[:, 5:], start_pos=torch.tensor([5], device=DEVICE))[:, -1]
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
