@@ -456,15 +456,18 @@ class Report:
 
 
 def swap_gelus(model: nn.Module) -> list[str]:
-    """Replace every ``NewGELUActivation`` (GPT-2's "gelu_new": the tanh GELU written as eight
+    """Make every ``NewGELUActivation`` (GPT-2's "gelu_new": the tanh GELU written as eight
     elementwise torch ops, each a pass over the activations and, in training, a saved tensor)
-    with ``nn.GELU(approximate="tanh")``: the same function in one kernel forward and one
-    backward (torch's, computing in fp32), nothing saved but its input. Returns the modules'
-    names. Exact-type matches only: another activation keeps its own formula."""
-    names = [name for name, m in model.named_modules() if type(m) is NewGELUActivation]
-    for name in names:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, nn.GELU(approximate="tanh"))
+    an ``nn.GELU(approximate="tanh")``: the same function in one kernel forward and one backward
+    (torch's, computing in fp32), nothing saved but its input. In place, as
+    ``kernels.swap_layer_norms`` does: each module object stays (its hooks and flags), only its
+    class changes (both hold no tensors). Returns the modules' names. Exact-type matches only:
+    another activation keeps its own formula."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is NewGELUActivation:
+            m.__class__, m.approximate = nn.GELU, "tanh"
+            names.append(name)
     return names
 
 

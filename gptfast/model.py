@@ -482,7 +482,7 @@ class GPTModel(nn.Module):
         read = (check_values and not torch.compiler.is_compiling()
                 and not (targets.is_cuda and torch.cuda.is_current_stream_capturing()))
         if read and targets.numel():
-            bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+            bad = _bad_targets(targets, vocab, ignore_index)
             if bad.any():  # on CUDA one flag read back (a host sync)
                 raise ValueError(f"target {targets[bad][0].item()} is out of range for {vocab} "
                                  f"classes (and is not ignore_index={ignore_index})")
@@ -558,14 +558,18 @@ class GPTModel(nn.Module):
         return start_pos
 
 
+def _bad_targets(targets, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Where a target is outside [0, vocab) and not ignore_index (bool, targets' shape)."""
+    return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+
+
 def _unread_cross_entropy(logits, targets, ignore_index: int) -> torch.Tensor:
     """``F.cross_entropy(logits, targets, ignore_index=...)`` (mean) for targets whose values were
     not read: a target out of range (and not ``ignore_index``) makes the loss, and through it
     every gradient, NaN, as the fused loss's token does, instead of the device-side assert that
     would end the process's CUDA use. Valid targets give F.cross_entropy's value exactly (times
     1.0); no host sync, so it compiles and captures."""
-    vocab = logits.shape[-1]
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    bad = _bad_targets(targets, logits.shape[-1], ignore_index)
     loss = F.cross_entropy(logits, targets.masked_fill(bad, ignore_index), ignore_index=ignore_index)
     return loss * torch.where(bad.any(), float("nan"), 1.0).to(loss.dtype)
 

@@ -129,16 +129,16 @@ def assert_model_agrees(models, ids, mask, valid, dtype=torch.float32):
         assert_agrees(ours[1][name], eager[1][name], r, atol=slack(r, dtype), what=f"grad {name}")
 
 
-def kernel_calls(monkeypatch):
-    """Record the keyword arguments of every kernels.attention call gptfast.hf makes."""
+def kernel_calls(monkeypatch, op="attention"):
+    """Record the keyword arguments of every ``kernels.<op>`` call gptfast.hf makes."""
     calls = []
-    real = kernels.attention
+    real = getattr(kernels, op)
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf.kernels, "attention", spy)
+    monkeypatch.setattr(hf.kernels, op, spy)
     return calls
 
 

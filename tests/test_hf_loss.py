@@ -28,13 +28,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from gptfast import kernels
 from gptfast.kernels.testing import assert_agrees
 from tests.test_hf import (
     DEVICE,
     VOCAB,
     bert_config,
     gpt2_config,
+    kernel_calls,
     padding_mask,
     perturbed,
     slack,
@@ -238,14 +238,7 @@ def test_bad_labels_are_named():
 
 def test_the_fused_op_is_what_runs(monkeypatch):
     _, _, ours = models()
-    calls = []
-    real = kernels.linear_cross_entropy
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hf.kernels, "linear_cross_entropy", spy)
+    calls = kernel_calls(monkeypatch, "linear_cross_entropy")
     ids = token_ids((2, 5), low=1)
     ours(ids, labels=ids)
     ours(ids, labels=ids, num_items_in_batch=8)
@@ -263,14 +256,11 @@ def test_the_trainer_trains_a_patched_model_as_the_original(tmp_path, monkeypatc
 
     ids = token_ids((8, 12), low=1).cpu()  # the Trainer moves each batch to the model's device
     data = [{"input_ids": row, "labels": row} for row in ids]
-    fused = []
-    real = kernels.linear_cross_entropy
-    monkeypatch.setattr(hf.kernels, "linear_cross_entropy",
-                        lambda *a, **kw: (fused.append(kw["reduction"]), real(*a, **kw))[1])
+    calls = kernel_calls(monkeypatch, "linear_cross_entropy")
 
     _, eager, ours = models()
     initial = {name: p.detach().clone() for name, p in eager.named_parameters()}
-    calls = head_calls(ours)
+    head = head_calls(ours)
     logs = {}
     for name, model in (("eager", eager), ("ours", ours)):
         args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, learning_rate=0.1,
@@ -281,7 +271,8 @@ def test_the_trainer_trains_a_patched_model_as_the_original(tmp_path, monkeypatc
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
         logs[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert fused == ["sum"] * 6 and calls == []  # 3 steps x 2 micro-steps, num_items_in_batch
+    fused = [c["reduction"] for c in calls]
+    assert fused == ["sum"] * 6 and head == []  # 3 steps x 2 micro-steps, num_items_in_batch
     assert len(logs["ours"]) == 3
     torch.testing.assert_close(logs["ours"], logs["eager"], rtol=1e-4, atol=1e-5)
     eager_params = dict(eager.named_parameters())

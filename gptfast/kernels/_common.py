@@ -271,11 +271,16 @@ def _launchable(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and (INTERPRETING or CPU_LAUNCH))
 
 
+def launches_on(t: torch.Tensor) -> bool:
+    """``_launchable(t.device)`` in a few attribute reads, without making a device object."""
+    return t.is_cuda or (t.is_cpu and (INTERPRETING or CPU_LAUNCH))
+
+
 def check_launchable(op: str, t: torch.Tensor) -> None:
     """The hot path's device check of one tensor, once the inputs are known to share a device:
     a few attribute reads, ``check_device``'s error where the kernels cannot launch."""
-    if not (t.is_cuda or (t.is_cpu and (INTERPRETING or CPU_LAUNCH))):  # _launchable(t.device),
-        check_device(op, x=t)  # without making a device object
+    if not launches_on(t):
+        check_device(op, x=t)
 
 
 def check_device(op: str, **tensors: torch.Tensor | None) -> torch.device:

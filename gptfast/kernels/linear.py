@@ -30,9 +30,9 @@ rounding (the 2x rule of tests/test_linear.py).
 import torch
 import torch.nn.functional as F
 
-from gptfast.kernels import _common, tuning
+from gptfast.kernels import tuning
 from gptfast.kernels._common import (
-    _CURRENT, FLOAT_DTYPES, INTERPRETING, Kernel, Launch, cdiv, check_device, check_float,
+    FLOAT_DTYPES, Kernel, Launch, _traced, cdiv, check_device, check_float, launches_on,
     on_device, plan_cache,
 )
 from gptfast.kernels.linear_kernels import _linear_kernel
@@ -105,8 +105,7 @@ def _inference(x, weight, bias) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return not (type(x) is not torch.Tensor or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type))
+    return not (_traced() or torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type))
 
 
 def _linear_gelu(x, weight, bias) -> torch.Tensor:
@@ -129,9 +128,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     k, n = x.shape[-1], weight.shape[0]
     m = x.numel() // k if k else 0
     inference = _inference(x, weight, bias)
-    launchable = x.is_cuda or (x.is_cpu and (INTERPRETING or _common.CPU_LAUNCH))
     plan = None
-    if inference and 0 < m <= MAX_ROWS and weight.stride(1) == 1 and launchable:
+    if inference and 0 < m <= MAX_ROWS and weight.stride(1) == 1 and launches_on(x):
         plan = _plan(x.device, x.dtype, m == 1, n, k, bias is not None, gelu)
     if plan is None:
         if gelu and inference and bias is not None and x.is_cuda:
@@ -147,7 +145,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         stride = rows.stride(0)
     y = x.new_empty((*x.shape[:-1], n))  # (x's dtype and device)
     config, grid = plan
-    with _CURRENT if _common._one_gpu() else on_device(x.device):  # (y: a stand-in for no bias)
+    with on_device(x.device):  # (y stands in for an absent bias: HAS_BIAS off, never read)
         _LINEAR(config, grid, (rows, weight, y if bias is None else bias, y),
                 (m, n, k, stride, weight.stride(0), n))
     return y
