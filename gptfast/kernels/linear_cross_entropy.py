@@ -193,8 +193,9 @@ def _chunked(hidden, weight, bias, targets, ignore_index, scale, smoothing, need
             torch.addmm(bias_rows, h, transposed[0], out=full)
         # the logits' first element stands for the rows (their stride is passed); without
         # gradients the losses stand for the scale, which the kernel then never reads
-        _CE(config, (end - start,), (full, t, chunk_loss, chunk_loss if scale is None else chunk_scale),
-            (vocab, stride, ignore_index, smoothing))
+        if scale is None:
+            chunk_scale = chunk_loss
+        _CE(config, (end - start,), (full, t, chunk_loss, chunk_scale), (vocab, stride, ignore_index, smoothing))
         if need_h:  # summed over the parts in fp32, rounded once
             grad = _mm_fp32(outs[0], parts[0][0])
             for (w, _, _), out in zip(parts[1:], outs[1:]):
